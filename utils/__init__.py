@@ -1,0 +1,1 @@
+"""Helpers for the RSNA intracranial hemorrhage pipeline; kernel.py runs them in order."""

@@ -1,0 +1,91 @@
+"""Dataset, augmentation and loaders: DICOM files windowed on the fly into uint8 tensors.
+
+Images leave the workers as uint8 (a quarter of float32's bytes through the pipes and
+the PCIe bus); conversion to float and ImageNet normalisation happen on the device.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network: skip its version check
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from utils.dicom import DEFAULT_WINDOWS, DicomError, read_windowed
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform() -> A.Compose:
+    """Mild geometric and intensity jitter; heads are roughly centred and upright."""
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
+                 fill=0, p=0.7),
+        A.RandomBrightnessContrast(brightness_limit=0.08, contrast_limit=0.08, p=0.5),
+    ])
+
+
+class SliceDataset(Dataset):
+    """Slices read from DICOM files: (uint8 CxHxW image, float targets, index, readable).
+
+    An unreadable file yields a zero image with ``readable`` False instead of killing a
+    worker mid-epoch; the training loop leaves it out of the loss and the caller lists it.
+    """
+
+    def __init__(self, paths, labels: np.ndarray | None = None, windows=DEFAULT_WINDOWS,
+                 size: int = 256, transform=None):
+        self.paths = [str(p) for p in paths]
+        n_labels = 6 if labels is None else labels.shape[1]
+        self.labels = (np.zeros((len(self.paths), n_labels), np.float32) if labels is None
+                       else np.asarray(labels, dtype=np.float32))
+        if len(self.labels) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} label rows")
+        self.windows, self.size, self.transform = tuple(windows), int(size), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = read_windowed(self.paths[i], self.windows, size=self.size)
+            ok = True
+        except DicomError:
+            img, ok = np.zeros((self.size, self.size, len(self.windows)), np.uint8), False
+        if self.transform is not None and ok:
+            img = self.transform(image=img)["image"]
+        image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        return image, torch.from_numpy(self.labels[i]), i, ok
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker draws its own augmentations, reproducibly from the loader's base seed.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+    random.seed(seed)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int, seed: int,
+                sampler=None, drop_last: bool = False) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      drop_last=drop_last, worker_init_fn=_seed_worker, generator=generator,
+                      persistent_workers=False)
+
+
+def to_device_normalized(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW batch -> normalised float on the device, channels_last for the convs."""
+    x = images.to(device, non_blocking=True).float().div_(255.0)
+    channels = x.shape[1]
+    mean = torch.tensor(IMAGENET_MEAN[:channels] if channels <= 3 else [0.45] * channels,
+                        device=device).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_STD[:channels] if channels <= 3 else [0.225] * channels,
+                       device=device).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)

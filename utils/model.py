@@ -1,0 +1,118 @@
+"""Backbone + 6-output head, and pretrained weights loaded from a local file only.
+
+Kaggle submissions run without internet, so weights come as an attached file; nothing
+here ever downloads. Files load with ``weights_only=True``: a pickle carrying code is
+refused instead of executed.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+NUM_CLASSES = 6
+_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+# Where the usual files are named differently from the arch (the WSL weights).
+_EXTRA_NAMES = {"resnext101_32x8d": ("ig_resnext101_32x8*.pth",)}
+
+
+class WeightsError(Exception):
+    """A weights file that cannot be used for the requested model."""
+
+
+def available_archs() -> list[str]:
+    return sorted(n for n in torchvision.models.list_models(module=torchvision.models)
+                  if n.startswith(("resnet", "resnext", "wide_resnet")))
+
+
+def create_model(arch: str, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """An untrained torchvision ResNet/ResNeXt with the usual 1000-class head."""
+    if arch not in available_archs():
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(available_archs())}")
+    return getattr(torchvision.models, arch)(weights=None)
+
+
+def replace_head(model: nn.Module, num_classes: int = NUM_CLASSES) -> nn.Module:
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Unwrap checkpoint dicts and strip DDP / compile prefixes so any file loads."""
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError("the file holds no state dict of tensors")
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def load_pretrained(model: nn.Module, path, strict: bool = True) -> tuple[list, list]:
+    """Load backbone weights from ``path`` into a model that still has its 1000-class head.
+
+    The file's classifier (``fc.*``) is dropped: its class count never matches ours.
+    Returns (missing, unexpected) keys; with ``strict`` any of them is a WeightsError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refusals come as several exception types
+        raise WeightsError(f"{path}: cannot be loaded as plain weights "
+                           f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    try:
+        state = clean_state_dict(state)
+    except WeightsError as err:
+        raise WeightsError(f"{path}: {err}") from None
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise WeightsError(f"{path}: {len(mismatched)} tensors have the wrong shape for this "
+                           f"architecture (first: {mismatched[0]} {tuple(state[mismatched[0]].shape)} "
+                           f"vs {tuple(own[mismatched[0]].shape)}); is it the right --arch?")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    unexpected = list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        raise WeightsError(f"{path}: {len(missing)} missing keys (first: {missing[:3]}), "
+                           f"{len(unexpected)} unexpected keys (first: {unexpected[:3]}); "
+                           f"pass --weights-strict false to load anyway")
+    return missing, unexpected
+
+
+def find_weights(arch: str, search_dirs=None) -> Path | None:
+    """A local weights file for ``arch`` in the usual places, or None."""
+    if search_dirs is None:
+        torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+        search_dirs = [torch_home / "hub" / "checkpoints", Path("/kaggle/input")]
+    patterns = (f"{arch}-*.pth", f"{arch}.pth", *_EXTRA_NAMES.get(arch, ()))
+    for folder in map(Path, search_dirs):
+        if not folder.is_dir():
+            continue
+        for pattern in patterns:
+            hits = sorted(folder.rglob(pattern))
+            if hits:
+                return hits[0]
+    return None
+
+
+def build_model(arch: str, weights=None, strict: bool = True) -> nn.Module:
+    """The classifier for the task: ``weights`` a local file or None for random init."""
+    model = create_model(arch)
+    if weights is not None:
+        load_pretrained(model, weights, strict=strict)
+    return replace_head(model)
