@@ -479,6 +479,7 @@ def _first_channels(img: np.ndarray, n: int) -> np.ndarray:
 # Header scan of a whole folder, parallel and cached.
 
 HEADER_COLUMNS = [f.name for f in fields(Header)]
+_COLUMN_TYPES = {"str": "str", "int": "int64", "float": "float64", "bool": "bool"}
 
 
 def _scan_chunk(paths: list[str]) -> list[tuple[str, dict | None, str]]:
@@ -539,4 +540,6 @@ def scan_headers(paths, workers: int = 0, cache: str | Path | None = None):
         os.replace(tmp, cache)
     bad = table.loc[table["error"] != "", ["path", "error"]].rename(columns={"error": "reason"})
     good = table.loc[table["error"] == "", ["path", *HEADER_COLUMNS]].reset_index(drop=True)
+    # Unreadable rows held None in every column; the readable ones get their real types back.
+    good = good.astype({f.name: _COLUMN_TYPES[f.type] for f in fields(Header)})
     return good, bad.reset_index(drop=True)

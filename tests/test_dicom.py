@@ -1,0 +1,297 @@
+"""utils.dicom against closed-form values, pydicom's own modality LUT and the real sample."""
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         JPEGLosslessSV1, RLELossless)
+
+from utils import dicom as dicom_module
+from utils.dicom import (BONE, BRAIN, DEFAULT_WINDOWS, HEADER, SOFT_TISSUE, SUBDURAL, DicomError,
+                         parse_windows, read_header, read_hu, read_windowed, scan_headers, window)
+
+
+def make_ct(path, stored: np.ndarray, *, bits_stored=16, signed=True, intercept="-1024",
+            slope="1", implicit=False, photometric="MONOCHROME2", center=None, width=None,
+            bits_allocated=16, **extra) -> Path:
+    """Write a CT slice with exactly the tags given; stored values are written as is."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.PatientID = "ID_12345678"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.5"
+    ds.ImagePositionPatient = [-125, -125, 42.5]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits_allocated, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = int(signed)
+    ds.RescaleIntercept, ds.RescaleSlope = intercept, slope
+    if center is not None:
+        ds.WindowCenter, ds.WindowWidth = center, width
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    dtype = {(16, True): "<i2", (16, False): "<u2", (8, False): "u1"}[(bits_allocated, signed)]
+    ds.PixelData = stored.astype(dtype).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return Path(path)
+
+
+def pydicom_hu(path) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds = pydicom.dcmread(path)
+        return apply_modality_lut(ds.pixel_array, ds)
+
+
+# --- window: closed form ------------------------------------------------------------------
+
+def test_window_closed_form():
+    c, w = 40.0, 80.0
+    hu = np.array([-1000, 0, 20, 40, 60, 80, 3000], dtype=np.float32)
+    # 0 at c - w/2 = 0 and below, 255 at c + w/2 = 80 and above, (hu - 0) / 80 * 255 between
+    assert window(hu, c, w).tolist() == [0, 0, 64, 128, 191, 255, 255]
+    assert window(hu, c, w).dtype == np.uint8
+
+
+def test_window_does_not_modify_input_and_handles_zero_width():
+    hu = np.array([39.0, 40.0, 41.0])
+    before = hu.copy()
+    assert window(hu, 40, 0).tolist() == [0, 0, 255]
+    np.testing.assert_array_equal(hu, before)
+    with pytest.raises(ValueError):
+        window(hu, 40, -1)
+
+
+def test_parse_windows():
+    assert parse_windows("brain,subdural,soft_tissue") == DEFAULT_WINDOWS
+    assert parse_windows("bone, 30/60 ,header") == (BONE, (30.0, 60.0), HEADER)
+    with pytest.raises(ValueError, match="unknown window"):
+        parse_windows("lung")
+
+
+# --- Hounsfield units on every header variant ---------------------------------------------
+
+@pytest.mark.parametrize("bits_stored,signed,intercept,slope,implicit", [
+    (12, False, "-1024", "1", False),
+    (16, True, "-1024.000000", "1.000000", True),
+    (16, True, "-1000", "1.0", False),
+    (12, True, "-1024", "1", False),
+    (16, False, "-1024", "2", True),
+    (12, False, "-1024.5", "0.5", False),
+])
+def test_read_hu_matches_pydicom(tmp_path, bits_stored, signed, intercept, slope, implicit):
+    rng = np.random.default_rng(0)
+    lo, hi = (-(1 << (bits_stored - 1)), 1 << (bits_stored - 1)) if signed else (0, 1 << bits_stored)
+    stored = rng.integers(lo, hi, size=(20, 24))
+    path = make_ct(tmp_path / "a.dcm", stored, bits_stored=bits_stored, signed=signed,
+                   intercept=intercept, slope=slope, implicit=implicit)
+    hu = read_hu(path)
+    assert hu.dtype == np.float32 and hu.shape == (20, 24)
+    np.testing.assert_allclose(hu, pydicom_hu(path), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(hu, stored * float(slope) + float(intercept), atol=1e-3)
+
+
+def test_bits_above_bits_stored_are_masked_like_pydicom(tmp_path):
+    stored = np.array([[0, 4095, 4096, 5000]], dtype=np.uint16)  # 4096 and 5000 overflow 12 bits
+    path = make_ct(tmp_path / "a.dcm", stored, bits_stored=12, signed=False)
+    np.testing.assert_array_equal(read_hu(path), pydicom_hu(path))
+    assert read_hu(path).tolist() == [[-1024, 3071, -1024, 904 - 1024]]
+
+
+def test_rsna_12bit_wrap_is_undone(tmp_path):
+    # Known HU, stored the way the broken RSNA files store them: HU modulo 4096, intercept 0.
+    hu = np.array([[-1000, -500, -1, 0, 40, 80, 1500, 3000]], dtype=np.int32)
+    stored = hu % 4096
+    path = make_ct(tmp_path / "wrap.dcm", stored, bits_stored=12, signed=False, intercept="0")
+    assert read_header(path).wrapped_12bit
+    np.testing.assert_array_equal(read_hu(path), hu.astype(np.float32))
+    # pydicom knows nothing of the wrap: it reads -500 HU as +3596
+    assert pydicom_hu(path)[0, 1] == 3596
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    stored = np.array([[1024, 1064, 1104]])  # 0, 40, 80 HU
+    m2 = read_windowed(make_ct(tmp_path / "m2.dcm", stored), (BRAIN,))
+    m1 = read_windowed(make_ct(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1"), (BRAIN,))
+    assert m2[..., 0].tolist() == [[0, 128, 255]]
+    assert m1[..., 0].tolist() == [[255, 127, 0]]
+
+
+def test_header_window_takes_first_of_multi_valued(tmp_path):
+    stored = np.array([[1024, 1054, 1084]])  # 0, 30, 60 HU
+    path = make_ct(tmp_path / "w.dcm", stored, center="30\\40", width="60\\80")
+    h = read_header(path)
+    assert (h.window_center, h.window_width, h.multi_window) == (30.0, 60.0, True)
+    assert read_windowed(path, (HEADER,))[..., 0].tolist() == [[0, 128, 255]]
+    no_window = make_ct(tmp_path / "n.dcm", stored)
+    with pytest.raises(DicomError, match="header window"):
+        read_windowed(no_window, (HEADER,))
+
+
+def test_read_windowed_channels_equal_window_of_hu(tmp_path):
+    rng = np.random.default_rng(1)
+    path = make_ct(tmp_path / "a.dcm", rng.integers(0, 4096, size=(32, 32)), bits_stored=12,
+                   signed=False)
+    hu = read_hu(path)
+    for windows in (DEFAULT_WINDOWS, (BRAIN,), (BONE, SUBDURAL), (BRAIN, SUBDURAL, SOFT_TISSUE, BONE),
+                    (BRAIN, SUBDURAL, SOFT_TISSUE, BONE, (0, 100))):
+        img = read_windowed(path, windows)
+        assert img.shape == (32, 32, len(windows)) and img.dtype == np.uint8
+        assert img.flags.c_contiguous
+        expected = np.stack([window(hu, c, w) for c, w in windows], axis=-1)
+        np.testing.assert_array_equal(img, expected)
+
+
+def test_non_square_is_padded_not_stretched(tmp_path):
+    stored = np.full((40, 80), 1024 + 80)  # a 2:1 bright rectangle (80 HU: 255 in brain)
+    img = read_windowed(make_ct(tmp_path / "r.dcm", stored), (BRAIN,), size=40)
+    assert img.shape == (40, 40, 1)
+    # the 80x40 image fits as 40x20 in the middle; the rows above and below are padding
+    assert (img[:8, :, 0] == 0).all() and (img[-8:, :, 0] == 0).all()
+    assert (img[12:28, :, 0] == 255).all()
+
+
+def test_resize_keeps_dtype_and_size(tmp_path):
+    path = make_ct(tmp_path / "a.dcm", np.full((64, 64), 1064))
+    for size in (32, 64, 96):
+        img = read_windowed(path, size=size)
+        assert img.shape == (size, size, 3) and img.dtype == np.uint8
+        assert (img[..., 0] == 128).all()  # a flat image stays flat through any resize
+
+
+def test_rle_compressed_decodes_with_pydicom_alone(tmp_path):
+    stored = np.random.default_rng(2).integers(0, 4096, size=(16, 16))
+    plain = make_ct(tmp_path / "plain.dcm", stored, bits_stored=12, signed=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds = pydicom.dcmread(plain)
+        ds.compress(RLELossless)
+        ds.save_as(tmp_path / "rle.dcm")
+    np.testing.assert_array_equal(read_hu(tmp_path / "rle.dcm"), read_hu(plain))
+    assert read_header(tmp_path / "rle.dcm").transfer_syntax == RLELossless
+
+
+def test_jpeg_without_plugin_names_what_to_install(tmp_path):
+    path = make_ct(tmp_path / "j.dcm", np.zeros((8, 8)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    if pydicom.pixels.get_decoder(JPEGLosslessSV1).is_available:
+        pytest.skip("a JPEG Lossless decoder is installed here")
+    with pytest.raises(DicomError, match="pylibjpeg") as err:
+        read_windowed(path)
+    assert str(path) in str(err.value)
+
+
+# --- bad files ----------------------------------------------------------------------------
+
+@pytest.fixture
+def good_file(tmp_path) -> Path:
+    return make_ct(tmp_path / "good.dcm", np.full((64, 64), 1064))
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda b: b"", "empty"),
+    (lambda b: b[:200], "truncated"),
+    (lambda b: b"not a dicom file at all" * 20, "not a DICOM"),
+    (lambda b: b[:-100], "pixel data is short"),
+])
+def test_bad_files_raise_dicom_error_naming_path(tmp_path, good_file, damage, reason):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(damage(good_file.read_bytes()))
+    for reader in (read_hu, read_windowed, read_header):
+        with pytest.raises(DicomError, match=reason) as err:
+            reader(bad)
+        assert err.value.path == str(bad) and str(bad) in str(err.value)
+
+
+def test_missing_file_raises_dicom_error(tmp_path):
+    with pytest.raises(DicomError, match="cannot read"):
+        read_hu(tmp_path / "nope.dcm")
+
+
+def test_wrong_size_header_is_an_error(tmp_path):
+    path = make_ct(tmp_path / "a.dcm", np.zeros((8, 8)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds = pydicom.dcmread(path)
+    ds.Rows = 16  # the header claims twice the pixels the file holds
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DicomError, match="pixel data is short"):
+        read_windowed(path)
+
+
+# --- header scan --------------------------------------------------------------------------
+
+def test_scan_headers_lists_bad_files_and_uses_cache(tmp_path, good_file, monkeypatch):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"")
+    cache = tmp_path / "cache.parquet"
+    headers, bad_files = scan_headers([good_file, bad], cache=cache)
+    assert headers["image_id"].tolist() == ["good"]
+    assert headers.loc[0, "z"] == 42.5 and headers.loc[0, "patient_id"] == "ID_12345678"
+    assert bad_files["path"].tolist() == [str(bad)] and "empty" in bad_files.loc[0, "reason"]
+    assert cache.is_file()
+    cached = pd.read_parquet(cache)
+    assert set(cached["path"]) == {str(good_file), str(bad)}
+    # a second scan of unchanged files reads none of them
+    read = []
+    monkeypatch.setattr(dicom_module, "_scan_chunk", lambda paths: read.extend(paths) or [])
+    headers2, bad2 = scan_headers([good_file, bad], cache=cache)
+    assert read == []
+    pd.testing.assert_frame_equal(headers, headers2, check_dtype=False)
+    assert bad2["path"].tolist() == [str(bad)]
+    # a changed file is read again
+    bad.write_bytes(good_file.read_bytes())
+    monkeypatch.undo()
+    headers3, bad3 = scan_headers([good_file, bad], cache=cache)
+    assert len(headers3) == 2 and bad3.empty
+
+
+# --- references: pydicom's CT_small.dcm and the real RSNA sample --------------------------
+
+def test_ct_small_matches_pydicom():
+    path = pydicom.data.get_testdata_file("CT_small.dcm")
+    np.testing.assert_array_equal(read_hu(path), pydicom_hu(path))
+    h = read_header(path)
+    assert (h.rows, h.columns, h.bits_stored, h.pixel_representation) == (128, 128, 16, 1)
+
+
+def test_real_sample_decodes_and_matches_pydicom(rsna_sample):
+    files = sorted((rsna_sample / "stage_2_train").glob("*.dcm")) + \
+        sorted((rsna_sample / "stage_2_test").glob("*.dcm"))
+    assert len(files) == 70
+    variants = set()
+    for path in files:
+        hu = read_hu(path)
+        np.testing.assert_array_equal(hu, pydicom_hu(path).astype(np.float32), err_msg=str(path))
+        img = read_windowed(path, size=256)
+        assert img.shape == (256, 256, 3) and img.std() > 0
+        h = read_header(path)
+        variants.add((h.bits_stored, h.pixel_representation, h.rescale_intercept, h.transfer_syntax))
+    assert len(variants) >= 4  # both train series and the test set's header variants
+
+
+def test_real_sample_headers(rsna_sample):
+    headers, bad = scan_headers(sorted((rsna_sample / "stage_2_train").glob("*.dcm")))
+    assert bad.empty and len(headers) == 65
+    assert headers["patient_id"].value_counts().to_dict() == {"ID_cd5a85fd": 33, "ID_ee4d05e4": 32}
+    assert headers["z"].notna().all()
+    twelve = headers[headers["patient_id"] == "ID_cd5a85fd"]
+    assert (twelve["bits_stored"] == 12).all() and twelve["multi_window"].all()
