@@ -1,0 +1,139 @@
+"""End-to-end runs of kernel.py on the synthetic demo data, and its command-line contract."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from utils.labels import LABELS
+from utils.submission import check_submission_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--demo-patients", "6", "--arch", "resnet18", "--image-size", "32", "--epochs", "1",
+        "--workers", "0"]
+
+
+def run_kernel(*args, cwd=ROOT, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "kernel.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = run_kernel("--out-dir", out, *TINY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_tiny_demo_writes_every_output(tiny_run):
+    out, result = tiny_run
+    for name in ("submission.csv", "metrics.json", "config.json", "split.csv",
+                 "val_predictions.csv", "bad_files.csv", "history.csv", "label_report.csv",
+                 "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.tmp"))
+    data = out / "demo_data"
+    for name in ("stage_2_train.csv", "stage_2_sample_submission.csv", "stage_2_train", "stage_2_test"):
+        assert (data / name).exists()
+    assert "dropped 12 identical repeated rows" in result.stdout
+
+
+def test_submission_is_valid_and_in_sample_order(tiny_run):
+    out, _ = tiny_run
+    sample = pd.read_csv(out / "demo_data" / "stage_2_sample_submission.csv")
+    sub = pd.read_csv(out / "submission.csv")
+    assert list(sub.columns) == ["ID", "Label"]
+    assert sub["ID"].tolist() == sample["ID"].tolist()
+    assert sub["Label"].between(1e-6, 1 - 1e-6).all()
+    assert check_submission_file(out / "submission.csv", out / "demo_data" / "stage_2_sample_submission.csv") == []
+
+
+def test_unreadable_files_are_listed_and_test_image_gets_the_prior(tiny_run):
+    out, _ = tiny_run
+    bad = pd.read_csv(out / "bad_files.csv")
+    assert len(bad) == 2 and bad["reason"].str.contains("pixel data is short").all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_test_predicted_with_prior"] == 1 and metrics["n_bad_files"] == 2
+    bad_test = Path(bad.loc[bad["path"].str.contains("stage_2_test"), "path"].iloc[0]).stem
+    sub = pd.read_csv(out / "submission.csv").set_index("ID")["Label"]
+    got = [sub[f"{bad_test}_{k}"] for k in LABELS]
+    prior = [metrics["prior"][k] for k in LABELS]
+    np.testing.assert_allclose(got, np.clip(prior, 1e-6, 1 - 1e-6), rtol=1e-6)
+
+
+def test_split_keeps_patients_on_one_side_and_metrics_are_consistent(tiny_run):
+    out, _ = tiny_run
+    split = pd.read_csv(out / "split.csv")
+    assert split.groupby("patient_id")["is_val"].nunique().max() == 1
+    assert split["is_val"].any() and not split["is_val"].all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    preds = pd.read_csv(out / "val_predictions.csv", index_col=0)
+    assert set(preds.index) == set(split.loc[split["is_val"], "image_id"])
+    from utils.metrics import weighted_log_loss
+    recomputed = weighted_log_loss(preds[list(LABELS)].to_numpy(),
+                                   preds[[f"pred_{k}" for k in LABELS]].to_numpy())
+    assert recomputed == pytest.approx(metrics["val_weighted_log_loss"], rel=1e-5)
+    assert set(metrics["val_log_loss_per_class"]) == set(LABELS)
+    config = json.loads((out / "config.json").read_text())
+    assert config["arch"] == "resnet18" and config["demo"] is True and config["weights"] == "none"
+
+
+def test_finished_run_is_not_overwritten_and_resume_continues(tiny_run, tmp_path):
+    out, _ = tiny_run
+    before = (out / "submission.csv").read_bytes()
+    refused = run_kernel("--out-dir", out, *TINY)
+    assert refused.returncode == 2
+    assert "already holds a finished run" in refused.stderr and "Traceback" not in refused.stderr
+    assert (out / "submission.csv").read_bytes() == before
+    resumed = run_kernel("--out-dir", out, *TINY[:-4], "--epochs", "2", "--workers", "0", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming after epoch 1" in resumed.stdout
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_unknown_option_is_an_error(tmp_path):
+    result = run_kernel("--epoch", "3", "--out-dir", tmp_path)
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+
+
+def test_wrong_data_dir_explains_the_layout(tmp_path):
+    result = run_kernel("--data-dir", tmp_path, "--out-dir", tmp_path / "out")
+    assert result.returncode == 2
+    assert "stage_2_train.csv" in result.stderr and "stage_2_test" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_real_data_without_weights_says_how_to_attach_them(tmp_path, rsna_sample):
+    result = run_kernel("--data-dir", rsna_sample, "--out-dir", tmp_path / "out", "--epochs", "1",
+                        "--arch", "resnet18", "--image-size", "32", "--workers", "0",
+                        "--val-frac", "0.5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--weights" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_real_sample_runs_end_to_end(tmp_path, rsna_sample):
+    out = tmp_path / "out"
+    result = run_kernel("--data-dir", rsna_sample, "--out-dir", out, "--epochs", "1",
+                        "--arch", "resnet18", "--weights", "none", "--image-size", "32",
+                        "--workers", "0", "--val-frac", "0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    split = pd.read_csv(out / "split.csv")
+    assert len(split) == 65 and split.groupby("patient_id")["is_val"].nunique().max() == 1
+    assert check_submission_file(out / "submission.csv", rsna_sample / "stage_2_sample_submission.csv") == []
+    assert pd.read_csv(out / "bad_files.csv").empty
+
+
+@pytest.mark.skipif(os.environ.get("SKIP_FULL_DEMO") == "1", reason="SKIP_FULL_DEMO=1")
+def test_full_demo_beats_the_constant_prior(tmp_path):
+    """The front door: the default demo must really learn, within its time budget."""
+    result = run_kernel("--out-dir", tmp_path / "demo", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["val_weighted_log_loss"] < 0.9 * metrics["prior_weighted_log_loss"], metrics
+    assert metrics["seconds"] < 300
