@@ -1,0 +1,147 @@
+"""utils.metrics: the competition's weighted log loss, checked against closed forms and scikit-learn."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import log_loss  # test-only dependency
+
+from utils.labels import LABELS
+from utils.metrics import (
+    CLASS_WEIGHTS,
+    check_probabilities,
+    per_class_log_loss,
+    prior_log_loss,
+    prior_probabilities,
+    weighted_log_loss,
+)
+
+LN2 = math.log(2)
+
+
+def random_pair(n=500, seed=0):
+    rng = np.random.default_rng(seed)
+    y_true = (rng.random((n, 6)) < 0.3).astype(float)
+    y_pred = rng.uniform(0.001, 0.999, size=(n, 6))
+    return y_true, y_pred
+
+
+def binary_entropy(p):
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+def test_class_weights():
+    assert CLASS_WEIGHTS.tolist() == [1, 1, 1, 1, 1, 2]
+    assert CLASS_WEIGHTS[LABELS.index("any")] == 2
+    assert CLASS_WEIGHTS.dtype == np.float32
+
+
+def test_all_half_is_ln2():
+    y_true, _ = random_pair()
+    assert weighted_log_loss(y_true, np.full_like(y_true, 0.5)) == pytest.approx(LN2, abs=1e-15)
+
+
+def test_any_counts_twice():
+    y_true = np.zeros((4, 6))
+    only_any_unsure = np.zeros((4, 6))
+    only_any_unsure[:, 5] = 0.5
+    assert weighted_log_loss(y_true, only_any_unsure) == pytest.approx(2 * LN2 / 7, abs=1e-12)
+    only_epidural_unsure = np.zeros((4, 6))
+    only_epidural_unsure[:, 0] = 0.5
+    assert weighted_log_loss(y_true, only_epidural_unsure) == pytest.approx(LN2 / 7, abs=1e-12)
+
+
+def test_matches_sklearn_with_sample_weights():
+    for seed in range(3):
+        y_true, y_pred = random_pair(seed=seed)
+        weights = np.tile([1, 1, 1, 1, 1, 2], len(y_true))
+        expected = log_loss(y_true.ravel(), y_pred.ravel(), sample_weight=weights)
+        assert abs(weighted_log_loss(y_true, y_pred) - expected) < 1e-9
+
+
+def test_per_class_matches_sklearn():
+    y_true, y_pred = random_pair(seed=3)
+    per_class = per_class_log_loss(y_true, y_pred)
+    assert list(per_class) == list(LABELS)
+    for j, name in enumerate(LABELS):
+        assert per_class[name] == pytest.approx(log_loss(y_true[:, j], y_pred[:, j]), abs=1e-9)
+    weighted = sum(per_class[name] * float(w) for name, w in zip(LABELS, CLASS_WEIGHTS)) / 7
+    assert weighted == pytest.approx(weighted_log_loss(y_true, y_pred), abs=1e-12)
+
+
+def test_confident_miss_is_clipped_at_1e_15():
+    y_true = np.zeros((1, 6))
+    y_true[0, 0] = 1
+    assert weighted_log_loss(y_true, np.zeros((1, 6))) == pytest.approx(-math.log(1e-15) / 7, rel=1e-9)
+
+
+def test_perfect_predictions_score_almost_zero():
+    y_true, _ = random_pair()
+    assert 0 <= weighted_log_loss(y_true, y_true) < 1e-13
+
+
+def test_accepts_dataframes_in_label_order_only():
+    y_true, y_pred = random_pair(n=20)
+    frame = pd.DataFrame(y_pred, columns=list(LABELS))
+    assert weighted_log_loss(y_true, frame) == pytest.approx(weighted_log_loss(y_true, y_pred), abs=1e-15)
+    with pytest.raises(ValueError, match="expected"):
+        weighted_log_loss(y_true, frame[list(reversed(LABELS))])
+
+
+@pytest.mark.parametrize(
+    "y_pred, message",
+    [
+        (np.full((10, 5), 0.5), r"shape \(n, 6\)"),
+        (np.full(60, 0.5), r"shape \(n, 6\)"),
+        (np.full((9, 6), 0.5), r"y_true has shape \(10, 6\) but y_pred has shape \(9, 6\)"),
+        (np.where(np.eye(10, 6) > 0, np.nan, 0.5), "NaN or infinite"),
+        (np.where(np.eye(10, 6) > 0, 1.5, 0.5), r"outside \[0, 1\]"),
+        ([["a"] * 6] * 10, "not numeric"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(y_pred, message):
+    y_true = np.zeros((10, 6))
+    with pytest.raises(ValueError, match=message):
+        weighted_log_loss(y_true, y_pred)
+
+
+def test_empty_input_is_rejected():
+    with pytest.raises(ValueError, match="no rows"):
+        weighted_log_loss(np.zeros((0, 6)), np.zeros((0, 6)))
+
+
+def test_check_probabilities_returns_float64_copy_shape():
+    values = check_probabilities(np.zeros((3, 6), dtype=np.float32))
+    assert values.dtype == np.float64 and values.shape == (3, 6)
+
+
+def test_prior_probabilities_are_frequencies():
+    y = np.zeros((4, 6))
+    y[:1, 1] = 1  # 1 of 4
+    y[:3, 5] = 1  # 3 of 4
+    y[:, 4] = 1  # always
+    prior = prior_probabilities(y)
+    assert prior[1] == 0.25 and prior[5] == 0.75
+    assert prior[0] == 0.5 / 4  # never seen: half an example
+    assert prior[4] == 1 - 0.5 / 4  # always seen
+    assert np.all((prior > 0) & (prior < 1))
+
+
+def test_prior_log_loss_is_weighted_entropy_on_training_data():
+    y = np.zeros((10, 6))
+    y[:2, 0] = 1
+    y[:5, 3] = 1
+    y[:3, 5] = 1
+    y[:1, 1] = 1
+    y[:4, 2] = 1
+    y[:6, 4] = 1
+    entropies = [binary_entropy(p) for p in (0.2, 0.1, 0.4, 0.5, 0.6, 0.3)]
+    expected = (sum(entropies[:5]) + 2 * entropies[5]) / 7
+    assert prior_log_loss(y, y) == pytest.approx(expected, abs=1e-12)
+
+
+def test_prior_log_loss_beats_coin_flip_on_skewed_labels():
+    rng = np.random.default_rng(1)
+    y_train = (rng.random((2000, 6)) < 0.1).astype(float)
+    y_valid = (rng.random((500, 6)) < 0.1).astype(float)
+    assert prior_log_loss(y_train, y_valid) < weighted_log_loss(y_valid, np.full_like(y_valid, 0.5))
