@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -66,6 +67,7 @@ class Config:
     overwrite: bool = False
     demo: bool = False               # set when no data was given: the synthetic dataset
     demo_patients: int = 36          # training patients of the synthetic dataset
+    header_cache: str | None = None  # folder for the header scan cache; default beside out-dir
 
 
 # No data given: a preset small enough for a laptop CPU, trained from scratch because
@@ -88,7 +90,8 @@ def parse_args(argv=None) -> Config:
     types = {"data_dir": str, "out_dir": str, "epochs": int, "arch": str, "weights": str,
              "weights_strict": _bool, "image_size": int, "windows": str, "batch_size": int,
              "workers": int, "lr": float, "weight_decay": float, "val_frac": float,
-             "seed": int, "tta": _bool, "demo_patients": int}
+             "seed": int, "tta": _bool, "demo_patients": int,
+             "header_cache": str}
     for name, kind in types.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"(default: {getattr(Config, name)})")
@@ -184,6 +187,17 @@ def write_csv(path: Path, df: pd.DataFrame, **kwargs) -> None:
     os.replace(tmp, path)
 
 
+def record_bad_files(out_dir: Path, paths, reason: str) -> None:
+    """Add files that failed only when their pixels were decoded to bad_files.csv."""
+    table = pd.read_csv(out_dir / "bad_files.csv", dtype=str)
+    new = [p for p in map(str, paths) if p not in set(table["path"])]
+    if new:
+        for p in new:
+            log(f"  unreadable: {p}: {reason}")
+        rows = pd.DataFrame({"path": new, "reason": reason})
+        write_csv(out_dir / "bad_files.csv", pd.concat([table, rows], ignore_index=True), index=False)
+
+
 # ---------------------------------------------------------------------------------------
 # Stage 1: labels.
 
@@ -198,6 +212,21 @@ def load_labels(data_dir: Path, out_dir: Path) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------
 # Stage 2: DICOM headers (no pixels) for patient, series, position and pixel attributes.
 
+def header_cache(cfg: Config, out_dir: Path, data_dir: Path, split: str) -> Path:
+    """Where the header scan is cached: beside the run folders, so the next run reuses it.
+
+    Parquet, not a pickle: a cache must never be able to run code. Keyed by the data
+    folder; rows are reused only for files whose size and modification time match.
+    """
+    folder = Path(cfg.header_cache) if cfg.header_cache else out_dir.parent / "header_cache"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = out_dir
+    key = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:12]
+    return folder / f"headers_{split}_{key}.parquet"
+
+
 def scan_data(data_dir: Path, labels: pd.DataFrame, test_ids: list[str], cfg: Config,
               out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(train headers aligned to labels, test headers, bad files with reasons)."""
@@ -211,7 +240,7 @@ def scan_data(data_dir: Path, labels: pd.DataFrame, test_ids: list[str], cfg: Co
                      for p in paths if not p.is_file()]
         t0 = time.perf_counter()
         headers, bad = scan_headers(present, workers=cfg.workers,
-                                    cache=out_dir / f"headers_{split}.parquet")
+                                    cache=header_cache(cfg, out_dir, data_dir, split))
         log(f"Headers ({split}): {len(headers)} readable, {len(bad)} unreadable, "
             f"{len(paths) - len(present)} missing, {time.perf_counter() - t0:.1f}s")
         bad_rows += bad.to_dict("records")
@@ -366,11 +395,14 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
 
     val_paths = headers.loc[val_df.index, "path"].tolist()
     y_val = val_df.to_numpy()
+    prior = prior_probabilities(train_df.to_numpy())
+    unreadable: set[int] = set()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0, seen, running = time.perf_counter(), 0, 0.0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=2)
-        for images, target, _, ok in bar:
+        for images, target, index, ok in bar:
+            unreadable.update(index[~ok].tolist())
             x = data_utils.to_device_normalized(images, rt.device)
             target, mask = target.to(rt.device), ok.to(rt.device, torch.float32)
             with rt.autocast():
@@ -393,7 +425,12 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
             running += loss.item() * len(images)
             bar.set_postfix(loss=f"{running / seen:.4f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        val_probs, _ = predict(model, val_paths, cfg, rt, "validate")
+        val_probs, val_ok = predict(model, val_paths, cfg, rt, "validate")
+        val_probs[~val_ok] = prior
+        if unreadable or not val_ok.all():
+            record_bad_files(out_dir, [train_ds.paths[i] for i in sorted(unreadable)] +
+                             [p for p, ok in zip(val_paths, val_ok) if not ok],
+                             "pixel data could not be decoded; left out of training, prior in validation")
         val_loss = weighted_log_loss(y_val, val_probs)
         row = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "val_loss": val_loss,
                "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
@@ -448,7 +485,10 @@ def predict_and_submit(model, cfg: Config, data_dir: Path, test_ids: list[str],
     readable_ids = [i for i in test_ids if i in test_headers.index]
     probs, ok = predict(model, test_headers.loc[readable_ids, "path"].tolist(), cfg, rt,
                         "predict test", tta=cfg.tta)
-    probs[~ok] = prior  # a file that failed only at pixel decoding
+    probs[~ok] = prior
+    if not ok.all():
+        record_bad_files(out_dir, [p for p, good in zip(test_headers.loc[readable_ids, "path"], ok)
+                                   if not good], "pixel data could not be decoded; prior predicted")
     n_prior = len(test_ids) - int(ok.sum())
     if n_prior:
         log(f"{n_prior} unreadable test images are predicted with the training prior")
@@ -485,7 +525,8 @@ def main(argv=None) -> int:
     metrics = evaluate(train_df, val_df, val_probs, out_dir)
     prior = prior_probabilities(train_df.to_numpy())
     metrics.update(predict_and_submit(model, cfg, data_dir, test_ids, test_headers, prior, out_dir, rt))
-    metrics.update(best_epoch=best_epoch, n_bad_files=len(bad_files),
+    n_bad = len(pd.read_csv(out_dir / "bad_files.csv"))
+    metrics.update(best_epoch=best_epoch, n_bad_files=n_bad,
                    seconds=round(time.perf_counter() - started, 1))
     write_json(out_dir / "metrics.json", metrics)
     log(f"Done in {metrics['seconds']:.0f}s: outputs in {out_dir}")

@@ -6,46 +6,14 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         JPEGLosslessSV1, RLELossless)
+from pydicom.uid import JPEGLosslessSV1, RLELossless
 
+from factories import make_ct
 from utils import dicom as dicom_module
 from utils.dicom import (BONE, BRAIN, DEFAULT_WINDOWS, HEADER, SOFT_TISSUE, SUBDURAL, DicomError,
                          parse_windows, read_header, read_hu, read_windowed, scan_headers, window)
-
-
-def make_ct(path, stored: np.ndarray, *, bits_stored=16, signed=True, intercept="-1024",
-            slope="1", implicit=False, photometric="MONOCHROME2", center=None, width=None,
-            bits_allocated=16, **extra) -> Path:
-    """Write a CT slice with exactly the tags given; stored values are written as is."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = "1.2.3.4"
-    ds.PatientID = "ID_12345678"
-    ds.StudyInstanceUID = "1.2.3"
-    ds.SeriesInstanceUID = "1.2.3.5"
-    ds.ImagePositionPatient = [-125, -125, 42.5]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = stored.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits_allocated, bits_stored, bits_stored - 1
-    ds.PixelRepresentation = int(signed)
-    ds.RescaleIntercept, ds.RescaleSlope = intercept, slope
-    if center is not None:
-        ds.WindowCenter, ds.WindowWidth = center, width
-    for key, value in extra.items():
-        setattr(ds, key, value)
-    dtype = {(16, True): "<i2", (16, False): "<u2", (8, False): "u1"}[(bits_allocated, signed)]
-    ds.PixelData = stored.astype(dtype).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return Path(path)
 
 
 def pydicom_hu(path) -> np.ndarray:
@@ -262,6 +230,18 @@ def test_scan_headers_lists_bad_files_and_uses_cache(tmp_path, good_file, monkey
     monkeypatch.undo()
     headers3, bad3 = scan_headers([good_file, bad], cache=cache)
     assert len(headers3) == 2 and bad3.empty
+
+
+def test_parallel_scan_equals_serial(tmp_path):
+    paths = [make_ct(tmp_path / f"{i}.dcm", np.full((8, 8), 1000 + i), ImagePositionPatient=[0, 0, i])
+             for i in range(12)]
+    (tmp_path / "bad.dcm").write_bytes(b"DICM")
+    paths.append(tmp_path / "bad.dcm")
+    serial = scan_headers(paths)
+    parallel = scan_headers(paths, workers=2, parallel_min=1)
+    pd.testing.assert_frame_equal(serial[0], parallel[0])
+    pd.testing.assert_frame_equal(serial[1], parallel[1])
+    assert serial[0]["z"].tolist() == list(range(12))
 
 
 # --- references: pydicom's CT_small.dcm and the real RSNA sample --------------------------

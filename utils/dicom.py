@@ -492,10 +492,12 @@ def _scan_chunk(paths: list[str]) -> list[tuple[str, dict | None, str]]:
     return out
 
 
-def scan_headers(paths, workers: int = 0, cache: str | Path | None = None):
+def scan_headers(paths, workers: int = 0, cache: str | Path | None = None,
+                 parallel_min: int = 2000):
     """Headers of many files -> (headers DataFrame, bad files DataFrame[path, reason]).
 
-    Files are read in parallel processes when there are many. With ``cache`` (a parquet
+    Files are read in ``workers`` processes when there are at least ``parallel_min`` of
+    them (below that, starting processes costs more than it saves). With ``cache`` (a parquet
     file) rows of files whose size and modification time are unchanged are reused.
     """
     paths = [str(p) for p in paths]
@@ -515,7 +517,7 @@ def scan_headers(paths, workers: int = 0, cache: str | Path | None = None):
     todo = [p for p in paths if p not in cached]
     results = []
     if todo:
-        if workers > 1 and len(todo) >= 2000:
+        if workers > 1 and len(todo) >= parallel_min:
             chunk = max(64, len(todo) // (workers * 16))
             chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
             with ProcessPoolExecutor(workers) as pool:

@@ -1,0 +1,114 @@
+"""Slice reading speed: the project's path against the naive one, in one process.
+
+    python benchmarks/bench_dicom.py [--repeat 20] [--size 512] [--files DIR]
+
+Naive: pydicom ``pixel_array`` -> float32 HU -> three clipped windows -> resize.
+Project: ``utils.dicom.read_windowed(path, size=...)`` (look-up table over the stored
+values, own parser for uncompressed files, one resize). Both run on the same files, the
+real RSNA sample when it is present (else 512x512 synthetic slices of each variant);
+the outputs are compared so the speed-up is not bought with a different answer. Also
+times the header scan (headers/second), serial and across processes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.dicom import DEFAULT_WINDOWS, read_windowed, scan_headers  # noqa: E402
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna_sample"
+
+
+def naive_read(path, size: int) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds = pydicom.dcmread(path)
+        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    channels = []
+    for center, width in DEFAULT_WINDOWS:
+        lo = center - width / 2
+        channels.append(np.clip((hu - lo) / width, 0, 1) * 255)
+    img = np.stack(channels, axis=-1).astype(np.uint8)
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def synthetic_files(folder: Path) -> list[Path]:
+    from utils.demo import VARIANTS, _phantom, write_slice
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(30):
+        path = folder / f"ID_{i:09x}.dcm"
+        write_slice(path, _phantom(rng, 512, 0.0, {}), VARIANTS[i % 3], image_id=path.stem,
+                    patient_id="ID_00000000", study_uid="ID_1", series_uid="ID_2", z=i,
+                    implicit=i % 2 == 1)
+        paths.append(path)
+    return paths
+
+
+def rate(fn, paths, repeat: int) -> float:
+    for p in paths[:5]:
+        fn(p)  # warm the page cache and look-up tables alike for both paths
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        for p in paths:
+            fn(p)
+    return repeat * len(paths) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--files", type=Path, default=None)
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    if args.files:
+        paths, source = sorted(args.files.glob("*.dcm")), str(args.files)
+    elif (SAMPLE / "stage_2_train").is_dir():
+        paths = sorted((SAMPLE / "stage_2_train").glob("*.dcm")) + sorted((SAMPLE / "stage_2_test").glob("*.dcm"))
+        source = "real RSNA sample"
+    else:
+        paths, source = synthetic_files(Path(tmp.name)), "synthetic 512x512 slices"
+    # Same answer: the naive path's float rounding differs by at most one grey level.
+    worst = max(int(np.abs(read_windowed(p, size=args.size).astype(int)
+                           - naive_read(p, args.size).astype(int)).max()) for p in paths)
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cv2.setNumThreads(1)  # one core for both paths: the loader scales by processes
+    naive = rate(lambda p: naive_read(p, args.size), paths, args.repeat)
+    ours = rate(lambda p: read_windowed(p, size=args.size), paths, args.repeat)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"numpy {np.__version__}, pydicom {pydicom.__version__}, OpenCV {cv2.__version__}")
+    print(f"files: {len(paths)} ({source}), {args.repeat} passes, size {args.size}, one core")
+    print(f"naive   (pixel_array -> float HU -> 3 windows -> resize): {naive:8.1f} images/s "
+          f"({1000 / naive:.2f} ms/slice)")
+    print(f"project (read_windowed):                                  {ours:8.1f} images/s "
+          f"({1000 / ours:.2f} ms/slice)")
+    print(f"ratio: {ours / naive:.1f}x   (largest difference between the two: {worst} grey level)")
+
+    many = [str(p) for p in paths] * max(1, 4000 // len(paths))
+    t0 = time.perf_counter()
+    scan_headers(many)
+    serial = len(many) / (time.perf_counter() - t0)
+    workers = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    scan_headers(many, workers=workers, parallel_min=1)
+    parallel = len(many) / (time.perf_counter() - t0)
+    print(f"header scan of {len(many)} files: {serial:,.0f} headers/s serial, "
+          f"{parallel:,.0f} headers/s with {workers} processes (page cache warm)")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

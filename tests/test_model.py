@@ -1,0 +1,106 @@
+"""utils.model: architectures, the 6-output head, and weights from local files only."""
+import pickle
+
+import pytest
+import torch
+
+from utils.model import (WeightsError, available_archs, build_model, clean_state_dict,
+                         create_model, find_weights, load_pretrained)
+
+
+def test_archs_and_head():
+    assert {"resnext101_32x8d", "resnext50_32x4d", "resnet18"} <= set(available_archs())
+    model = build_model("resnet18")
+    assert model.fc.out_features == 6
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 6)
+    with pytest.raises(ValueError, match="unknown arch"):
+        create_model("vit_b_16")
+
+
+@pytest.fixture
+def imagenet_file(tmp_path):
+    """A torchvision-style checkpoint: resnet18 with its 1000-class head."""
+    torch.manual_seed(0)
+    state = create_model("resnet18").state_dict()
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_loads_torchvision_file_and_replaces_head(imagenet_file):
+    path, state = imagenet_file
+    model = build_model("resnet18", path)
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+    assert torch.equal(model.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+    assert model.fc.out_features == 6
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: {"state_dict": {"module." + k: v for k, v in s.items()}},
+    lambda s: {"model": {"_orig_mod." + k: v for k, v in s.items()}, "epoch": 3},
+    lambda s: {"module._orig_mod." + k: v for k, v in s.items()},
+])
+def test_loads_wrapped_checkpoints(tmp_path, imagenet_file, wrap):
+    _, state = imagenet_file
+    path = tmp_path / "wrapped.pt"
+    torch.save(wrap(state), path)
+    model = build_model("resnet18", path)
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+
+
+def test_wrong_architecture_is_refused(imagenet_file):
+    path, _ = imagenet_file
+    with pytest.raises(WeightsError, match="wrong shape"):
+        build_model("resnet50", path)
+
+
+def test_missing_keys_fail_unless_not_strict(tmp_path, imagenet_file):
+    _, state = imagenet_file
+    partial = {k: v for k, v in state.items() if not k.startswith("layer4.")}
+    path = tmp_path / "partial.pth"
+    torch.save(partial, path)
+    with pytest.raises(WeightsError, match="missing keys"):
+        build_model("resnet18", path)
+    missing, unexpected = load_pretrained(create_model("resnet18"), path, strict=False)
+    assert missing and all(k.startswith("layer4.") for k in missing) and unexpected == []
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this code ran",))
+
+
+def test_pickle_carrying_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"conv1.weight": _Evil()}, f)
+    torch.save({"x": _Evil()}, tmp_path / "evil2.pth")
+    for p in (path, tmp_path / "evil2.pth"):
+        with pytest.raises(WeightsError, match="cannot be loaded as plain weights"):
+            build_model("resnet18", p)
+    assert "this code ran" not in capsys.readouterr().out
+
+
+def test_not_a_state_dict_is_refused(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(WeightsError, match="no state dict"):
+        build_model("resnet18", path)
+    with pytest.raises(WeightsError, match="no such weights file"):
+        build_model("resnet18", tmp_path / "absent.pth")
+
+
+def test_clean_state_dict_strips_prefixes():
+    t = torch.zeros(1)
+    assert list(clean_state_dict({"module.fc.weight": t, "conv1.weight": t})) == ["fc.weight", "conv1.weight"]
+
+
+def test_find_weights_in_usual_places(tmp_path):
+    assert find_weights("resnext101_32x8d", [tmp_path]) is None
+    nested = tmp_path / "kaggle" / "input" / "wsl-weights"
+    nested.mkdir(parents=True)
+    (nested / "ig_resnext101_32x8-c38310e5.pth").write_bytes(b"x")
+    (nested / "resnext50_32x4d-7cdf4587.pth").write_bytes(b"x")
+    assert find_weights("resnext101_32x8d", [tmp_path]).name == "ig_resnext101_32x8-c38310e5.pth"
+    assert find_weights("resnext50_32x4d", [tmp_path]).name == "resnext50_32x4d-7cdf4587.pth"
+    assert find_weights("resnet18", [tmp_path]) is None
