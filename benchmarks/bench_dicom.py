@@ -56,14 +56,20 @@ def synthetic_files(folder: Path) -> list[Path]:
     return paths
 
 
-def rate(fn, paths, repeat: int) -> float:
-    for p in paths[:5]:
-        fn(p)  # warm the page cache and look-up tables alike for both paths
-    t0 = time.perf_counter()
-    for _ in range(repeat):
+def rates(fns, paths, repeat: int) -> list[float]:
+    """Images/second of each function: passes interleaved, the median pass counts, so a
+    burst of load elsewhere on the machine hits both paths alike."""
+    for fn in fns:
         for p in paths:
-            fn(p)
-    return repeat * len(paths) / (time.perf_counter() - t0)
+            fn(p)  # warm the page cache and look-up tables alike for both paths
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            for p in paths:
+                fn(p)
+            t.append(time.perf_counter() - t0)
+    return [len(paths) / float(np.median(t)) for t in times]
 
 
 def main() -> None:
@@ -86,11 +92,12 @@ def main() -> None:
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cv2.setNumThreads(1)  # one core for both paths: the loader scales by processes
-    naive = rate(lambda p: naive_read(p, args.size), paths, args.repeat)
-    ours = rate(lambda p: read_windowed(p, size=args.size), paths, args.repeat)
+    naive, ours = rates([lambda p: naive_read(p, args.size), lambda p: read_windowed(p, size=args.size)],
+                        paths, args.repeat)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"numpy {np.__version__}, pydicom {pydicom.__version__}, OpenCV {cv2.__version__}")
-    print(f"files: {len(paths)} ({source}), {args.repeat} passes, size {args.size}, one core")
+    print(f"files: {len(paths)} ({source}), median of {args.repeat} interleaved passes, "
+          f"size {args.size}, one core")
     print(f"naive   (pixel_array -> float HU -> 3 windows -> resize): {naive:8.1f} images/s "
           f"({1000 / naive:.2f} ms/slice)")
     print(f"project (read_windowed):                                  {ours:8.1f} images/s "

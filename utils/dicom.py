@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -120,8 +121,6 @@ def parse_windows(spec: str) -> tuple:
 # ---------------------------------------------------------------------------------------
 # A minimal reader for uncompressed little-endian files, the layout of every RSNA file.
 
-_US = {(0x0028, 0x0002), (0x0028, 0x0010), (0x0028, 0x0011), (0x0028, 0x0100),
-       (0x0028, 0x0101), (0x0028, 0x0103)}
 _TEXT = {(0x0010, 0x0020): "PatientID", (0x0020, 0x000D): "StudyInstanceUID",
          (0x0020, 0x000E): "SeriesInstanceUID", (0x0008, 0x0018): "SOPInstanceUID",
          (0x0020, 0x0032): "ImagePositionPatient", (0x0028, 0x0004): "PhotometricInterpretation",
@@ -141,41 +140,44 @@ class _NotSimple(Exception):
     """The file needs pydicom's general reader (compressed, sequences, big endian...)."""
 
 
-def _parse_simple(buf: bytes) -> tuple[dict, str, int, int]:
+_EXPLICIT_ELEMENT = struct.Struct("<HH2sH").unpack_from  # group, element, VR, short length
+_IMPLICIT_ELEMENT = struct.Struct("<HHI").unpack_from  # group, element, length
+_U32 = struct.Struct("<I").unpack_from
+_U16 = struct.Struct("<H").unpack_from
+
+
+def _parse_simple(buf) -> tuple[dict, str, int, int]:
     """Parse a Part-10 uncompressed LE file: (tag values, syntax, pixel offset, length).
 
-    Raises _NotSimple for anything outside that layout and ValueError for a file that
-    ends inside an element (a truncated file).
+    ``buf`` is bytes or a memoryview holding the file from its start. Raises _NotSimple
+    for anything outside that layout and ValueError for a file that ends inside an
+    element (a truncated file).
     """
-    if len(buf) < 132 or buf[128:132] != b"DICM":
+    n = len(buf)
+    if n < 132 or bytes(buf[128:132]) != b"DICM":
         raise _NotSimple
-    pos, n = 132, len(buf)
-    syntax = None
-    values: dict = {}
-    unpack_h, unpack_i = struct.Struct("<HH").unpack_from, struct.Struct("<I").unpack_from
-    unpack_s = struct.Struct("<H").unpack_from
-    explicit = True  # the file meta group is always explicit VR
+    pos, syntax, values = 132, None, {}
+    explicit = True  # the file meta group always is; the dataset follows its syntax
     while pos + 8 <= n:
-        group, elem = unpack_h(buf, pos)
-        if group != 0x0002 and syntax is None:
-            raise _NotSimple  # no transfer syntax in the meta group
-        if group != 0x0002 and explicit and syntax == IMPLICIT_LE:
-            explicit = False
         if explicit:
-            vr = buf[pos + 4:pos + 6]
+            group, elem, vr, length = _EXPLICIT_ELEMENT(buf, pos)
+            if group != 0x0002 and syntax == IMPLICIT_LE:
+                explicit = False
+                continue  # read this element again, as implicit VR
             if vr in _LONG_VR:
                 if pos + 12 > n:
                     break
-                length, = unpack_i(buf, pos + 8)
+                length, = _U32(buf, pos + 8)
                 pos += 12
-            elif vr.isalpha() and vr.isupper():
-                length, = unpack_s(buf, pos + 6)
+            elif 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
                 pos += 8
             else:
                 raise _NotSimple
         else:
-            length, = unpack_i(buf, pos + 4)
+            group, elem, length = _IMPLICIT_ELEMENT(buf, pos)
             pos += 8
+        if group != 0x0002 and syntax is None:
+            raise _NotSimple  # no transfer syntax in the meta group
         tag = (group, elem)
         if tag == _PIXEL_DATA:
             if length == _UNDEFINED:
@@ -186,15 +188,15 @@ def _parse_simple(buf: bytes) -> tuple[dict, str, int, int]:
         if pos + length > n:
             raise ValueError(f"file ends inside element ({group:04X},{elem:04X})")
         if tag == (0x0002, 0x0010):
-            syntax = buf[pos:pos + length].rstrip(b"\x00 ").decode("ascii", "replace")
+            syntax = bytes(buf[pos:pos + length]).rstrip(b"\x00 ").decode("ascii", "replace")
             if syntax not in UNCOMPRESSED:
                 raise _NotSimple
-        elif tag in _US:
+        elif tag in _US_NAMES:
             if length != 2:
                 raise _NotSimple
-            values[_US_NAMES[tag]] = unpack_s(buf, pos)[0]
+            values[_US_NAMES[tag]] = _U16(buf, pos)[0]
         elif tag in _TEXT:
-            values[_TEXT[tag]] = buf[pos:pos + length].decode("latin-1").strip("\x00 ")
+            values[_TEXT[tag]] = bytes(buf[pos:pos + length]).decode("latin-1").strip("\x00 ")
         pos += length
     raise ValueError("file ends before the pixel data")
 
@@ -269,31 +271,66 @@ def _check_geometry(path: Path, h: Header) -> None:
         raise DicomError(path, f"unsupported BitsAllocated {h.bits_allocated} / BitsStored {h.bits_stored}")
 
 
-def _read_raw(path) -> tuple[Header, np.ndarray]:
-    """The header and the stored values as a raw unsigned array (codes for the LUT)."""
-    path = Path(path)
-    try:
-        buf = path.read_bytes()
-    except OSError as err:
-        raise DicomError(path, f"cannot read file ({err.strerror or err})") from None
+_HEAD_BYTES = 16384  # RSNA headers take about 1.2 kB; longer ones are read whole
+_scratch = threading.local()  # per-thread buffers, reused from one slice to the next
+
+
+def _scratch_array(name: str, nbytes: int) -> np.ndarray:
+    """A reusable byte buffer. Fresh 0.5 MB arrays cost more in page faults than the
+    whole look-up does, so the hot path reads into, and gathers into, these instead."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.size < nbytes:
+        buf = np.empty(nbytes, np.uint8)
+        setattr(_scratch, name, buf)
+    return buf[:nbytes]
+
+
+def _read_head(path: Path, f, size: int) -> tuple[dict, str, int, int]:
+    """Parse an open file up to its pixel data (see _parse_simple) reading little of it."""
+    buf = f.read(_HEAD_BYTES)
     if not buf:
         raise DicomError(path, "file is empty")
     try:
-        values, syntax, offset, length = _parse_simple(buf)
+        return _parse_simple(buf)
+    except ValueError:
+        if len(buf) == size:
+            raise
+        f.seek(0)
+        return _parse_simple(f.read())
+
+
+def _read_raw(path) -> tuple[Header, np.ndarray]:
+    """The header and the stored values as raw unsigned codes for the look-up tables.
+
+    The whole file is read with one call into a scratch buffer that the next call on
+    this thread overwrites; the codes returned are a view of it.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = _scratch_array("file", size)
+            got = f.readinto(buf)
+    except OSError as err:
+        raise DicomError(path, f"cannot read file ({err.strerror or err})") from None
+    if got == 0:
+        raise DicomError(path, "file is empty")
+    try:
+        values, syntax, offset, length = _parse_simple(memoryview(buf)[:got])
     except ValueError as err:
         raise DicomError(path, f"truncated file: {err}") from None
     except _NotSimple:
         return _read_raw_pydicom(path)
     h = _header_from_values(path, values, syntax)
     _check_geometry(path, h)
-    code_dtype = np.uint8 if h.bits_allocated == 8 else np.dtype("<u2")
-    need = h.rows * h.columns * np.dtype(code_dtype).itemsize
-    have = min(length, len(buf) - offset)
+    itemsize = h.bits_allocated // 8
+    need = h.rows * h.columns * itemsize
+    have = min(length, got - offset)
     if have < need:
         raise DicomError(path, f"pixel data is short: {have} bytes, the header's "
                                f"{h.rows}x{h.columns}x{h.bits_allocated}-bit image needs {need}")
-    raw = np.frombuffer(buf, dtype=code_dtype, count=h.rows * h.columns, offset=offset)
-    return h, raw.reshape(h.rows, h.columns)
+    codes = buf[offset:offset + need]
+    return h, codes.view(np.uint8 if itemsize == 1 else "<u2").reshape(h.rows, h.columns)
 
 
 def _read_raw_pydicom(path: Path) -> tuple[Header, np.ndarray]:
@@ -385,22 +422,16 @@ def read_header(path) -> Header:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            buf = f.read(16384)
             size = os.fstat(f.fileno()).st_size
+            try:
+                values, syntax, offset, length = _read_head(path, f, size)
+            except ValueError as err:
+                raise DicomError(path, f"truncated file: {err}") from None
+            except _NotSimple:
+                values = None
     except OSError as err:
         raise DicomError(path, f"cannot read file ({err.strerror or err})") from None
-    if not buf:
-        raise DicomError(path, "file is empty")
-    try:
-        try:
-            values, syntax, offset, length = _parse_simple(buf)
-        except ValueError:
-            if len(buf) == size:
-                raise
-            values, syntax, offset, length = _parse_simple(path.read_bytes())  # a long header
-    except ValueError as err:
-        raise DicomError(path, f"truncated file: {err}") from None
-    except _NotSimple:
+    if values is None:
         h = _read_pydicom(path, stop_before_pixels=True)[1]
         _check_geometry(path, h)
         return h
@@ -456,11 +487,13 @@ def read_windowed(path, windows=DEFAULT_WINDOWS, size: int | None = None) -> np.
     h, raw = _read_raw(path)
     windows = _resolve_windows(windows, h, path)
     packed = _packed_lut(_lut_key(h), windows, h.photometric == "MONOCHROME1")
-    words = np.take(packed, raw)
+    words = _scratch_array("words", raw.size * packed.itemsize).view(packed.dtype)
+    np.take(packed, raw.ravel(), out=words, mode="clip")  # codes are always in range
     img = words.view(np.uint8).reshape(h.rows, h.columns, packed.itemsize)
     if size is not None:
         img = _resize(_square(img), int(size))
-    return _first_channels(img, len(windows))
+    img = _first_channels(img, len(windows))
+    return img.copy() if np.shares_memory(img, words) else img  # never hand out scratch
 
 
 def _first_channels(img: np.ndarray, n: int) -> np.ndarray:
