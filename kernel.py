@@ -36,8 +36,10 @@ from utils.dicom import DEFAULT_WINDOWS, parse_windows, scan_headers
 from utils.labels import LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels
 from utils.metrics import CLASS_WEIGHTS, per_class_log_loss, prior_probabilities, weighted_log_loss
 from utils.model import WeightsError, build_model, find_weights
-from utils.split import format_fold_table, fold_table, resolve_groups, split_by_patient
-from utils.submission import SubmissionError, build_submission, read_sample_submission, write_submission
+from utils.split import (fold_table, format_fold_table, kfold_by_patient, resolve_groups,
+                         split_by_patient)
+from utils.submission import (SubmissionError, build_submission, check_submission_file,
+                              read_sample_submission, write_submission)
 
 KAGGLE_INPUT, KAGGLE_WORKING = Path("/kaggle/input"), Path("/kaggle/working")
 EXIT_USAGE = 2  # a user mistake: bad option, bad data folder, bad weights
@@ -61,6 +63,8 @@ class Config:
     lr: float = 2e-4
     weight_decay: float = 1e-4
     val_frac: float = 0.1
+    folds: int = 0                   # K >= 2: K patient-grouped folds, validate on --fold
+    fold: int = 0
     seed: int = 42
     tta: bool = True
     resume: bool = False
@@ -84,21 +88,25 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def parse_args(argv=None) -> Config:
+def parse_args(argv=None) -> tuple[Config, str | None]:
+    """The resolved settings, and the path given to --check-submission (if any)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     types = {"data_dir": str, "out_dir": str, "epochs": int, "arch": str, "weights": str,
              "weights_strict": _bool, "image_size": int, "windows": str, "batch_size": int,
              "workers": int, "lr": float, "weight_decay": float, "val_frac": float,
              "seed": int, "tta": _bool, "demo_patients": int,
-             "header_cache": str}
+             "header_cache": str, "folds": int, "fold": int}
     for name, kind in types.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"(default: {getattr(Config, name)})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out-dir")
+    p.add_argument("--check-submission", metavar="PATH", default=None,
+                   help="only check a submission file against the sample submission, then exit")
     args = p.parse_args(argv)  # an unknown option exits with usage and code 2
     given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
+    check = given.pop("check_submission", None)
     cfg = Config()
     if given.get("data_dir") is None and find_kaggle_data() is None:
         cfg = dataclasses.replace(cfg, demo=True, **DEMO_PRESET)
@@ -109,13 +117,17 @@ def parse_args(argv=None) -> Config:
         problems.append("--workers must be >= 0")
     if not 0 < cfg.val_frac < 1:
         problems.append("--val-frac must be between 0 and 1")
+    if cfg.folds == 1 or cfg.folds < 0:
+        problems.append("--folds must be 0 (a single --val-frac split) or at least 2")
+    if cfg.folds >= 2 and not 0 <= cfg.fold < cfg.folds:
+        problems.append(f"--fold must be between 0 and {cfg.folds - 1}")
     try:
         parse_windows(cfg.windows)
     except ValueError as err:
         problems.append(f"--windows: {err}")
     if problems:
         p.error("; ".join(problems))
-    return cfg
+    return cfg, check
 
 
 class UserError(Exception):
@@ -264,10 +276,20 @@ def make_split(labels: pd.DataFrame, headers: pd.DataFrame, cfg: Config, out_dir
         log(f"Split: {n_study} images grouped by StudyInstanceUID and {n_image} by themselves "
             f"(no PatientID)")
     y = usable.to_numpy()
-    val = split_by_patient(y, groups, cfg.val_frac, cfg.seed)
-    split = pd.DataFrame({"image_id": usable.index, "patient_id": groups, "is_val": val})
+    split = pd.DataFrame({"image_id": usable.index, "patient_id": groups})
+    if cfg.folds >= 2:
+        folds = kfold_by_patient(y, groups, cfg.folds, cfg.seed)
+        val = folds == cfg.fold
+        split["fold"] = folds
+        table = fold_table(y, groups, folds, LABELS)
+        log(f"Folds by patient (validating on fold {cfg.fold} of {cfg.folds}):")
+    else:
+        val = split_by_patient(y, groups, cfg.val_frac, cfg.seed)
+        table = fold_table(y, groups, val, LABELS)
+        log("Split by patient:")
+    split["is_val"] = val
     write_csv(out_dir / "split.csv", split, index=False)
-    log("Split by patient:\n" + format_fold_table(fold_table(y, groups, val, LABELS)))
+    log(format_fold_table(table))
     return usable.loc[~val], usable.loc[val]
 
 
@@ -498,6 +520,25 @@ def predict_and_submit(model, cfg: Config, data_dir: Path, test_ids: list[str],
     return {"n_test": len(test_ids), "n_test_predicted_with_prior": n_prior}
 
 
+def check_submission(path: str, cfg: Config) -> int:
+    """--check-submission: validate a file against the sample; 0 when valid, 2 otherwise."""
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else find_kaggle_data()
+    if data_dir is None:
+        raise UserError("--check-submission needs --data-dir, the folder holding "
+                        "stage_2_sample_submission.csv")
+    sample = data_dir / "stage_2_sample_submission.csv"
+    if not sample.is_file():
+        raise UserError(f"{sample} does not exist: --data-dir must hold the sample submission")
+    problems = check_submission_file(path, sample)
+    if problems:
+        print(f"{path} is not a valid submission:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    log(f"{path}: valid, every row of {sample} exactly once, values in [0, 1]")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -508,7 +549,9 @@ def main(argv=None) -> int:
         handler.setFormatter(logging.Formatter("%(message)s"))
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)
-    cfg = parse_args(argv)
+    cfg, check = parse_args(argv)
+    if check is not None:
+        return check_submission(check, cfg)
     started = time.perf_counter()
     out_dir = prepare_out_dir(cfg)
     data_dir = resolve_data_dir(cfg, out_dir)

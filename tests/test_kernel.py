@@ -137,3 +137,43 @@ def test_full_demo_beats_the_constant_prior(tmp_path):
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["val_weighted_log_loss"] < 0.9 * metrics["prior_weighted_log_loss"], metrics
     assert metrics["seconds"] < 300
+
+
+def test_kfold_validation_on_one_fold(tmp_path):
+    out = tmp_path / "out"
+    result = run_kernel("--out-dir", out, *TINY, "--folds", "3", "--fold", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    split = pd.read_csv(out / "split.csv")
+    assert sorted(split["fold"].unique()) == [0, 1, 2]
+    assert (split["is_val"] == (split["fold"] == 1)).all()
+    assert split.groupby("patient_id")["fold"].nunique().max() == 1
+    assert "validating on fold 1 of 3" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--folds", "1"], "--folds must be"),
+    (["--folds", "3", "--fold", "3"], "--fold must be between 0 and 2"),
+    (["--val-frac", "1.5"], "--val-frac"),
+    (["--windows", "lung"], "unknown window"),
+    (["--epochs", "0"], "--epochs must be positive"),
+])
+def test_bad_option_values(tmp_path, args, message):
+    result = run_kernel("--out-dir", tmp_path, *args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_check_submission_command(tiny_run, tmp_path):
+    out, _ = tiny_run
+    data = out / "demo_data"
+    good = run_kernel("--check-submission", out / "submission.csv", "--data-dir", data)
+    assert good.returncode == 0 and "valid" in good.stdout
+    sub = pd.read_csv(out / "submission.csv")
+    sub.loc[3, "Label"] = 1.5
+    broken = tmp_path / "broken.csv"
+    sub.iloc[:-6].to_csv(broken, index=False)
+    bad = run_kernel("--check-submission", broken, "--data-dir", data)
+    assert bad.returncode == 2
+    assert sub.loc[3, "ID"] in bad.stderr  # names the bad value's row
+    assert "6 sample IDs" in bad.stderr and sub["ID"].iloc[-6] in bad.stderr  # and the missing rows
+    no_data = run_kernel("--check-submission", broken, "--data-dir", tmp_path)
+    assert no_data.returncode == 2 and "stage_2_sample_submission.csv" in no_data.stderr
