@@ -177,3 +177,49 @@ def test_check_submission_command(tiny_run, tmp_path):
     assert "6 sample IDs" in bad.stderr and sub["ID"].iloc[-6] in bad.stderr  # and the missing rows
     no_data = run_kernel("--check-submission", broken, "--data-dir", tmp_path)
     assert no_data.returncode == 2 and "stage_2_sample_submission.csv" in no_data.stderr
+
+
+def _undecodable_copy(path):
+    """Rewrite a DICOM as JPEG Lossless with no decoder installed: its header reads, its
+    pixels cannot, so it passes the header scan and fails only in the loader."""
+    import warnings
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(path, enforce_file_format=True)
+
+
+def test_files_failing_at_pixel_decoding_are_recorded(tiny_run, tmp_path):
+    import shutil
+
+    import pydicom
+    from pydicom.uid import JPEGLosslessSV1
+    if pydicom.pixels.get_decoder(JPEGLosslessSV1).is_available:
+        pytest.skip("a JPEG Lossless decoder is installed here")
+    out, _ = tiny_run
+    data = tmp_path / "data"
+    shutil.copytree(out / "demo_data", data)
+    split = pd.read_csv(out / "split.csv")
+    train_id = split.loc[~split["is_val"], "image_id"].iloc[0]
+    test_id = pd.read_csv(data / "stage_2_sample_submission.csv")["ID"].str[:12].iloc[-1]
+    _undecodable_copy(data / "stage_2_train" / f"{train_id}.dcm")
+    _undecodable_copy(data / "stage_2_test" / f"{test_id}.dcm")
+    # one batch holds the whole training set, so every training file is read
+    result = run_kernel("--data-dir", data, "--out-dir", tmp_path / "out", *TINY[2:], "--weights", "none",
+                        "--batch-size", "64")
+    assert result.returncode == 0, result.stderr[-3000:]
+    bad = pd.read_csv(tmp_path / "out" / "bad_files.csv").set_index("path")["reason"]
+    assert "could not be decoded" in bad[str(data / "stage_2_train" / f"{train_id}.dcm")]
+    assert "could not be decoded" in bad[str(data / "stage_2_test" / f"{test_id}.dcm")]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n_test_predicted_with_prior"] == 2 and metrics["n_bad_files"] == 4
+    sub = pd.read_csv(tmp_path / "out" / "submission.csv").set_index("ID")["Label"]
+    np.testing.assert_allclose([sub[f"{test_id}_{k}"] for k in LABELS],
+                               np.clip([metrics["prior"][k] for k in LABELS], 1e-6, 1 - 1e-6), rtol=1e-6)
