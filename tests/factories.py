@@ -1,9 +1,12 @@
 """Small DICOM files built in tests, with exactly the tags a case needs."""
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.encaps import encapsulate
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1
 
 
 def make_ct(path, stored: np.ndarray, *, bits_stored=16, signed=True, intercept="-1024",
@@ -34,4 +37,21 @@ def make_ct(path, stored: np.ndarray, *, bits_stored=16, signed=True, intercept=
     dtype = {(16, True): "<i2", (16, False): "<u2", (8, False): "u1"}[(bits_allocated, signed)]
     ds.PixelData = stored.astype(dtype).tobytes()
     ds.save_as(path, enforce_file_format=True)
+    return Path(path)
+
+
+def jpeg_decoder_installed() -> bool:
+    return pydicom.pixels.get_decoder(JPEGLosslessSV1).is_available
+
+
+def make_undecodable(path) -> Path:
+    """Rewrite a DICOM file as JPEG Lossless with a dummy frame: its header reads, but
+    its pixels need a decoder plugin that is not installed here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(path, enforce_file_format=True)
     return Path(path)

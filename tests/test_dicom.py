@@ -6,11 +6,10 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import JPEGLosslessSV1, RLELossless
+from pydicom.uid import RLELossless
 
-from factories import make_ct
+from factories import jpeg_decoder_installed, make_ct, make_undecodable
 from utils import dicom as dicom_module
 from utils.dicom import (BONE, BRAIN, DEFAULT_WINDOWS, HEADER, SOFT_TISSUE, SUBDURAL, DicomError,
                          parse_windows, read_header, read_hu, read_windowed, scan_headers, window)
@@ -152,16 +151,9 @@ def test_rle_compressed_decodes_with_pydicom_alone(tmp_path):
 
 
 def test_jpeg_without_plugin_names_what_to_install(tmp_path):
-    path = make_ct(tmp_path / "j.dcm", np.zeros((8, 8)))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
-        ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
-    ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
-    ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
-    if pydicom.pixels.get_decoder(JPEGLosslessSV1).is_available:
+    if jpeg_decoder_installed():
         pytest.skip("a JPEG Lossless decoder is installed here")
+    path = make_undecodable(make_ct(tmp_path / "j.dcm", np.zeros((8, 8))))
     with pytest.raises(DicomError, match="pylibjpeg") as err:
         read_windowed(path)
     assert str(path) in str(err.value)

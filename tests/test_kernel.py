@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from factories import jpeg_decoder_installed, make_undecodable
 from utils.labels import LABELS
 from utils.submission import check_submission_file
 
@@ -179,29 +180,9 @@ def test_check_submission_command(tiny_run, tmp_path):
     assert no_data.returncode == 2 and "stage_2_sample_submission.csv" in no_data.stderr
 
 
-def _undecodable_copy(path):
-    """Rewrite a DICOM as JPEG Lossless with no decoder installed: its header reads, its
-    pixels cannot, so it passes the header scan and fails only in the loader."""
-    import warnings
-
-    import pydicom
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEGLosslessSV1
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
-        ds = pydicom.dcmread(path)
-        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
-        ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
-        ds["PixelData"].VR = "OB"
-        ds.save_as(path, enforce_file_format=True)
-
-
 def test_files_failing_at_pixel_decoding_are_recorded(tiny_run, tmp_path):
     import shutil
-
-    import pydicom
-    from pydicom.uid import JPEGLosslessSV1
-    if pydicom.pixels.get_decoder(JPEGLosslessSV1).is_available:
+    if jpeg_decoder_installed():
         pytest.skip("a JPEG Lossless decoder is installed here")
     out, _ = tiny_run
     data = tmp_path / "data"
@@ -209,8 +190,8 @@ def test_files_failing_at_pixel_decoding_are_recorded(tiny_run, tmp_path):
     split = pd.read_csv(out / "split.csv")
     train_id = split.loc[~split["is_val"], "image_id"].iloc[0]
     test_id = pd.read_csv(data / "stage_2_sample_submission.csv")["ID"].str[:12].iloc[-1]
-    _undecodable_copy(data / "stage_2_train" / f"{train_id}.dcm")
-    _undecodable_copy(data / "stage_2_test" / f"{test_id}.dcm")
+    make_undecodable(data / "stage_2_train" / f"{train_id}.dcm")
+    make_undecodable(data / "stage_2_test" / f"{test_id}.dcm")
     # one batch holds the whole training set, so every training file is read
     result = run_kernel("--data-dir", data, "--out-dir", tmp_path / "out", *TINY[2:], "--weights", "none",
                         "--batch-size", "64")
