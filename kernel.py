@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,9 +33,12 @@ from tqdm.auto import tqdm
 
 from utils import data as data_utils
 from utils.demo import make_demo_dataset
-from utils.dicom import DEFAULT_WINDOWS, parse_windows, scan_headers
+from utils.dicom import parse_windows, scan_headers
+from utils.engine import (Dist, ResumableSampler, barrier, gather_lists, gather_rows, init_distributed,
+                          load_checkpoint, model_state, roc_auc, save_checkpoint, warmup_cosine,
+                          weighted_bce)
 from utils.labels import LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels
-from utils.metrics import CLASS_WEIGHTS, per_class_log_loss, prior_probabilities, weighted_log_loss
+from utils.metrics import per_class_log_loss, prior_probabilities, weighted_log_loss
 from utils.model import WeightsError, build_model, find_weights
 from utils.split import (fold_table, format_fold_table, kfold_by_patient, resolve_groups,
                          split_by_patient)
@@ -70,6 +74,11 @@ class Config:
     resume: bool = False
     overwrite: bool = False
     demo: bool = False               # set when no data was given: the synthetic dataset
+    accum: int = 1                   # batches per optimizer step (gradient accumulation)
+    ckpt_minutes: float = 20.0       # mid-epoch checkpoint interval; 0: after every step
+    compile: bool = False            # torch.compile the model
+    predict_only: bool = False       # only predict the test set from --checkpoint
+    checkpoint: str | None = None
     demo_patients: int = 36          # training patients of the synthetic dataset
     header_cache: str | None = None  # folder for the header scan cache; default beside out-dir
 
@@ -96,12 +105,16 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
              "weights_strict": _bool, "image_size": int, "windows": str, "batch_size": int,
              "workers": int, "lr": float, "weight_decay": float, "val_frac": float,
              "seed": int, "tta": _bool, "demo_patients": int,
-             "header_cache": str, "folds": int, "fold": int}
+             "header_cache": str, "folds": int, "fold": int,
+             "accum": int, "ckpt_minutes": float, "checkpoint": str}
     for name, kind in types.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"(default: {getattr(Config, name)})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out-dir")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--predict-only", action="store_true",
+                   help="make a submission from --checkpoint without training")
     p.add_argument("--check-submission", metavar="PATH", default=None,
                    help="only check a submission file against the sample submission, then exit")
     args = p.parse_args(argv)  # an unknown option exits with usage and code 2
@@ -115,6 +128,12 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
                 ("epochs", "image_size", "batch_size", "demo_patients") if getattr(cfg, k) <= 0]
     if cfg.workers < 0:
         problems.append("--workers must be >= 0")
+    if cfg.accum < 1:
+        problems.append("--accum must be >= 1")
+    if cfg.ckpt_minutes < 0:
+        problems.append("--ckpt-minutes must be >= 0")
+    if cfg.predict_only and not cfg.checkpoint:
+        problems.append("--predict-only needs --checkpoint PATH")
     if not 0 < cfg.val_frac < 1:
         problems.append("--val-frac must be between 0 and 1")
     if cfg.folds == 1 or cfg.folds < 0:
@@ -134,8 +153,12 @@ class UserError(Exception):
     """A problem with the user's input: printed as one message, exit code 2, no traceback."""
 
 
+_MAIN_PROCESS = [True]  # under torchrun only rank 0 prints; set once in main()
+
+
 def log(*parts) -> None:
-    print(*parts, flush=True)
+    if _MAIN_PROCESS[0]:
+        print(*parts, flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,12 +211,16 @@ def prepare_out_dir(cfg: Config) -> Path:
 
 
 def write_json(path: Path, obj) -> None:
+    if not _MAIN_PROCESS[0]:
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
 
 def write_csv(path: Path, df: pd.DataFrame, **kwargs) -> None:
+    if not _MAIN_PROCESS[0]:
+        return
     tmp = path.with_name(path.name + ".tmp")
     df.to_csv(tmp, **kwargs)
     os.replace(tmp, path)
@@ -239,20 +266,26 @@ def header_cache(cfg: Config, out_dir: Path, data_dir: Path, split: str) -> Path
     return folder / f"headers_{split}_{key}.parquet"
 
 
-def scan_data(data_dir: Path, labels: pd.DataFrame, test_ids: list[str], cfg: Config,
-              out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(train headers aligned to labels, test headers, bad files with reasons)."""
-    bad_rows = []
-    frames = {}
-    for split, ids in (("train", list(labels.index)), ("test", test_ids)):
+def scan_data(data_dir: Path, ids_by_split: dict[str, list[str]], cfg: Config, out_dir: Path,
+              d: Dist) -> dict[str, pd.DataFrame]:
+    """Headers of each split's files, indexed by image ID; unreadable ones in bad_files.csv.
+
+    Under torchrun rank 0 scans and fills the cache first; the other ranks then read it.
+    """
+    bad_rows, frames = [], {}
+    for split, ids in ids_by_split.items():
         folder = data_dir / f"stage_2_{split}"
         paths = [folder / f"{check_image_id(i)}.dcm" for i in ids]
         present = [p for p in paths if p.is_file()]
         bad_rows += [{"path": str(p), "reason": f"named in the {split} CSV but missing on disk"}
                      for p in paths if not p.is_file()]
         t0 = time.perf_counter()
-        headers, bad = scan_headers(present, workers=cfg.workers,
-                                    cache=header_cache(cfg, out_dir, data_dir, split))
+        cache = header_cache(cfg, out_dir, data_dir, split)
+        if not d.main:
+            barrier(d)
+        headers, bad = scan_headers(present, workers=cfg.workers, cache=cache)
+        if d.main:
+            barrier(d)
         log(f"Headers ({split}): {len(headers)} readable, {len(bad)} unreadable, "
             f"{len(paths) - len(present)} missing, {time.perf_counter() - t0:.1f}s")
         bad_rows += bad.to_dict("records")
@@ -261,7 +294,8 @@ def scan_data(data_dir: Path, labels: pd.DataFrame, test_ids: list[str], cfg: Co
     write_csv(out_dir / "bad_files.csv", bad_files, index=False)
     for row in bad_files.itertuples():
         log(f"  unreadable: {row.path}: {row.reason}")
-    return frames["train"], frames["test"], bad_files
+    barrier(d)
+    return frames
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,22 +328,29 @@ def make_split(labels: pd.DataFrame, headers: pd.DataFrame, cfg: Config, out_dir
 
 
 # ---------------------------------------------------------------------------------------
-# Stage 4: training. Device and precision are decided once here.
+# Stage 4: training. Device, precision and processes are decided once, here.
 
 @dataclass
 class Runtime:
     device: torch.device
-    autocast: callable
-    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None    # None: full fp32 (the CPU)
+    dist: Dist
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def setup_runtime() -> Runtime:
+def setup_runtime(d: Dist) -> Runtime:
     if torch.cuda.is_available():
-        device = torch.device("cuda")
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-        return Runtime(device, lambda: torch.autocast("cuda", dtype=dtype), scaler)
-    return Runtime(torch.device("cpu"), contextlib.nullcontext, None)
+        return Runtime(torch.device("cuda", d.local_rank), dtype, d)
+    return Runtime(torch.device("cpu"), None, d)
+
+
+class TrainingStopped(Exception):
+    """Training ended early on purpose (Ctrl-C) or by a fault (a NaN loss): exit code 3."""
 
 
 def resolve_weights(cfg: Config) -> str | None:
@@ -328,153 +369,200 @@ def resolve_weights(cfg: Config) -> str | None:
     return str(found)
 
 
-def weighted_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """BCE weighted like the competition metric ('any' counts twice), over readable rows."""
-    w = torch.as_tensor(CLASS_WEIGHTS, dtype=logits.dtype, device=logits.device)
-    per_row = (torch.nn.functional.binary_cross_entropy_with_logits(
-        logits.float(), target, reduction="none") * w).sum(1) / w.sum()
-    return (per_row * mask).sum() / mask.sum().clamp(min=1)
-
-
-def lr_lambda(total_steps: int):
-    warmup = max(1, min(200, total_steps // 20))
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return f
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def predict(model, paths, cfg: Config, rt: Runtime, desc: str, tta: bool = False):
-    """Probabilities (n, 6) and a readable flag per file."""
+    """Probabilities (n, 6) and a readable flag per file; each rank predicts a share."""
     ds = data_utils.SliceDataset(paths, windows=parse_windows(cfg.windows), size=cfg.image_size)
-    loader = data_utils.make_loader(ds, cfg.batch_size * 2, shuffle=False, workers=cfg.workers,
-                                    seed=cfg.seed)
+    mine = np.arange(len(ds))[rt.dist.rank::rt.dist.world]
+    loader = data_utils.make_loader(torch.utils.data.Subset(ds, mine), cfg.batch_size * 2,
+                                    workers=cfg.workers)
     model.eval()
-    probs, readable = np.zeros((len(ds), len(LABELS)), np.float32), np.zeros(len(ds), bool)
-    for images, _, index, ok in tqdm(loader, desc=desc, leave=False, mininterval=2):
+    index_parts, prob_parts, ok_parts = [], [], []
+    for images, _, index, ok in tqdm(loader, desc=desc, leave=False, mininterval=2,
+                                     disable=not rt.dist.main):
         x = data_utils.to_device_normalized(images, rt.device)
         with rt.autocast():
             logits = model(x).float()
-            if tta:
+            if tta:  # heads are near-symmetric left to right; average with the mirror image
                 logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
-        probs[index.numpy()] = torch.sigmoid(logits).cpu().numpy()
-        readable[index.numpy()] = ok.numpy()
-    return probs, readable
+        index_parts.append(index.numpy())
+        prob_parts.append(torch.sigmoid(logits).cpu().numpy())
+        ok_parts.append(ok.numpy())
+    index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
+    probs = np.concatenate(prob_parts) if prob_parts else np.zeros((0, len(LABELS)), np.float32)
+    ok = np.concatenate(ok_parts) if ok_parts else np.zeros(0, bool)
+    return (gather_rows(rt.dist, index, probs, len(ds)),
+            gather_rows(rt.dist, index, ok, len(ds), fill=False))
 
 
-def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Area under the ROC curve by the rank-sum formula; NaN when one class is absent."""
-    pos = y == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = pd.Series(p).rank().to_numpy()
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+class _StopRequest:
+    """Ctrl-C sets a flag that the loop reads between optimizer steps, so the checkpoint
+    it then writes is never taken halfway through an update."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        log("\nInterrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+
+
+def _agree(rt: Runtime, flag: bool) -> bool:
+    """True on every rank if it is true on any (so all ranks stop together)."""
+    if not rt.dist.enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=rt.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd.DataFrame,
           out_dir: Path, rt: Runtime):
-    """Fine-tune for cfg.epochs; returns the best model, its validation predictions, history."""
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    weights = resolve_weights(cfg)
+    """Fine-tune for cfg.epochs; returns the best model, its validation predictions, epoch."""
+    d, main_rank = rt.dist, rt.dist.main
+    torch.manual_seed(cfg.seed)  # the same initial head on every rank
     try:
-        model = build_model(cfg.arch, weights, strict=cfg.weights_strict)
+        model = build_model(cfg.arch, resolve_weights(cfg), strict=cfg.weights_strict)
     except WeightsError as err:
         raise UserError(str(err)) from None
     model = model.to(rt.device).to(memory_format=torch.channels_last)
-    windows = parse_windows(cfg.windows)
+    net = model
+    if d.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if rt.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
     train_ds = data_utils.SliceDataset(headers.loc[train_df.index, "path"], train_df.to_numpy(),
-                                       windows, cfg.image_size, data_utils.train_transform())
-    loader = data_utils.make_loader(train_ds, cfg.batch_size, shuffle=True, workers=cfg.workers,
-                                    seed=cfg.seed, drop_last=len(train_ds) > cfg.batch_size)
+                                       parse_windows(cfg.windows), cfg.image_size,
+                                       data_utils.train_transform(), seed=cfg.seed)
+    sampler = ResumableSampler(len(train_ds), cfg.batch_size, cfg.seed, rank=d.rank, world=d.world,
+                               drop_last=len(train_ds) > cfg.batch_size * d.world)
+    batches = sampler.batches_per_epoch()
+    steps_per_epoch = math.ceil(batches / cfg.accum)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.epochs * len(loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     ckpt_dir = out_dir / "checkpoints"
-    start_epoch, best, history = 0, (math.inf, -1), []
-    best_val_probs = None
+    prior = prior_probabilities(train_df.to_numpy())
+    pos = {"epoch": 0, "batch": 0, "running": 0.0, "seen": 0, "best_loss": math.inf,
+           "best_epoch": 0, "unreadable": []}
+    best_val_probs, history = None, []
     if cfg.resume and (ckpt_dir / "last.pt").is_file():
-        state = torch.load(ckpt_dir / "last.pt", map_location="cpu", weights_only=True)
+        state = load_checkpoint(ckpt_dir / "last.pt")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best = state["epoch"] + 1, (state["best_loss"], state["best_epoch"])
-        history = pd.read_csv(out_dir / "history.csv").to_dict("records")[:start_epoch]
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
-        loader.generator.set_state(state["loader_rng"])
-        best_val_probs = state["best_val_probs"].numpy() if "best_val_probs" in state else None
-        log(f"Resuming after epoch {start_epoch} from {ckpt_dir / 'last.pt'}")
+        pos.update(state["position"])
+        if state.get("best_val_probs") is not None:
+            best_val_probs = state["best_val_probs"].numpy()
+        if (out_dir / "history.csv").is_file():
+            history = [r for r in pd.read_csv(out_dir / "history.csv").to_dict("records")
+                       if r["epoch"] <= pos["epoch"]]
+        log(f"Resuming at epoch {pos['epoch'] + 1}, batch {pos['batch']} of {batches}, "
+            f"from {ckpt_dir / 'last.pt'}")
+
+    def save_last():
+        if main_rank:
+            save_checkpoint(ckpt_dir / "last.pt", {
+                "model": model_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "torch_rng": torch.get_rng_state(), "position": dict(pos),
+                "config": dataclasses.asdict(cfg), "prior": torch.from_numpy(prior),
+                "best_val_probs": None if best_val_probs is None else torch.from_numpy(best_val_probs)})
+        barrier(d)
 
     val_paths = headers.loc[val_df.index, "path"].tolist()
     y_val = val_df.to_numpy()
-    prior = prior_probabilities(train_df.to_numpy())
-    unreadable: set[int] = set()
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        t0, seen, running = time.perf_counter(), 0, 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=2)
-        for images, target, index, ok in bar:
-            unreadable.update(index[~ok].tolist())
-            x = data_utils.to_device_normalized(images, rt.device)
-            target, mask = target.to(rt.device), ok.to(rt.device, torch.float32)
-            with rt.autocast():
-                logits = model(x)
-            loss = weighted_bce(logits, target, mask)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the training loss became {loss.item()} in epoch {epoch + 1}; the last good "
-                    f"checkpoint is {ckpt_dir / 'last.pt'}. Lower --lr and run with --resume.")
-            optimizer.zero_grad(set_to_none=True)
-            if rt.scaler is not None:
-                rt.scaler.scale(loss).backward()
-                rt.scaler.step(optimizer)
-                rt.scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-            seen += len(images)
-            running += loss.item() * len(images)
-            bar.set_postfix(loss=f"{running / seen:.4f}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        val_probs, val_ok = predict(model, val_paths, cfg, rt, "validate")
-        val_probs[~val_ok] = prior
-        if unreadable or not val_ok.all():
-            record_bad_files(out_dir, [train_ds.paths[i] for i in sorted(unreadable)] +
-                             [p for p, ok in zip(val_paths, val_ok) if not ok],
-                             "pixel data could not be decoded; left out of training, prior in validation")
-        val_loss = weighted_log_loss(y_val, val_probs)
-        row = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "val_loss": val_loss,
-               "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
-        row.update({f"val_loss_{k}": v for k, v in per_class_log_loss(y_val, val_probs).items()})
-        row.update({f"val_auc_{k}": roc_auc(y_val[:, j], val_probs[:, j]) for j, k in enumerate(LABELS)})
-        history.append(row)
-        write_csv(out_dir / "history.csv", pd.DataFrame(history), index=False)
-        log(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, validation weighted log "
-            f"loss {val_loss:.4f} ({row['seconds']:.0f}s)")
-        if val_loss < best[0]:
-            best, best_val_probs = (val_loss, epoch + 1), val_probs
-            save_checkpoint(ckpt_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch,
-                                                   "val_loss": val_loss, "config": dataclasses.asdict(cfg)})
-        save_checkpoint(ckpt_dir / "last.pt", {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_loss": best[0],
-            "best_epoch": best[1], "torch_rng": torch.get_rng_state(),
-            "loader_rng": loader.generator.get_state(), "config": dataclasses.asdict(cfg),
-            "best_val_probs": torch.from_numpy(best_val_probs)})
-    state = torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    return model, best_val_probs, best[1]
+    last_save = time.monotonic()
+    with _StopRequest() as stop:
+        while pos["epoch"] < cfg.epochs:
+            epoch = pos["epoch"]
+            train_ds.epoch = epoch
+            sampler.set_epoch(epoch, pos["batch"])
+            loader = data_utils.make_loader(train_ds, cfg.batch_size, workers=cfg.workers, sampler=sampler)
+            net.train()
+            t0, seen_now = time.perf_counter(), 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=pos["batch"],
+                       total=batches, mininterval=2, disable=not main_rank)
+            for images, target, index, ok in bar:
+                pos["unreadable"] += [train_ds.paths[i] for i in index[~ok].tolist()]
+                x = data_utils.to_device_normalized(images, rt.device)
+                target, mask = target.to(rt.device), ok.to(rt.device, torch.float32)
+                with rt.autocast():
+                    logits = net(x)
+                loss = weighted_bce(logits, target, mask)
+                if _agree(rt, not torch.isfinite(loss).item()):
+                    raise TrainingStopped(
+                        f"the training loss became {loss.item()} at epoch {epoch + 1}, batch "
+                        f"{pos['batch'] + 1}; the last good checkpoint, {ckpt_dir / 'last.pt'}, is "
+                        f"kept. Lower --lr (now {cfg.lr}) and continue with --resume.")
+                (scaler.scale(loss / cfg.accum) if scaler else loss / cfg.accum).backward()
+                pos["batch"] += 1
+                pos["running"] += loss.item() * len(images)
+                pos["seen"] += len(images)
+                seen_now += len(images)
+                if pos["batch"] % cfg.accum and pos["batch"] < batches:
+                    continue  # accumulate: the step comes after --accum batches
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                bar.set_postfix(loss=f"{pos['running'] / pos['seen']:.4f}",
+                                img_s=f"{seen_now * d.world / (time.perf_counter() - t0):.1f}")
+                if _agree(rt, stop.requested):
+                    save_last()
+                    raise TrainingStopped(
+                        f"interrupted at epoch {epoch + 1}, batch {pos['batch']}; checkpoint saved to "
+                        f"{ckpt_dir / 'last.pt'}. Continue with the same command plus --resume.")
+                if pos["batch"] < batches and time.monotonic() - last_save >= cfg.ckpt_minutes * 60:
+                    save_last()
+                    last_save = time.monotonic()
+            bar.close()
+
+            val_probs, val_ok = predict(net, val_paths, cfg, rt, "validate")
+            val_probs[~val_ok] = prior
+            unreadable = gather_lists(d, pos["unreadable"]) + [p for p, ok in zip(val_paths, val_ok) if not ok]
+            if unreadable and main_rank:
+                record_bad_files(out_dir, unreadable,
+                                 "pixel data could not be decoded; left out of training, prior in validation")
+            val_loss = weighted_log_loss(y_val, val_probs)
+            row = {"epoch": epoch + 1, "train_loss": pos["running"] / max(pos["seen"], 1),
+                   "val_loss": val_loss, "lr": scheduler.get_last_lr()[0],
+                   "seconds": time.perf_counter() - t0}
+            row.update({f"val_loss_{k}": v for k, v in per_class_log_loss(y_val, val_probs).items()})
+            row.update({f"val_auc_{k}": roc_auc(y_val[:, j], val_probs[:, j]) for j, k in enumerate(LABELS)})
+            history.append(row)
+            log(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, validation weighted log "
+                f"loss {val_loss:.4f} ({row['seconds']:.0f}s)")
+            if val_loss < pos["best_loss"]:
+                pos["best_loss"], pos["best_epoch"], best_val_probs = val_loss, epoch + 1, val_probs
+                if main_rank:
+                    save_checkpoint(ckpt_dir / "best.pt", {
+                        "model": model_state(model), "epoch": epoch + 1, "val_loss": val_loss,
+                        "config": dataclasses.asdict(cfg), "prior": torch.from_numpy(prior)})
+            if main_rank:
+                write_csv(out_dir / "history.csv", pd.DataFrame(history), index=False)
+            pos.update(epoch=epoch + 1, batch=0, running=0.0, seen=0, unreadable=[])
+            save_last()
+            last_save = time.monotonic()
+    model.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
+    return model, best_val_probs, pos["best_epoch"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -508,14 +596,15 @@ def predict_and_submit(model, cfg: Config, data_dir: Path, test_ids: list[str],
     probs, ok = predict(model, test_headers.loc[readable_ids, "path"].tolist(), cfg, rt,
                         "predict test", tta=cfg.tta)
     probs[~ok] = prior
-    if not ok.all():
+    if not ok.all() and rt.dist.main:
         record_bad_files(out_dir, [p for p, good in zip(test_headers.loc[readable_ids, "path"], ok)
                                    if not good], "pixel data could not be decoded; prior predicted")
     n_prior = len(test_ids) - int(ok.sum())
     if n_prior:
         log(f"{n_prior} unreadable test images are predicted with the training prior")
     sub = build_submission(data_dir / "stage_2_sample_submission.csv", readable_ids, probs, fill=prior)
-    write_submission(sub, out_dir / "submission.csv", data_dir / "stage_2_sample_submission.csv")
+    if rt.dist.main:
+        write_submission(sub, out_dir / "submission.csv", data_dir / "stage_2_sample_submission.csv")
     log(f"Submission: {out_dir / 'submission.csv'} ({len(sub)} rows, checked against the sample)")
     return {"n_test": len(test_ids), "n_test_predicted_with_prior": n_prior}
 
@@ -541,10 +630,32 @@ def check_submission(path: str, cfg: Config) -> int:
 
 # ---------------------------------------------------------------------------------------
 
+def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path) -> dict:
+    """--predict-only: a submission from a saved model, with the settings it was trained with."""
+    try:
+        state = load_checkpoint(Path(cfg.checkpoint))
+        trained = state["config"]
+        model = build_model(trained["arch"])
+        model.load_state_dict(state["model"])
+    except Exception as err:  # unpickling refusals and bad contents come in many types
+        raise UserError(f"{cfg.checkpoint}: not a checkpoint of this pipeline "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    cfg = dataclasses.replace(cfg, arch=trained["arch"], image_size=trained["image_size"],
+                              windows=trained["windows"])
+    log(f"Predicting with {cfg.checkpoint} ({cfg.arch}, {cfg.image_size}px, windows {cfg.windows})")
+    model = model.to(rt.device).to(memory_format=torch.channels_last)
+    test_ids = list(read_sample_submission(data_dir / "stage_2_sample_submission.csv").image_ids)
+    test_headers = scan_data(data_dir, {"test": test_ids}, cfg, out_dir, rt.dist)["test"]
+    return predict_and_submit(model, cfg, data_dir, test_ids, test_headers,
+                              state["prior"].numpy(), out_dir, rt)
+
+
 def main(argv=None) -> int:
+    d = init_distributed()
+    _MAIN_PROCESS[0] = d.main
     # Our helpers log what they drop or fill; other libraries' loggers stay as they are.
     ours = logging.getLogger("utils")
-    if not ours.handlers:
+    if not ours.handlers and d.main:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         ours.addHandler(handler)
@@ -553,32 +664,64 @@ def main(argv=None) -> int:
     if check is not None:
         return check_submission(check, cfg)
     started = time.perf_counter()
-    out_dir = prepare_out_dir(cfg)
-    data_dir = resolve_data_dir(cfg, out_dir)
+    rt = setup_runtime(d)
+    out_dir = share(d, prepare_out_dir(cfg) if d.main else None)
+    data_dir = share(d, resolve_data_dir(cfg, out_dir) if d.main else None)
     cfg = dataclasses.replace(cfg, data_dir=str(data_dir), out_dir=str(out_dir))
-    write_json(out_dir / "config.json", dataclasses.asdict(cfg))
-    log(f"Run: {out_dir} (data: {data_dir}{', synthetic demo' if cfg.demo else ''})")
-    rt = setup_runtime()
+    if d.main:
+        write_json(out_dir / "config.json", dataclasses.asdict(cfg))
+    log(f"Run: {out_dir} (data: {data_dir}{', synthetic demo' if cfg.demo else ''}"
+        f"{f', {d.world} processes' if d.enabled else ''})")
+    if cfg.predict_only:
+        metrics = predict_only(cfg, rt, out_dir, data_dir)
+        log(f"Done in {time.perf_counter() - started:.0f}s: {out_dir / 'submission.csv'}")
+        return 0
 
     labels = load_labels(data_dir, out_dir)
     test_ids = list(read_sample_submission(data_dir / "stage_2_sample_submission.csv").image_ids)
-    train_headers, test_headers, bad_files = scan_data(data_dir, labels, test_ids, cfg, out_dir)
+    headers = scan_data(data_dir, {"train": list(labels.index), "test": test_ids}, cfg, out_dir, d)
+    train_headers, test_headers = headers["train"], headers["test"]
     train_df, val_df = make_split(labels, train_headers, cfg, out_dir)
     model, val_probs, best_epoch = train(cfg, train_df, val_df, train_headers, out_dir, rt)
-    metrics = evaluate(train_df, val_df, val_probs, out_dir)
+    if d.enabled:
+        digest = hashlib.sha1(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
+        print(f"rank {d.rank} of {d.world}: final weights sha1 {digest.hexdigest()}", flush=True)
     prior = prior_probabilities(train_df.to_numpy())
-    metrics.update(predict_and_submit(model, cfg, data_dir, test_ids, test_headers, prior, out_dir, rt))
-    n_bad = len(pd.read_csv(out_dir / "bad_files.csv"))
-    metrics.update(best_epoch=best_epoch, n_bad_files=n_bad,
-                   seconds=round(time.perf_counter() - started, 1))
-    write_json(out_dir / "metrics.json", metrics)
-    log(f"Done in {metrics['seconds']:.0f}s: outputs in {out_dir}")
+    test_metrics = predict_and_submit(model, cfg, data_dir, test_ids, test_headers, prior, out_dir, rt)
+    if d.main:
+        metrics = evaluate(train_df, val_df, val_probs, out_dir)
+        metrics.update(test_metrics)
+        n_bad = len(pd.read_csv(out_dir / "bad_files.csv"))
+        metrics.update(best_epoch=best_epoch, n_bad_files=n_bad, processes=d.world,
+                       seconds=round(time.perf_counter() - started, 1))
+        write_json(out_dir / "metrics.json", metrics)
+        log(f"Done in {metrics['seconds']:.0f}s: outputs in {out_dir}")
+    barrier(d)
     return 0
+
+
+def share(d: Dist, value):
+    """Rank 0's value of a path, on every rank (rank 0 alone creates folders and files)."""
+    if d.enabled:
+        box = [None if value is None else str(value)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        barrier(d)
+        value = box[0]
+    return Path(value)
+
+
+EXIT_STOPPED = 3  # training stopped early: interrupted, or the loss diverged
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except (UserError, LabelError, SubmissionError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        code = EXIT_USAGE
+    except TrainingStopped as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        code = EXIT_STOPPED
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(code)

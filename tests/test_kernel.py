@@ -204,3 +204,131 @@ def test_files_failing_at_pixel_decoding_are_recorded(tiny_run, tmp_path):
     sub = pd.read_csv(tmp_path / "out" / "submission.csv").set_index("ID")["Label"]
     np.testing.assert_allclose([sub[f"{test_id}_{k}"] for k in LABELS],
                                np.clip([metrics["prior"][k] for k in LABELS], 1e-6, 1 - 1e-6), rtol=1e-6)
+
+
+# --- the training engine: resume, interruption, divergence, many processes, predict-only ---
+
+RESUMABLE = ["--demo-patients", "6", "--arch", "resnet18", "--image-size", "32", "--epochs", "2",
+             "--batch-size", "4", "--ckpt-minutes", "0"]
+
+
+def _wait_for_checkpoint(proc, ckpt, epoch, batch, timeout=300):
+    """Poll the atomically replaced last.pt until it records (epoch, >= batch)."""
+    import time
+
+    import torch
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ckpt.is_file():
+            try:
+                pos = torch.load(ckpt, weights_only=True)["position"]
+            except (RuntimeError, EOFError, OSError):
+                pos = None  # replaced while being read: try again
+            if pos and pos["epoch"] == epoch and pos["batch"] >= batch:
+                return pos
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at epoch {epoch} batch {batch}: {proc.poll()}")
+
+
+def _start_kernel(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(ROOT / "kernel.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_result(tmp_path):
+    import signal
+    cache = ["--header-cache", tmp_path / "cache"]
+    straight = run_kernel("--out-dir", tmp_path / "a", *RESUMABLE, *cache, "--workers", "0")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    proc = _start_kernel("--out-dir", tmp_path / "b", *RESUMABLE, *cache, "--workers", "0")
+    pos = _wait_for_checkpoint(proc, tmp_path / "b" / "checkpoints" / "last.pt", epoch=0, batch=3)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (tmp_path / "b" / "metrics.json").exists()
+    # resumed with loader workers this time: the result must not depend on them
+    resumed = run_kernel("--out-dir", tmp_path / "b", *RESUMABLE, *cache, "--workers", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming at epoch 1, batch {pos['batch']}" in resumed.stdout
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert b["val_weighted_log_loss"] == pytest.approx(a["val_weighted_log_loss"], abs=1e-6)
+    ha, hb = pd.read_csv(tmp_path / "a" / "history.csv"), pd.read_csv(tmp_path / "b" / "history.csv")
+    np.testing.assert_allclose(hb["train_loss"], ha["train_loss"], atol=1e-6)
+    assert (tmp_path / "a" / "submission.csv").read_text() == (tmp_path / "b" / "submission.csv").read_text()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    import signal
+    out = tmp_path / "out"
+    proc = _start_kernel("--out-dir", out, *RESUMABLE, "--workers", "0")
+    _wait_for_checkpoint(proc, out / "checkpoints" / "last.pt", epoch=0, batch=2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr[-2000:]
+    assert "--resume" in stderr and "checkpoint saved" in stderr and "Traceback" not in stderr
+    resumed = run_kernel("--out-dir", out, *RESUMABLE, "--workers", "0", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import kernel
+    calls = []
+
+    def poisoned(logits, target, mask):
+        calls.append(1)
+        loss = kernel.weighted_bce.__wrapped_real__(logits, target, mask)
+        return loss * float("nan") if len(calls) == 4 else loss
+    poisoned.__wrapped_real__ = kernel.weighted_bce
+    monkeypatch.setattr(kernel, "weighted_bce", poisoned)
+    with pytest.raises(kernel.TrainingStopped, match="loss became nan.*--resume"):
+        kernel.main(["--out-dir", str(tmp_path / "out"), *RESUMABLE, "--workers", "0"])
+    state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["position"]["batch"] == 3  # the three good steps, not the poisoned one
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_torchrun_two_processes_train_identical_weights(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(ROOT / "kernel.py"), "--out-dir", str(out), *TINY], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    digests = sorted(line.split()[-1] for line in result.stdout.splitlines() if "final weights sha1" in line)
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert result.stdout.count("Validation weighted log loss") == 1  # rank 0 alone reports
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    assert check_submission_file(out / "submission.csv", out / "demo_data" / "stage_2_sample_submission.csv") == []
+    assert len(pd.read_csv(out / "val_predictions.csv")) == metrics["n_val"]
+
+
+def test_predict_only_from_a_checkpoint(tiny_run, tmp_path):
+    out, _ = tiny_run
+    result = run_kernel("--predict-only", "--checkpoint", out / "checkpoints" / "best.pt",
+                        "--data-dir", out / "demo_data", "--out-dir", tmp_path / "p", "--workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = pd.read_csv(out / "submission.csv")
+    b = pd.read_csv(tmp_path / "p" / "submission.csv")
+    assert a["ID"].tolist() == b["ID"].tolist()
+    np.testing.assert_allclose(a["Label"], b["Label"], rtol=1e-5, atol=1e-7)
+    bad = run_kernel("--predict-only", "--checkpoint", out / "submission.csv",
+                     "--data-dir", out / "demo_data", "--out-dir", tmp_path / "q")
+    assert bad.returncode == 2 and "not a checkpoint" in bad.stderr
+
+
+def test_gradient_accumulation_steps(tmp_path):
+    import torch
+    out = tmp_path / "out"
+    result = run_kernel("--out-dir", out, *TINY, "--batch-size", "4", "--accum", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    batches = state["position"]  # finished: epoch 1, batch 0
+    assert batches["epoch"] == 1
+    # 49 training images in batches of 4, dropping the last partial one: 12 batches, 4 steps
+    assert state["scheduler"]["last_epoch"] == 4

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from utils.dicom import DEFAULT_WINDOWS, DicomError, read_windowed
+from utils.engine import sample_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,10 +36,12 @@ class SliceDataset(Dataset):
 
     An unreadable file yields a zero image with ``readable`` False instead of killing a
     worker mid-epoch; the training loop leaves it out of the loss and the caller lists it.
+    Augmentation is seeded per sample from (seed, epoch, index): set ``epoch`` before each
+    epoch, and the same sample gets the same augmentation in any worker, in any run.
     """
 
     def __init__(self, paths, labels: np.ndarray | None = None, windows=DEFAULT_WINDOWS,
-                 size: int = 256, transform=None):
+                 size: int = 256, transform=None, seed: int = 0):
         self.paths = [str(p) for p in paths]
         n_labels = 6 if labels is None else labels.shape[1]
         self.labels = (np.zeros((len(self.paths), n_labels), np.float32) if labels is None
@@ -46,6 +49,7 @@ class SliceDataset(Dataset):
         if len(self.labels) != len(self.paths):
             raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} label rows")
         self.windows, self.size, self.transform = tuple(windows), int(size), transform
+        self.seed, self.epoch = seed, 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -57,27 +61,16 @@ class SliceDataset(Dataset):
         except DicomError:
             img, ok = np.zeros((self.size, self.size, len(self.windows)), np.uint8), False
         if self.transform is not None and ok:
+            self.transform.set_random_seed(sample_seed(self.seed, self.epoch, i))
             img = self.transform(image=img)["image"]
         image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
         return image, torch.from_numpy(self.labels[i]), i, ok
 
 
-def _seed_worker(worker_id: int) -> None:
-    # Each worker draws its own augmentations, reproducibly from the loader's base seed.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    import random
-    random.seed(seed)
-
-
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int, seed: int,
-                sampler=None, drop_last: bool = False) -> DataLoader:
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                      sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      drop_last=drop_last, worker_init_fn=_seed_worker, generator=generator,
-                      persistent_workers=False)
+def make_loader(dataset: Dataset, batch_size: int, *, workers: int, sampler=None) -> DataLoader:
+    """Batches in the sampler's order (the dataset's order without one)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
 def to_device_normalized(images: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""utils.engine: resumable sampling, schedule, loss, AUC and crash-safe checkpoints."""
+import errno
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from utils import engine
+from utils.engine import (Dist, ResumableSampler, gather_rows, model_state, roc_auc,
+                          save_checkpoint, load_checkpoint, unwrap, warmup_cosine, weighted_bce)
+from utils.metrics import weighted_log_loss
+
+
+def test_sampler_order_is_a_seeded_permutation_per_epoch():
+    s = ResumableSampler(10, batch_size=3, seed=1)
+    s.set_epoch(0)
+    e0 = list(s)
+    assert sorted(e0) == list(range(10)) and len(s) == 10
+    assert list(s) == e0  # the same epoch again: the same order
+    s.set_epoch(1)
+    assert list(s) != e0
+    assert list(ResumableSampler(10, 3, seed=2)) != e0
+
+
+def test_sampler_resumes_mid_epoch():
+    s = ResumableSampler(10, batch_size=3, seed=1)
+    s.set_epoch(4)
+    full = list(s)
+    s.set_epoch(4, start_batch=2)
+    assert list(s) == full[6:] and len(s) == 4
+
+
+def test_sampler_shares_among_ranks_and_drops_last():
+    ranks = [ResumableSampler(11, batch_size=2, seed=0, rank=r, world=3) for r in range(3)]
+    parts = [list(r) for r in ranks]
+    assert all(len(p) == 4 for p in parts)  # padded to 12, 4 each: every rank the same steps
+    assert set(sum(parts, [])) == set(range(11))
+    dropped = ResumableSampler(11, batch_size=4, seed=0, drop_last=True)
+    assert len(list(dropped)) == 8 and dropped.batches_per_epoch() == 2
+    assert ResumableSampler(11, batch_size=4, seed=0).batches_per_epoch() == 3
+
+
+def test_warmup_then_cosine():
+    f = warmup_cosine(1000, warmup_frac=0.05, floor=0.02)
+    assert f(0) == pytest.approx(1 / 50) and f(49) == pytest.approx(1.0)
+    assert f(50) == pytest.approx(1.0)
+    assert f(50 + 475) == pytest.approx(0.02 + 0.98 * 0.5)
+    assert f(1000) == pytest.approx(0.02) and f(5000) == pytest.approx(0.02)
+
+
+def test_weighted_bce_equals_the_competition_metric():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(50, 6)).astype(np.float32)
+    logits = rng.normal(size=(50, 6)).astype(np.float32)
+    loss = weighted_bce(torch.tensor(logits), torch.tensor(y), torch.ones(50))
+    assert loss.item() == pytest.approx(weighted_log_loss(y, 1 / (1 + np.exp(-logits))), rel=1e-5)
+    mask = torch.tensor([1.0] * 25 + [0.0] * 25)  # unreadable rows do not count
+    masked = weighted_bce(torch.tensor(logits), torch.tensor(y), mask)
+    assert masked.item() == pytest.approx(weighted_log_loss(y[:25], 1 / (1 + np.exp(-logits[:25]))), rel=1e-5)
+
+
+def test_roc_auc_matches_sklearn():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    p = np.round(rng.random(200), 1)  # many ties
+    assert roc_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert math.isnan(roc_auc(np.zeros(5), np.arange(5)))
+
+
+def test_gather_rows_without_processes():
+    out = gather_rows(Dist(), np.array([2, 0]), np.array([[1.0], [2.0]]), 3, fill=-1)
+    assert out.tolist() == [[2.0], [-1], [1.0]]
+
+
+def test_checkpoint_write_is_atomic_under_disk_full(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": torch.tensor(1)})
+
+    def full_disk(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(engine.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"step": torch.tensor(2)})
+    assert load_checkpoint(path)["step"].item() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_model_state_has_no_wrapper_prefixes():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self._orig_mod = m
+    wrapped = Wrapper(model)
+    assert unwrap(wrapped) is model
+    assert list(model_state(wrapped)) == ["0.weight", "0.bias"]

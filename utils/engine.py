@@ -1,0 +1,198 @@
+"""Training machinery: resumable sampling, checkpoints, loss, schedule, torchrun (DDP).
+
+Exact resumption is designed in rather than hoped for: the order of an epoch is a
+permutation drawn from (seed, epoch) alone, each sample's augmentation from
+(seed, epoch, index) alone, so a run restarted at batch k of epoch e sees exactly the
+batches and augmentations the uninterrupted run saw, whatever the number of workers.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from utils.metrics import CLASS_WEIGHTS
+from utils.model import clean_state_dict
+
+
+# ---------------------------------------------------------------------------------------
+# torchrun: one process per GPU, detected from the environment torchrun sets.
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed() -> Dist:
+    """Join the process group when started by torchrun; a plain run is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(rank, world, local_rank)
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def gather_rows(d: Dist, index: np.ndarray, values: np.ndarray, n: int, fill=0) -> np.ndarray:
+    """Reassemble per-rank predictions (rows ``index`` of an n-row table) on every rank."""
+    out = np.full((n,) + values.shape[1:], fill, dtype=values.dtype)
+    if not d.enabled:
+        out[index] = values
+        return out
+    parts = [None] * d.world
+    dist.all_gather_object(parts, (index, values))
+    for part_index, part_values in parts:
+        out[part_index] = part_values
+    return out
+
+
+def gather_lists(d: Dist, items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if not d.enabled:
+        return list(items)
+    parts = [None] * d.world
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DDP and torch.compile wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling that can stop and restart anywhere.
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class ResumableSampler(Sampler):
+    """This rank's share of a seeded per-epoch order, starting at batch ``start_batch``.
+
+    With several ranks the order is padded by repetition to a multiple of the world size
+    and dealt out round-robin, like DistributedSampler, so every rank runs the same
+    number of steps.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True,
+                 rank: int = 0, world: int = 1, drop_last: bool = False):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _mine(self) -> np.ndarray:
+        order = epoch_permutation(self.n, self.seed, self.epoch) if self.shuffle else np.arange(self.n)
+        if self.world > 1:
+            order = np.resize(order, math.ceil(self.n / self.world) * self.world)
+            order = order[self.rank::self.world]
+        if self.drop_last:
+            order = order[:len(order) // self.batch_size * self.batch_size]
+        return order
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self._mine()) / self.batch_size)
+
+    def __iter__(self):
+        return iter(self._mine()[self.start_batch * self.batch_size:].tolist())
+
+    def __len__(self) -> int:
+        return max(0, len(self._mine()) - self.start_batch * self.batch_size)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch, independent of workers and order."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Loss and schedule.
+
+def weighted_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BCE weighted like the competition metric ('any' counts twice), over readable rows."""
+    w = torch.as_tensor(CLASS_WEIGHTS, dtype=torch.float32, device=logits.device)
+    per_row = (torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), target, reduction="none") * w).sum(1) / w.sum()
+    return (per_row * mask).sum() / mask.sum().clamp(min=1)
+
+
+def warmup_cosine(total_steps: int, warmup_frac: float = 0.05, max_warmup: int = 200,
+                  floor: float = 0.02):
+    """LR multiplier: linear warm-up over a few percent of the steps, then cosine to ``floor``."""
+    warmup = max(1, min(max_warmup, int(total_steps * warmup_frac)))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Area under the ROC curve by the rank-sum formula (ties count half); NaN when one
+    class is absent."""
+    pos = np.asarray(y) == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = pd.Series(np.asarray(p)).rank().to_numpy()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: one dict, written to a temporary file and renamed into place.
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash (or a full disk) leaves the previous file as it was."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """Weights without DDP / compile prefixes, so any checkpoint loads into a plain model."""
+    return clean_state_dict(unwrap(model).state_dict())
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
