@@ -332,3 +332,13 @@ def test_gradient_accumulation_steps(tmp_path):
     assert batches["epoch"] == 1
     # 49 training images in batches of 4, dropping the last partial one: 12 batches, 4 steps
     assert state["scheduler"]["last_epoch"] == 4
+
+
+def test_compiled_model_trains_and_saves_plain_weights(tmp_path):
+    import torch
+    out = tmp_path / "out"
+    result = run_kernel("--out-dir", out, *TINY, "--compile")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert "conv1.weight" in state and not any(k.startswith(("_orig_mod.", "module.")) for k in state)
+    assert json.loads((out / "config.json").read_text())["compile"] is True

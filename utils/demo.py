@@ -198,3 +198,18 @@ def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def write_plain_slices(folder, n: int, size: int = 512, seed: int = 0) -> list[Path]:
+    """``n`` lesion-free slices of ``size`` pixels in every header variant (for benchmarks)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"ID_{i:09x}.dcm"
+        write_slice(path, _phantom(rng, size, -0.5 + i / max(n, 1), {}), VARIANTS[i % len(VARIANTS)],
+                    image_id=path.stem, patient_id="ID_00000000", study_uid="ID_0000000001",
+                    series_uid="ID_0000000002", z=5.0 * i, implicit=i % 2 == 1)
+        paths.append(path)
+    return paths
