@@ -94,7 +94,7 @@ def test_finished_run_is_not_overwritten_and_resume_continues(tiny_run, tmp_path
     assert (out / "submission.csv").read_bytes() == before
     resumed = run_kernel("--out-dir", out, *TINY[:-4], "--epochs", "2", "--workers", "0", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming after epoch 1" in resumed.stdout
+    assert "Resuming at epoch 2, batch 0" in resumed.stdout
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
 
 
