@@ -535,7 +535,9 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
                     last_save = time.monotonic()
             bar.close()
 
-            val_probs, val_ok = predict(net, val_paths, cfg, rt, "validate")
+            # the plain model: DDP's forward is a collective, and the ranks' shares of the
+            # validation set may differ by one batch
+            val_probs, val_ok = predict(model, val_paths, cfg, rt, "validate")
             val_probs[~val_ok] = prior
             unreadable = gather_lists(d, pos["unreadable"]) + [p for p, ok in zip(val_paths, val_ok) if not ok]
             if unreadable and main_rank:

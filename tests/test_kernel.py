@@ -83,6 +83,11 @@ def test_split_keeps_patients_on_one_side_and_metrics_are_consistent(tiny_run):
     assert set(metrics["val_log_loss_per_class"]) == set(LABELS)
     config = json.loads((out / "config.json").read_text())
     assert config["arch"] == "resnet18" and config["demo"] is True and config["weights"] == "none"
+    history = pd.read_csv(out / "history.csv")
+    assert history.loc[0, "val_loss"] == pytest.approx(metrics["val_weighted_log_loss"], rel=1e-6)
+    for k in LABELS:
+        assert history.loc[0, f"val_loss_{k}"] == pytest.approx(metrics["val_log_loss_per_class"][k], rel=1e-6)
+        assert f"val_auc_{k}" in history
 
 
 def test_finished_run_is_not_overwritten_and_resume_continues(tiny_run, tmp_path):
