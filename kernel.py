@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -45,6 +46,7 @@ from utils.split import (fold_table, format_fold_table, kfold_by_patient, resolv
 from utils.submission import (SubmissionError, build_submission, check_submission_file,
                               read_sample_submission, write_submission)
 
+DESCRIPTION = "RSNA Intracranial Hemorrhage Detection: the whole pipeline, stage by stage."
 KAGGLE_INPUT, KAGGLE_WORKING = Path("/kaggle/input"), Path("/kaggle/working")
 EXIT_USAGE = 2  # a user mistake: bad option, bad data folder, bad weights
 
@@ -97,9 +99,10 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def parse_args(argv=None) -> tuple[Config, str | None]:
-    """The resolved settings, and the path given to --check-submission (if any)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+def parse_args(argv=None) -> tuple[Config, dict]:
+    """The resolved settings, and the options that run something else than training
+    (--check-submission, --export-kaggle and its --kaggle-* options)."""
+    p = argparse.ArgumentParser(description=DESCRIPTION, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     types = {"data_dir": str, "out_dir": str, "epochs": int, "arch": str, "weights": str,
              "weights_strict": _bool, "image_size": int, "windows": str, "batch_size": int,
@@ -117,9 +120,15 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
                    help="make a submission from --checkpoint without training")
     p.add_argument("--check-submission", metavar="PATH", default=None,
                    help="only check a submission file against the sample submission, then exit")
+    p.add_argument("--export-kaggle", metavar="DIR", default=None,
+                   help="only write kernel.ipynb, kernel_bundle.py and kernel-metadata.json to DIR")
+    p.add_argument("--kaggle-id", metavar="USER/SLUG", default=None, help="the exported kernel's id")
+    p.add_argument("--kaggle-weights-dataset", metavar="USER/SLUG", default=None,
+                   help="the Kaggle dataset holding the pretrained weights, attached to the export")
     args = p.parse_args(argv)  # an unknown option exits with usage and code 2
     given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
-    check = given.pop("check_submission", None)
+    modes = {k: given.pop(k, None) for k in
+             ("check_submission", "export_kaggle", "kaggle_id", "kaggle_weights_dataset")}
     cfg = Config()
     if given.get("data_dir") is None and find_kaggle_data() is None:
         cfg = dataclasses.replace(cfg, demo=True, **DEMO_PRESET)
@@ -146,7 +155,7 @@ def parse_args(argv=None) -> tuple[Config, str | None]:
         problems.append(f"--windows: {err}")
     if problems:
         p.error("; ".join(problems))
-    return cfg, check
+    return cfg, modes
 
 
 class UserError(Exception):
@@ -207,7 +216,27 @@ def prepare_out_dir(cfg: Config) -> Path:
         raise UserError(f"{out} already holds a finished run ({', '.join(finished)}); pass "
                         f"--resume to continue it, --overwrite to replace it, or another --out-dir")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if cfg.resume and not (out / "checkpoints" / "last.pt").is_file():
+        adopt_previous_session(out, KAGGLE_INPUT)
     return out
+
+
+def adopt_previous_session(out: Path, inputs: Path) -> Path | None:
+    """Kaggle sessions end after a few hours and start with an empty /kaggle/working: a
+    later session resumes from the previous one's output attached as an input dataset."""
+    if not inputs.is_dir():
+        return None
+    found = sorted(inputs.rglob("checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None
+    previous = found[-1].parent.parent
+    for name in ("checkpoints/last.pt", "checkpoints/best.pt", "history.csv"):
+        if (previous / name).is_file():
+            tmp = out / (name + ".tmp")
+            shutil.copyfile(previous / name, tmp)
+            os.replace(tmp, out / name)
+    log(f"Resuming from the previous session's checkpoint in {previous}")
+    return previous
 
 
 def write_json(path: Path, obj) -> None:
@@ -630,7 +659,28 @@ def check_submission(path: str, cfg: Config) -> int:
     return 0
 
 
+def export_notebook(modes: dict) -> int:
+    """--export-kaggle: the pipeline as one uploadable notebook and one script."""
+    try:
+        from utils.export import export_kaggle  # the repository's tool, not in the export itself
+    except ImportError:
+        raise UserError("--export-kaggle runs from the repository's kernel.py, beside utils/") from None
+    kaggle_id = modes["kaggle_id"]
+    if kaggle_id is None:
+        kaggle_id = "your-kaggle-username/rsna-hemorrhage-pipeline"
+        log(f"No --kaggle-id given: kernel-metadata.json says {kaggle_id}; edit it before pushing")
+    try:
+        files = export_kaggle(modes["export_kaggle"], kaggle_id, modes["kaggle_weights_dataset"])
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    for path in files:
+        log(f"wrote {path}")
+    log(f"Push it with: kaggle kernels push -p {modes['export_kaggle']}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
+# Run: the stages in order; --predict-only and the checks above are the other ways in.
 
 def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path) -> dict:
     """--predict-only: a submission from a saved model, with the settings it was trained with."""
@@ -662,9 +712,11 @@ def main(argv=None) -> int:
         handler.setFormatter(logging.Formatter("%(message)s"))
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)
-    cfg, check = parse_args(argv)
-    if check is not None:
-        return check_submission(check, cfg)
+    cfg, modes = parse_args(argv)
+    if modes["check_submission"] is not None:
+        return check_submission(modes["check_submission"], cfg)
+    if modes["export_kaggle"] is not None:
+        return export_notebook(modes)
     started = time.perf_counter()
     rt = setup_runtime(d)
     out_dir = share(d, prepare_out_dir(cfg) if d.main else None)
@@ -715,15 +767,20 @@ def share(d: Dist, value):
 EXIT_STOPPED = 3  # training stopped early: interrupted, or the loss diverged
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """main() with a user's mistake as one message and an exit code, not a traceback."""
     try:
-        code = main()
+        return main(argv)
     except (UserError, LabelError, SubmissionError) as err:
         print(f"error: {err}", file=sys.stderr)
-        code = EXIT_USAGE
+        return EXIT_USAGE
     except TrainingStopped as err:
         print(f"stopped: {err}", file=sys.stderr)
-        code = EXIT_STOPPED
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    sys.exit(code)
+        return EXIT_STOPPED
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

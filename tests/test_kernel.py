@@ -347,3 +347,19 @@ def test_compiled_model_trains_and_saves_plain_weights(tmp_path):
     state = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"]
     assert "conv1.weight" in state and not any(k.startswith(("_orig_mod.", "module.")) for k in state)
     assert json.loads((out / "config.json").read_text())["compile"] is True
+
+
+def test_a_later_kaggle_session_adopts_the_previous_checkpoint(tiny_run, tmp_path):
+    import shutil
+
+    import kernel
+    out, _ = tiny_run
+    inputs = tmp_path / "input" / "my-previous-run-output"
+    shutil.copytree(out / "checkpoints", inputs / "checkpoints")
+    shutil.copy(out / "history.csv", inputs / "history.csv")
+    working = tmp_path / "working"
+    (working / "checkpoints").mkdir(parents=True)
+    assert kernel.adopt_previous_session(working, tmp_path / "input") == inputs
+    assert (working / "checkpoints" / "last.pt").read_bytes() == (out / "checkpoints" / "last.pt").read_bytes()
+    assert (working / "history.csv").is_file()
+    assert kernel.adopt_previous_session(working, tmp_path / "nothing-here") is None

@@ -1,0 +1,117 @@
+"""The Kaggle export: generated from the sources, and it runs to the same submission."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from utils.demo import make_demo_dataset
+from utils.export import build_bundle, build_notebook, export_kaggle, kernel_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--workers", "0",
+        "--weights", "none", "--seed", "3"]
+NOTEBOOK_RUNNER = """
+import json, sys, __future__
+cells = [c for c in json.load(open(sys.argv[1]))["cells"] if c["cell_type"] == "code"]
+namespace = {"__name__": "__main__"}
+flags = 0
+for i, cell in enumerate(cells):
+    source = "".join(cell["source"])
+    if "from __future__ import annotations" in source:
+        flags = __future__.annotations.compiler_flag  # Jupyter keeps future flags across cells
+    exec(compile(source, f"<cell {i}>", "exec", flags=flags, dont_inherit=True), namespace)
+"""
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    base = tmp_path_factory.mktemp("export")
+    files = export_kaggle(base / "kaggle", "someone/rsna-hemorrhage", "someone/wsl-weights")
+    data = make_demo_dataset(base / "data", n_train_patients=6, n_test_patients=2, seed=1)
+    return base, files, data
+
+
+def _clean_env():
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KERNEL_ARGS")}
+    return env
+
+
+def test_files_and_metadata(export):
+    base, files, _ = export
+    assert sorted(p.name for p in files) == ["kernel-metadata.json", "kernel.ipynb", "kernel_bundle.py"]
+    meta = json.loads((base / "kaggle" / "kernel-metadata.json").read_text())
+    assert meta["id"] == "someone/rsna-hemorrhage" and meta["code_file"] == "kernel.ipynb"
+    assert meta["kernel_type"] == "notebook" and meta["language"] == "python"
+    assert meta["enable_gpu"] is True and meta["enable_internet"] is False
+    assert meta["competition_sources"] == ["rsna-intracranial-hemorrhage-detection"]
+    assert meta["dataset_sources"] == ["someone/wsl-weights"] and meta["title"]
+    with pytest.raises(ValueError, match="user/slug"):
+        kernel_metadata("no-slash", None)
+
+
+def test_notebook_is_valid_nbformat_4_with_a_cell_per_stage(export):
+    base, _, _ = export
+    nb = nbformat.read(base / "kaggle" / "kernel.ipynb", as_version=4)
+    nbformat.validate(nb)
+    markdown = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    for stage in ("Stage 1: labels", "Stage 2: DICOM headers", "Stage 3: validation split",
+                  "Stage 4: training", "Stage 5: validation", "Stage 6: predict"):
+        assert any(stage in m for m in markdown), stage
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    first_pipeline = next(i for i, c in enumerate(code) if "class Config" in c)
+    inlined = [i for i, c in enumerate(code) if c.startswith('_module("utils.')]
+    assert len(inlined) >= 8 and max(inlined) < first_pipeline  # helpers before the pipeline
+
+
+def test_export_is_generated_from_the_sources():
+    bundle = build_bundle(ROOT)
+    for module in sorted((ROOT / "utils").glob("*.py")):
+        if module.stem != "export":
+            assert module.read_text() in bundle, module.name  # verbatim: it cannot drift
+    kernel_body = (ROOT / "kernel.py").read_text().split("def load_labels", 1)[1].split("\n\n\n")[0]
+    assert kernel_body in bundle
+    assert json.dumps(build_notebook(ROOT)) == json.dumps(build_notebook(ROOT))  # deterministic
+
+
+def test_bundle_and_notebook_give_kernel_py_s_submission(export, tmp_path):
+    base, _, data = export
+    ref = subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--data-dir", str(data),
+                          "--out-dir", str(tmp_path / "ref"), *ARGS], capture_output=True, text=True,
+                         cwd=ROOT, env=_clean_env(), timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bundle = base / "kaggle" / "kernel_bundle.py"
+    lone = empty / "kernel_bundle.py"  # alone in a folder: no utils/ anywhere near it
+    lone.write_text(bundle.read_text())
+    run = subprocess.run([sys.executable, str(lone), "--data-dir", str(data), "--out-dir",
+                          str(tmp_path / "bundle"), *ARGS], capture_output=True, text=True,
+                         cwd=empty, env=_clean_env(), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = (tmp_path / "ref" / "submission.csv").read_text()
+    assert (tmp_path / "bundle" / "submission.csv").read_text() == expected
+
+    env = _clean_env()
+    env["KERNEL_ARGS"] = " ".join(["--data-dir", str(data), "--out-dir", str(tmp_path / "nb"), *ARGS])
+    nb = subprocess.run([sys.executable, "-c", NOTEBOOK_RUNNER, str(base / "kaggle" / "kernel.ipynb")],
+                        capture_output=True, text=True, cwd=empty, env=env, timeout=600)
+    assert nb.returncode == 0, nb.stderr[-3000:]
+    assert (tmp_path / "nb" / "submission.csv").read_text() == expected
+    assert not (empty / "utils").exists()
+
+
+def test_export_command(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--export-kaggle", str(tmp_path / "k"),
+                             "--kaggle-id", "me/my-kernel"], capture_output=True, text=True, cwd=ROOT,
+                            env=_clean_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "kaggle kernels push -p" in result.stdout
+    assert json.loads((tmp_path / "k" / "kernel-metadata.json").read_text())["id"] == "me/my-kernel"
+    bad = subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--export-kaggle", str(tmp_path / "k2"),
+                          "--kaggle-id", "Bad Id"], capture_output=True, text=True, cwd=ROOT,
+                         env=_clean_env(), timeout=120)
+    assert bad.returncode == 2 and "user/slug" in bad.stderr

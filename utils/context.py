@@ -1,0 +1,526 @@
+"""Neighbouring slices: ordering each series along z, and a per-series refiner of logits.
+
+A radiologist reads a slice with the ones above and below it, and every top-5 team of the
+competition gained ~0.006-0.008 weighted log loss that way. This module is the tested
+core of both ways the pipeline uses it:
+
+    from utils.context import order_slices, neighbour_paths, fit_refiner, refine
+    order = order_slices(headers)                       # series, position, prev_id, next_id
+    stacks = neighbour_paths(order, headers.set_index("image_id")["path"], radius=1)
+    result = fit_refiner(val_logits, val_labels, order.loc[ids, "series"],
+                         order.loc[ids, "position"], groups)     # out-of-fold, by patient
+    test_probs = refine(result, test_logits, test_series, test_position)
+
+Ordering rules (`order_slices`):
+- The series key is SeriesInstanceUID. A row without one whose study (then patient) has
+  exactly one known series on other rows joins that series: the tag missing from one file
+  should not cut a slice off from its neighbours. Otherwise the key is "study:<uid>", then
+  "patient:<id>", and a row with no ID at all is a series of its own ("image:<id>").
+- Within a series, slices go by ImagePositionPatient z, lowest first; equal z is broken by
+  image ID (a deterministic, if arbitrary, choice) and counted.
+- A slice without a finite z is a one-slice series of its own ("image:<id>"): placing it
+  by any other rule (image ID, file order) would invent neighbours, and a slice whose
+  neighbours are itself is what the edge of every series already looks like.
+
+Refiner (`SeriesRefiner`, `fit_refiner`, `refine`): a residual 1-D convolution over the
+slice axis of each series' per-slice logits. A convolution rather than a GRU because it is
+fast on CPU, sees a fixed window of slices (hemorrhage spans a few neighbours, not the whole
+head) and, with its last layer initialised to zero, is exactly the identity at step 0, so
+training starts from the per-slice model's own answer. It is trained on the validation
+set's logits with patient-grouped folds, so every validation row gets an out-of-fold
+refined probability (an honest before/after score), and test rows get the mean of the
+fold models' probabilities.
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from utils.engine import weighted_bce
+from utils.labels import LABELS
+from utils.metrics import weighted_log_loss
+from utils.split import kfold_by_patient
+
+# Fallback keys carry a prefix so that a StudyInstanceUID or ID can never merge, through an
+# accidentally equal string, with a real SeriesInstanceUID.
+STUDY_PREFIX = "study:"
+PATIENT_PREFIX = "patient:"
+ALONE_PREFIX = "image:"
+ID_COLUMNS = ("series_uid", "study_uid", "patient_id")  # the series key's fallback chain
+ORDER_COLUMNS = ("series", "z", "position", "n_in_series", "prev_id", "next_id")
+
+N_LABELS = len(LABELS)
+HIDDEN = 32
+KERNELS = (5, 3)  # a receptive field of 7 slices, about 3.5 cm at the usual 5 mm spacing
+EPOCHS = 30
+LR = 3e-3
+WEIGHT_DECAY = 1e-4
+BATCH_SERIES = 64
+INFER_BATCH_SERIES = 512
+_MAX_EXAMPLES = 5
+
+
+class RefinerWarning(UserWarning):
+    """The refiner had to change what it was asked for (fewer folds than requested)."""
+
+
+# ----------------------------------------------------------------------- slice order
+
+
+def _blank(column: pd.Series) -> np.ndarray:
+    """None, NaN, pandas NA or a blank string: headers store an absent tag all these ways."""
+    text = column.astype("str").fillna("").str.strip()
+    return (column.isna() | (text == "")).to_numpy(dtype=bool)
+
+
+def _examples(values) -> str:
+    values = list(values)
+    shown = ", ".join(str(v) for v in values[:_MAX_EXAMPLES])
+    return shown + (f" and {len(values) - _MAX_EXAMPLES} more" if len(values) > _MAX_EXAMPLES else "")
+
+
+def _check_headers(headers: pd.DataFrame) -> tuple[pd.Series, np.ndarray]:
+    """The image IDs (str) and z values (float64, NaN where absent or not finite)."""
+    if not isinstance(headers, pd.DataFrame):
+        raise TypeError(f"headers must be a DataFrame, got {type(headers).__name__}")
+    needed = ("image_id", "z", *ID_COLUMNS)
+    absent = [c for c in needed if c not in headers.columns]
+    if absent:
+        raise ValueError(f"headers lack the columns {absent} (scan_headers gives them all)")
+    if len(headers) == 0:
+        raise ValueError("headers have no rows")
+    image_id = headers["image_id"]
+    if _blank(image_id).any():
+        raise ValueError(f"{int(_blank(image_id).sum())} rows have no image_id")
+    image_id = image_id.astype("str").reset_index(drop=True)
+    repeated = image_id[image_id.duplicated()].unique()
+    if len(repeated):
+        raise ValueError(f"{len(repeated)} image IDs occur more than once: {_examples(repeated)}")
+    try:
+        z = pd.to_numeric(headers["z"], errors="raise").to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"headers['z'] must be numeric: {err}") from None
+    return image_id, np.where(np.isfinite(z), z, np.nan)
+
+
+def _borrow(key: np.ndarray, parent: np.ndarray, lost: np.ndarray, prefix: str) -> np.ndarray:
+    """Rows `lost` (no key, known parent) join the one key their parent's other rows carry,
+    or get ``prefix + parent`` when it carries none or several. Returns the new keys."""
+    known = ~pd.isna(key) & ~pd.isna(parent)
+    pairs = pd.DataFrame({"parent": parent[known], "key": key[known]}).drop_duplicates()
+    n_keys = pairs.groupby("parent")["key"].transform("size").to_numpy()
+    single = pairs[n_keys == 1].set_index("parent")["key"]
+    borrowed = pd.Series(parent[lost], dtype=object).map(single).to_numpy(dtype=object)
+    own = pd.isna(borrowed)
+    borrowed[own] = [prefix + str(p) for p in parent[lost][own]]
+    return borrowed
+
+
+def _series_keys(headers: pd.DataFrame, image_id: pd.Series) -> tuple[np.ndarray, dict]:
+    """The series key of each row (object array of str) and how many rows fell back."""
+    ids = {c: np.where(_blank(headers[c]), None, headers[c].astype("str").to_numpy(dtype=object))
+           for c in ID_COLUMNS}
+    key = ids["series_uid"].copy()
+    counts = {}
+    for column, prefix, name in (("study_uid", STUDY_PREFIX, "series_from_study"),
+                                 ("patient_id", PATIENT_PREFIX, "series_from_patient")):
+        lost = pd.isna(key) & ~pd.isna(ids[column])
+        counts[name] = int(lost.sum())
+        if lost.any():
+            key[lost] = _borrow(key, ids[column], lost, prefix)
+    alone = pd.isna(key)
+    counts["series_alone"] = int(alone.sum())
+    key[alone] = [ALONE_PREFIX + i for i in image_id[alone]]
+    counts["series_fallback"] = sum(counts.values())
+    return key, counts
+
+
+def order_slices(headers: pd.DataFrame) -> pd.DataFrame:
+    """Each slice's series, rank along z and neighbours, from scan_headers' table.
+
+    Returns a DataFrame indexed by image_id, rows in the input's order, with columns
+    `series` (the key used; see the module docstring for fallbacks), `z`, `position`
+    (0-based rank within the series, lowest z first), `n_in_series`, and `prev_id` /
+    `next_id` (the slice below / above; at an edge the slice itself). `attrs` holds the
+    counts `ties` (rows whose z equals the previous slice's in their series), `missing_z`
+    (rows made one-slice series), `series_from_study`, `series_from_patient`,
+    `series_alone`, `series_fallback` (their sum; a row without z may count here too)
+    and `n_series`.
+    """
+    image_id, z = _check_headers(headers)
+    key, counts = _series_keys(headers, image_id)
+    no_z = np.isnan(z)
+    key[no_z] = [ALONE_PREFIX + i for i in image_id[no_z]]
+
+    codes = pd.factorize(key)[0]
+    # Image IDs are unique, so their sorted codes are their ranks: the tie-break.
+    rank = pd.factorize(image_id, sort=True)[0]
+    order = np.lexsort((rank, np.where(no_z, 0.0, z), codes))
+    sorted_codes, sorted_z = codes[order], z[order]
+    n_in = np.bincount(codes)
+    start = np.cumsum(n_in) - n_in
+    sorted_pos = np.arange(len(order)) - start[sorted_codes]
+    sorted_n = n_in[sorted_codes]
+    prev = order[np.where(sorted_pos > 0, np.arange(len(order)) - 1, np.arange(len(order)))]
+    nxt = order[np.where(sorted_pos < sorted_n - 1, np.arange(len(order)) + 1, np.arange(len(order)))]
+    same = (sorted_codes[1:] == sorted_codes[:-1]) & (sorted_z[1:] == sorted_z[:-1])
+
+    position = np.empty(len(order), dtype=np.int64)
+    position[order] = sorted_pos
+    prev_row = np.empty(len(order), dtype=np.int64)
+    prev_row[order] = prev
+    next_row = np.empty(len(order), dtype=np.int64)
+    next_row[order] = nxt
+    ids = image_id.to_numpy()
+    table = pd.DataFrame(
+        {
+            "series": pd.array(key, dtype="str"),
+            "z": z,
+            "position": position,
+            "n_in_series": n_in[codes].astype(np.int64),
+            "prev_id": pd.array(ids[prev_row], dtype="str"),
+            "next_id": pd.array(ids[next_row], dtype="str"),
+        },
+        index=pd.Index(image_id, name="image_id"),
+    )
+    table.attrs.update(ties=int(same.sum()), missing_z=int(no_z.sum()), n_series=len(n_in), **counts)
+    return table
+
+
+def neighbour_ids(order: pd.DataFrame, radius: int = 1) -> pd.DataFrame:
+    """Image IDs at offsets -radius..+radius along each slice's series (column names are
+    the offsets, int); beyond an edge the nearest slice of the series repeats."""
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 0:
+        raise ValueError(f"radius must be a non-negative int, got {radius!r}")
+    if not isinstance(order, pd.DataFrame) or not {"series", "position"} <= set(order.columns):
+        raise ValueError("order must be order_slices' table (columns series and position)")
+    codes = pd.factorize(order["series"].to_numpy())[0]
+    position = order["position"].to_numpy()
+    rows = np.lexsort((position, codes))
+    n_in = np.bincount(codes)
+    start = (np.cumsum(n_in) - n_in)[codes]
+    # order_slices' positions run 0..n-1 in every series; anything else would send an
+    # offset into the neighbouring series.
+    if not np.array_equal(position[rows], np.arange(len(rows)) - start[rows]):
+        raise ValueError("positions are not 0..n-1 within each series; use order_slices' output")
+    ids = order.index.to_numpy()
+    out = {}
+    for offset in range(-radius, radius + 1):
+        at = start + np.clip(position + offset, 0, n_in[codes] - 1)
+        out[offset] = pd.array(ids[rows[at]], dtype="str")
+    return pd.DataFrame(out, index=order.index)
+
+
+def neighbour_paths(order: pd.DataFrame, paths: pd.Series, radius: int = 1) -> pd.DataFrame:
+    """neighbour_ids mapped to file paths; `paths` is indexed by image_id (e.g.
+    ``headers.set_index("image_id")["path"]``) and must cover every image in `order`."""
+    if not isinstance(paths, pd.Series):
+        raise TypeError(f"paths must be a Series indexed by image_id, got {type(paths).__name__}")
+    if paths.index.has_duplicates:
+        raise ValueError(f"paths has repeated image IDs: {_examples(paths.index[paths.index.duplicated()])}")
+    missing = order.index[~order.index.isin(paths.index)]
+    if len(missing):
+        raise ValueError(f"paths lacks {len(missing)} images of order: {_examples(missing)}")
+    neighbours = neighbour_ids(order, radius)
+    lookup = pd.Series(paths.to_numpy(dtype=object), index=paths.index.astype("str"))
+    return neighbours.apply(lambda column: pd.array(lookup.reindex(column).to_numpy(), dtype="str"))
+
+
+# ------------------------------------------------------------------- flat <-> padded
+
+
+class PackedSeries(NamedTuple):
+    """Series side by side: `padded` (B, L, C) float32, `mask` (B, L) bool marking real
+    slices (a prefix of each row), `index` (n, 2) int64: flat row i sits at
+    padded[index[i, 0], index[i, 1]]. Series are in sorted key order, slices by position."""
+
+    padded: torch.Tensor
+    mask: torch.Tensor
+    index: np.ndarray
+
+
+def _check_series(series, position, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Series codes (0..S-1 in sorted key order), integer positions and the keys, validated."""
+    keys = np.asarray(series)
+    pos = np.asarray(position)
+    for name, values in (("series", keys), ("position", pos)):
+        if values.ndim != 1 or len(values) != n_rows:
+            raise ValueError(f"{name} must be 1-D with {n_rows} rows, got shape {values.shape}")
+    if n_rows and not np.issubdtype(pos.dtype, np.integer):
+        raise ValueError(f"position must be integers, got dtype {pos.dtype}")
+    try:
+        codes, uniques = pd.factorize(keys, sort=True)
+    except TypeError as err:
+        raise ValueError(f"series keys must be of one sortable type: {err}") from None
+    if (codes < 0).any():
+        raise ValueError(f"series has {int((codes < 0).sum())} missing keys")
+    return codes, pos.astype(np.int64), np.asarray(uniques)
+
+
+def pack_series(values, series, position) -> PackedSeries:
+    """Rows (n, C) to padded series (B, L, C), ordered by position within each series.
+
+    Positions need only be unique within a series: gaps close up (a dropped slice's
+    neighbours become each other's), since the refiner sees slots, not millimetres.
+    """
+    array = np.asarray(values, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"values must be 2-D (rows x channels), got shape {array.shape}")
+    if len(array) == 0:
+        raise ValueError("values have no rows")
+    codes, pos, _ = _check_series(series, position, len(array))
+    rows = np.lexsort((pos, codes))
+    sorted_codes = codes[rows]
+    repeated = (sorted_codes[1:] == sorted_codes[:-1]) & (pos[rows][1:] == pos[rows][:-1])
+    if repeated.any():
+        first = int(rows[1:][repeated][0])
+        raise ValueError(f"{int(repeated.sum())} rows repeat a position within their series "
+                         f"(e.g. row {first}: series {np.asarray(series)[first]!r}, position {pos[first]})")
+    n_in = np.bincount(codes)
+    slot = np.empty(len(rows), dtype=np.int64)
+    slot[rows] = np.arange(len(rows)) - (np.cumsum(n_in) - n_in)[sorted_codes]
+    padded = np.zeros((len(n_in), int(n_in.max()), array.shape[1]), dtype=np.float32)
+    padded[codes, slot] = array
+    mask = np.zeros(padded.shape[:2], dtype=bool)
+    mask[codes, slot] = True
+    return PackedSeries(torch.from_numpy(padded), torch.from_numpy(mask), np.stack([codes, slot], axis=1))
+
+
+def unpack_series(padded, index: np.ndarray):
+    """pack_series inverted: the (n, C) rows back in their original order (same type as
+    `padded`, a tensor or an array)."""
+    index = np.asarray(index)
+    if index.ndim != 2 or index.shape[1] != 2:
+        raise ValueError(f"index must be (n, 2) as pack_series returns, got shape {index.shape}")
+    if len(index) and (index[:, 0].max() >= padded.shape[0] or index[:, 1].max() >= padded.shape[1]):
+        raise ValueError(f"index points outside padded of shape {tuple(padded.shape)}")
+    if isinstance(padded, torch.Tensor):
+        return padded[torch.from_numpy(index[:, 0]), torch.from_numpy(index[:, 1])]
+    return np.asarray(padded)[index[:, 0], index[:, 1]]
+
+
+# ---------------------------------------------------------------------------- model
+
+
+class SeriesRefiner(nn.Module):
+    """Per-slice logits (B, L, C) + mask (B, L) -> refined logits (B, L, C).
+
+    out = x + conv(relu(conv(x))) over the slice axis. The last convolution starts at
+    zero, so an untrained refiner returns its input exactly. Each series is extended
+    beyond its ends (and over its padding) by repeating its edge slices, the same
+    convention as neighbour_ids, so a series' output does not depend on what it was
+    padded with or batched alongside. Outputs at padded slots are meaningless.
+    """
+
+    def __init__(self, n_labels: int = N_LABELS, hidden: int = HIDDEN, kernels: tuple[int, int] = KERNELS):
+        super().__init__()
+        if any(k < 1 or k % 2 == 0 for k in kernels) or len(kernels) != 2:
+            raise ValueError(f"kernels must be two odd sizes, got {kernels!r}")
+        self.halo = sum((k - 1) // 2 for k in kernels)
+        self.body = nn.Sequential(
+            nn.Conv1d(n_labels, hidden, kernels[0]),
+            nn.ReLU(),
+            nn.Conv1d(hidden, n_labels, kernels[1]),
+        )
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 3 or mask.shape != x.shape[:2]:
+            raise ValueError(f"expected x (B, L, C) and mask (B, L), got {tuple(x.shape)} and {tuple(mask.shape)}")
+        lengths = mask.sum(dim=1)
+        if (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise ValueError("mask must mark a prefix of each row (as pack_series makes)")
+        last = (lengths - 1).clamp(min=0)
+        slots = torch.arange(-self.halo, x.shape[1] + self.halo, device=x.device).clamp(min=0)
+        take = torch.minimum(slots[None, :], last[:, None])
+        extended = torch.gather(x, 1, take[..., None].expand(-1, -1, x.shape[2]))
+        return x + self.body(extended.transpose(1, 2)).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------- fit / apply
+
+
+def _check_logits(logits, name: str = "logits") -> np.ndarray:
+    array = np.asarray(logits, dtype=np.float32)
+    if array.ndim != 2 or array.shape[1] != N_LABELS or len(array) == 0:
+        raise ValueError(f"{name} must be (n, {N_LABELS}) in LABELS order with n > 0, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} have {int((~np.isfinite(array)).sum())} NaN or infinite values")
+    return array
+
+
+def _check_targets(labels, n_rows: int) -> np.ndarray:
+    array = np.asarray(labels, dtype=np.float32)
+    if array.shape != (n_rows, N_LABELS):
+        raise ValueError(f"labels must have shape ({n_rows}, {N_LABELS}), got {array.shape}")
+    if not np.isin(array, (0.0, 1.0)).all():
+        raise ValueError("labels must all be 0 or 1")
+    return array
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def train_refiner(logits, labels, series, position, *, seed: int = 0, epochs: int = EPOCHS,
+                  lr: float = LR, batch_size: int = BATCH_SERIES, hidden: int = HIDDEN) -> SeriesRefiner:
+    """One SeriesRefiner fitted to these rows (all of them), with the metric's weighted BCE.
+
+    Deterministic for a seed: the weights are drawn from a forked torch RNG (the caller's
+    global RNG is left untouched) and the batch order from numpy's generator of (seed, epoch).
+    """
+    x = _check_logits(logits)
+    y = _check_targets(labels, len(x))
+    epochs, batch_size = _check_positive_int(epochs, "epochs"), _check_positive_int(batch_size, "batch_size")
+    if not (np.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    packed = pack_series(np.concatenate([x, y], axis=1), series, position)
+    inputs, targets = packed.padded[..., :N_LABELS], packed.padded[..., N_LABELS:]
+    lengths = packed.mask.sum(dim=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SeriesRefiner(hidden=hidden)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+    model.train()
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(inputs))
+        for first in range(0, len(order), batch_size):
+            batch = torch.from_numpy(order[first:first + batch_size])
+            width = int(lengths[batch].max())  # trim the padding this batch does not need
+            mask = packed.mask[batch, :width]
+            out = model(inputs[batch, :width], mask)
+            loss = weighted_bce(out.reshape(-1, N_LABELS), targets[batch, :width].reshape(-1, N_LABELS),
+                                mask.reshape(-1).float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def apply_refiner(model: SeriesRefiner, logits, series, position) -> np.ndarray:
+    """Refined logits (n, 6) float32 of one model, rows in the input's order."""
+    x = _check_logits(logits)
+    packed = pack_series(x, series, position)
+    lengths = packed.mask.sum(dim=1)
+    out = torch.empty_like(packed.padded)
+    was_training = model.training
+    model.eval()
+    for first in range(0, len(out), INFER_BATCH_SERIES):
+        rows = slice(first, first + INFER_BATCH_SERIES)
+        width = int(lengths[rows].max())
+        out[rows, :width] = model(packed.padded[rows, :width], packed.mask[rows, :width])
+    model.train(was_training)
+    return unpack_series(out, packed.index).numpy()
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32))).numpy().astype(np.float64)
+
+
+def _fold_seed(seed: int, fold: int) -> int:
+    # SeedSequence mixes (seed, fold) so neighbouring seeds give unrelated folds' inits.
+    return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
+
+
+@dataclass
+class RefinerResult:
+    """What fit_refiner learnt, and the evidence that it was honest about it.
+
+    models[k] was trained on rows train_index[k] only, which exclude every row with
+    folds == k, and produced oof_probs for those rows. Test rows get the mean of all
+    models' probabilities (refine). Losses are the weighted log loss of the validation
+    rows before (sigmoid of the input logits) and after (out of fold) refinement.
+    """
+
+    models: list[SeriesRefiner]
+    folds: np.ndarray
+    oof_probs: np.ndarray
+    train_index: list[np.ndarray]
+    fold_seeds: list[int]
+    loss_before: float
+    loss_after: float
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.models)
+
+    @property
+    def train_rows(self) -> list[int]:
+        return [len(rows) for rows in self.train_index]
+
+
+def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed: int = 0,
+                epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SERIES,
+                hidden: int = HIDDEN) -> RefinerResult:
+    """Out-of-fold refiners over validation rows: per-slice logits (n, 6), labels (n, 6) 0/1,
+    series key and position of each row, and its patient group (see resolve_groups).
+
+    Folds come from kfold_by_patient, so no model sees a patient it refines. With fewer
+    patients than n_folds the folds are reduced to one per patient, with a RefinerWarning;
+    fewer than two patients is an error (there would be nothing to train on).
+    """
+    x = _check_logits(logits)
+    y = _check_targets(labels, len(x))
+    codes, pos, series_keys = _check_series(series, position, len(x))
+    group_array = np.asarray(groups)
+    if group_array.shape != (len(x),):
+        raise ValueError(f"groups must be 1-D with {len(x)} rows, got shape {group_array.shape}")
+    group_codes, group_keys = pd.factorize(group_array, sort=True)
+    if (group_codes < 0).any():
+        raise ValueError(f"groups have {int((group_codes < 0).sum())} missing values; use resolve_groups")
+    per_series = pd.Series(group_codes).groupby(codes).nunique()
+    if (per_series > 1).any():
+        bad = series_keys[per_series.index[per_series > 1]]
+        raise ValueError(f"{len(bad)} series span several patient groups, which would leak "
+                         f"labels across folds: {_examples(bad)}")
+    n_folds = _check_positive_int(n_folds, "n_folds")
+    if len(group_keys) < 2:
+        raise ValueError(f"fit_refiner needs at least 2 patient groups, got {len(group_keys)}")
+    if len(group_keys) < n_folds:
+        warnings.warn(f"only {len(group_keys)} patient groups for n_folds={n_folds}; "
+                      f"using {len(group_keys)} folds", RefinerWarning, stacklevel=2)
+        n_folds = len(group_keys)
+
+    folds = kfold_by_patient(y.astype(np.int64), group_array, n_folds, seed)
+    oof_logits = np.empty_like(x)
+    models, train_index, fold_seeds = [], [], []
+    for fold in range(n_folds):
+        train, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+        fold_seed = _fold_seed(seed, fold)
+        model = train_refiner(x[train], y[train], codes[train], pos[train], seed=fold_seed,
+                              epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden)
+        oof_logits[held] = apply_refiner(model, x[held], codes[held], pos[held])
+        models.append(model)
+        train_index.append(train)
+        fold_seeds.append(fold_seed)
+    oof = _sigmoid(oof_logits)
+    return RefinerResult(
+        models=models, folds=folds, oof_probs=oof, train_index=train_index, fold_seeds=fold_seeds,
+        loss_before=weighted_log_loss(y, _sigmoid(x)), loss_after=weighted_log_loss(y, oof),
+        settings=dict(n_folds=n_folds, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size,
+                      hidden=hidden, kernels=KERNELS, weight_decay=WEIGHT_DECAY),
+    )
+
+
+def refine(result: RefinerResult, logits, series, position) -> np.ndarray:
+    """Refined probabilities (n, 6) float64 of new rows: the mean over the fold models.
+
+    Probabilities, not logits, are averaged: the mean is never more confident than its
+    most confident member, which is the safer side of a log loss.
+    """
+    if not result.models:
+        raise ValueError("result holds no models")
+    probs = [_sigmoid(apply_refiner(model, logits, series, position)) for model in result.models]
+    return np.mean(probs, axis=0)

@@ -1,0 +1,646 @@
+"""The run report: what the data looks like, what the model sees, how training went.
+
+    from utils.report import write_report
+    write_report(out_dir, labels, headers)   # -> out_dir/report/: PNGs, dicom_headers.csv, report.html
+
+Every input is optional: before training there is no history.csv, and the page says so
+instead of failing. Only malformed input (a label table without the six columns, a header
+table without its columns, unreadable JSON) raises.
+
+Figures are drawn on matplotlib `Figure` objects, never through pyplot: the Agg canvas
+renders them without a display, and the caller's backend (a notebook's inline one, say)
+is left alone. Every file goes to a temporary file in its own folder and is renamed into
+place, so an interrupted report never leaves half a PNG. report.html embeds its images as
+data URIs and uses no external CSS, JS or fonts: one file that opens offline or by mail.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import secrets
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from utils.dicom import (DEFAULT_WINDOWS, EXPLICIT_LE, HEADER, IMPLICIT_LE, NAMED_WINDOWS, RLE_LOSSLESS,
+                         WRAP_INTERCEPT_THRESHOLD, DicomError, parse_windows, read_windowed)
+from utils.labels import ANY, LABELS, SUBTYPES, label_report
+
+REPORT_DIR = "report"
+LABELS_PNG = "labels.png"
+HEADERS_CSV = "dicom_headers.csv"
+HEADERS_PNG = "dicom_headers.png"
+EXAMPLES_PNG = "examples.png"
+TRAINING_PNG = "training.png"
+REPORT_HTML = "report.html"
+CONFIG_JSON, METRICS_JSON, HISTORY_CSV = "config.json", "metrics.json", "history.csv"
+
+NORMAL = "normal"  # the examples row of slices without any hemorrhage
+EXAMPLE_ROWS = (*LABELS, NORMAL)
+SURVEY_COLUMNS = ("attribute", "value", "count")
+HISTORY_REQUIRED = ("epoch", "train_loss", "val_loss")
+
+DPI = 110  # a 10-inch figure is 1100 px: sharp in a browser, small enough to mail
+MAX_BARS = 10  # values per header panel; rarer ones are summed into one "other" bar
+EXAMPLE_INCHES = 1.25  # one slice of the examples grid
+# Unreadable slices tried per examples row before it gives up: pixel data can fail to
+# decode even after its header scanned cleanly, but a row should not read a whole folder.
+MAX_READ_FAILURES = 20
+
+_GREY = "#555555"
+# One colour per class in every figure, so a class is recognised across panels.
+CLASS_COLORS = dict(zip(EXAMPLE_ROWS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                                       _GREY, "#8c8c8c")))
+_WINDOW_NAMES = {w: name for name, w in NAMED_WINDOWS.items()}
+_SYNTAX_NAMES = {EXPLICIT_LE: "explicit VR little endian", IMPLICIT_LE: "implicit VR little endian",
+                 RLE_LOSSLESS: "RLE lossless"}
+
+
+# ---------------------------------------------------------------------------------------
+# Files: written whole or not at all.
+
+def _write_atomic(path: str | PathLike, data: bytes) -> Path:
+    path = Path(path)
+    # A unique name opened with "x" rather than mkstemp: mkstemp's 0600 mode would make the
+    # report unreadable to anyone else sharing the run folder.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _save_figure(fig: Figure, path: str | PathLike) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
+    return _write_atomic(path, buf.getvalue())
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _read_history(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()  # a zero-byte file: no epochs yet
+
+
+# ---------------------------------------------------------------------------------------
+# Bars with their counts written next to them: the exact numbers matter more than the
+# lengths when one class is a hundred times rarer than another.
+
+def _count_bars(ax, names: list[str], counts: list[int], total: int, colors) -> None:
+    y = np.arange(len(names))
+    ax.barh(y, counts, color=colors, height=0.7)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()  # the first value on top, as it is read
+    top = max(counts, default=0)
+    ax.set_xlim(0, top * 1.5 if top else 1)  # room for the numbers right of the bars
+    for yi, count in zip(y, counts):
+        share = f" ({count / total:.1%})" if total else ""
+        ax.text(count, yi, f" {count:,}{share}", va="center", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def _note(ax, text: str) -> None:
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=9, color=_GREY,
+            transform=ax.transAxes)
+
+
+# ---------------------------------------------------------------------------------------
+# labels.png
+
+def write_label_figure(labels: pd.DataFrame, path: str | PathLike) -> Path:
+    """Bar charts of the positives per class and the number of subtypes per image."""
+    report = label_report(labels)  # validates the table
+    sections = dict(tuple(report.groupby("section", sort=False)))
+    n = int(sections["images"]["count"].iloc[0])
+    positives = sections["positives"]
+    per_image = sections["subtypes_per_image"]
+
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=(1.15, 1))
+    _count_bars(left, list(positives["name"]), [int(c) for c in positives["count"]], n,
+                [CLASS_COLORS[k] for k in positives["name"]])
+    left.set_title("Positive images per class", fontsize=10)
+    _count_bars(right, list(per_image["name"]), [int(c) for c in per_image["count"]], n, _GREY)
+    right.set_title("Hemorrhage subtypes per image ('any' not counted)", fontsize=10)
+    right.set_ylabel("subtypes", fontsize=9)
+    fig.suptitle(f"Labels of {n:,} images", fontsize=12)
+    return _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------
+# dicom_headers.csv and dicom_headers.png
+
+def _number(value) -> str:
+    return "absent" if pd.isna(value) else f"{float(value):g}"
+
+
+def _bits(bits_stored, pixel_representation) -> str:
+    sign = {0: "unsigned", 1: "signed"}.get(int(pixel_representation),
+                                            f"PixelRepresentation {pixel_representation}")
+    return f"{int(bits_stored)} bits, {sign}"
+
+
+def _windows_kind(multi_window, window_center) -> str:
+    if pd.isna(window_center):
+        return "absent"
+    return "multi-valued" if bool(multi_window) else "single"
+
+
+def _wrap(bits_stored, pixel_representation, rescale_intercept) -> str:
+    # utils.dicom's Header.wrapped_12bit, on the table's columns.
+    wrapped = (int(bits_stored) == 12 and int(pixel_representation) == 0
+               and rescale_intercept > WRAP_INTERCEPT_THRESHOLD)
+    return "yes" if wrapped else "no"
+
+
+# (attribute, the header columns it is made of, their values -> one readable value).
+# Values are counted on the raw columns first and formatted after, so the formatting runs
+# once per distinct value, not once per file of the 750 000.
+SURVEY = (
+    ("image_size", ("rows", "columns"), lambda r, c: f"{int(r)}x{int(c)}"),
+    ("bits_stored/pixel_representation", ("bits_stored", "pixel_representation"), _bits),
+    ("rescale_intercept", ("rescale_intercept",), _number),
+    ("rescale_slope", ("rescale_slope",), _number),
+    ("12bit_wrap", ("bits_stored", "pixel_representation", "rescale_intercept"), _wrap),
+    ("windows", ("multi_window", "window_center"), _windows_kind),
+    ("pixel_spacing_mm", ("pixel_spacing",), lambda s: "absent" if pd.isna(s) else f"{float(s):.3f}"),
+    ("photometric", ("photometric",), str),
+    ("transfer_syntax", ("transfer_syntax",), lambda uid: _SYNTAX_NAMES.get(uid, str(uid))),
+)
+SURVEY_SOURCE_COLUMNS = tuple(dict.fromkeys(c for _, cols, _ in SURVEY for c in cols))
+
+
+def header_survey(headers: pd.DataFrame) -> pd.DataFrame:
+    """Counts of each header attribute's values: a tidy table `attribute,value,count`.
+
+    One block of rows per attribute in SURVEY order, most common value first (ties by
+    value). Each block's counts add up to the number of files.
+    """
+    if not isinstance(headers, pd.DataFrame):
+        raise TypeError(f"expected a DataFrame of headers, got {type(headers).__name__}")
+    missing = [c for c in SURVEY_SOURCE_COLUMNS if c not in headers.columns]
+    if missing:
+        raise ValueError(f"header table lacks the columns {missing} (expected scan_headers' output)")
+    blocks = []
+    for attribute, columns, fmt in SURVEY:
+        raw = headers.value_counts(subset=list(columns), dropna=False, sort=False)
+        counts = pd.Series(raw.to_numpy(), index=[fmt(*key) for key in raw.index], dtype="int64")
+        counts = counts.groupby(level=0).sum()
+        block = pd.DataFrame({"attribute": attribute, "value": counts.index, "count": counts.to_numpy()})
+        blocks.append(block.sort_values(["count", "value"], ascending=[False, True], kind="stable"))
+    table = pd.concat(blocks, ignore_index=True) if blocks else pd.DataFrame()
+    return table.astype({"attribute": "str", "value": "str", "count": "int64"})[list(SURVEY_COLUMNS)]
+
+
+def _top_values(block: pd.DataFrame) -> tuple[list[str], list[int]]:
+    names, counts = list(block["value"]), [int(c) for c in block["count"]]
+    if len(names) > MAX_BARS:
+        rest = len(names) - MAX_BARS + 1
+        names = names[:MAX_BARS - 1] + [f"other ({rest} values)"]
+        counts = counts[:MAX_BARS - 1] + [sum(counts[MAX_BARS - 1:])]
+    return names, counts
+
+
+def write_header_survey(headers: pd.DataFrame, csv_path: str | PathLike,
+                        png_path: str | PathLike) -> pd.DataFrame:
+    """Write header_survey's table as CSV and one bar chart per attribute; return the table."""
+    survey = header_survey(headers)
+    n = len(headers)
+    buf = io.StringIO()
+    survey.to_csv(buf, index=False)
+    _write_atomic(csv_path, buf.getvalue().encode())
+
+    n_cols = 3
+    n_rows = math.ceil(len(SURVEY) / n_cols)
+    fig = Figure(figsize=(13, 2.6 * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, (attribute, columns, _) in zip(axes, SURVEY):
+        block = survey[survey["attribute"] == attribute]
+        ax.set_title(f"{attribute}  ({', '.join(columns)})", fontsize=9)
+        if block.empty:
+            _note(ax, "no files")
+            continue
+        names, counts = _top_values(block)
+        _count_bars(ax, names, counts, n, "#4c72b0")
+    for ax in axes[len(SURVEY):]:
+        ax.set_axis_off()
+    fig.suptitle(f"DICOM headers of {n:,} readable files", fontsize=12)
+    _save_figure(fig, png_path)
+    return survey
+
+
+# ---------------------------------------------------------------------------------------
+# examples.png
+
+def _as_windows(windows) -> tuple:
+    if windows is None:
+        return DEFAULT_WINDOWS
+    return parse_windows(windows) if isinstance(windows, str) else tuple(windows)
+
+
+def window_title(w) -> str:
+    """'brain 40/80' for a named window, '55/150' for another, 'header' for the file's own."""
+    if w == HEADER:
+        return "header window"
+    center, width = float(w[0]), float(w[1])
+    name = _WINDOW_NAMES.get((center, width))
+    numbers = f"{center:g}/{width:g}"
+    return f"{name.replace('_', ' ')} {numbers}" if name else numbers
+
+
+def _as_paths(paths_by_id) -> pd.Series:
+    paths = pd.Series(paths_by_id, dtype=object) if not isinstance(paths_by_id, pd.Series) \
+        else paths_by_id.astype(object)
+    paths = paths.dropna()
+    return paths[~paths.index.duplicated()]
+
+
+def example_candidates(labels: pd.DataFrame, available, seed: int = 0) -> dict[str, list[str]]:
+    """Per examples row (each label, then NORMAL): its image IDs in the order to try them.
+
+    Only IDs in `available` count. The order is random for a given seed; a subtype's row
+    tries the images positive for that subtype alone first, so the slice shows it and
+    not another kind of bleed next to it.
+    """
+    values = labels.to_numpy()
+    if list(labels.columns) != list(LABELS):
+        raise ValueError(f"expected label columns {list(LABELS)}, got {list(labels.columns)}")
+    usable = labels.index.isin(list(available))
+    n_subtypes = values[:, :ANY].sum(axis=1)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for row in EXAMPLE_ROWS:
+        if row == NORMAL:
+            tiers = [usable & (values[:, ANY] == 0)]
+        else:
+            positive = usable & (values[:, LABELS.index(row)] == 1)
+            tiers = [positive & (n_subtypes == 1), positive & (n_subtypes != 1)] \
+                if row in SUBTYPES else [positive]
+        order = np.concatenate([rng.permutation(np.flatnonzero(tier)) for tier in tiers])
+        out[row] = list(labels.index[order])
+    return out
+
+
+def pick_examples(labels: pd.DataFrame, paths_by_id, windows, per_class: int = 3, size: int = 128,
+                  seed: int = 0) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """Per examples row: up to `per_class` (image ID, windowed uint8 (size, size, C) image).
+
+    Slices that fail to read are skipped; a row with no positives comes back empty.
+    """
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    paths = _as_paths(paths_by_id)
+    windows = _as_windows(windows)
+    picked = {}
+    for row, ids in example_candidates(labels, paths.index, seed).items():
+        images, failures = [], 0
+        for image_id in ids:
+            if len(images) == per_class or failures == MAX_READ_FAILURES:
+                break
+            try:
+                images.append((image_id, read_windowed(paths[image_id], windows, size)))
+            except (DicomError, OSError, ValueError):
+                failures += 1
+        picked[row] = images
+    return picked
+
+
+def write_examples(labels: pd.DataFrame, paths_by_id, windows, path: str | PathLike,
+                   per_class: int = 3, size: int = 128, seed: int = 0) -> Path:
+    """A grid of example slices: a row per class (and normal), a column per window.
+
+    Each example is shown once per window, as the single channel the model gets for it;
+    the ID of the slice is written under its first window. `paths_by_id` maps image ID
+    to DICOM path (a Mapping or Series); `windows` is a spec such as
+    "brain,subdural,soft_tissue" or a tuple of (center, width).
+    """
+    windows = _as_windows(windows)
+    picked = pick_examples(labels, paths_by_id, windows, per_class, size, seed)
+    positives = {row: int(labels[row].sum()) if row != NORMAL else int((labels["any"] == 0).sum())
+                 for row in EXAMPLE_ROWS}
+    n_win = len(windows)
+    # A narrow empty column between examples groups each example's windows together.
+    gap = 0.15
+    width_ratios = ([1.0] * n_win + [gap]) * (per_class - 1) + [1.0] * n_win
+    fig = Figure(figsize=(EXAMPLE_INCHES * (sum(width_ratios) + 1.2), EXAMPLE_INCHES * len(EXAMPLE_ROWS) + 0.8),
+                 layout="constrained")
+    axes = fig.subplots(len(EXAMPLE_ROWS), len(width_ratios), width_ratios=width_ratios,
+                        gridspec_kw={"wspace": 0.02, "hspace": 0.02}, squeeze=False)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.spines[:].set_visible(False)
+    for r, row in enumerate(EXAMPLE_ROWS):
+        images = picked[row]
+        first = axes[r, 0]
+        first.set_ylabel(f"{row}\n{positives[row]:,} images", fontsize=9, color=CLASS_COLORS[row],
+                         rotation=0, ha="right", va="center")
+        if not images:
+            reason = "no positive images" if positives[row] == 0 else "no readable slice among them"
+            first.text(0.05, 0.5, reason, transform=first.transAxes, va="center", fontsize=9,
+                       color=_GREY, clip_on=False)
+        for e, (image_id, img) in enumerate(images):
+            for w in range(n_win):
+                ax = axes[r, e * (n_win + 1) + w]
+                ax.imshow(img[:, :, w], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+                ax.spines[:].set_visible(True)
+                ax.spines[:].set_color(CLASS_COLORS[row])
+            axes[r, e * (n_win + 1)].set_xlabel(image_id, fontsize=7, color=_GREY, labelpad=1)
+    for e in range(per_class):
+        for w in range(n_win):
+            axes[0, e * (n_win + 1) + w].set_title(window_title(windows[w]), fontsize=8)
+    fig.suptitle(f"Example slices per class, one image per window channel ({size}x{size})", fontsize=12)
+    return _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------
+# training.png
+
+def _per_class_panel(ax, history: pd.DataFrame, prefix: str, title: str) -> None:
+    columns = [(k, f"{prefix}{k}") for k in LABELS if f"{prefix}{k}" in history.columns]
+    if not columns:
+        _note(ax, f"{title}: not recorded")
+        return
+    for k, column in columns:
+        ax.plot(history["epoch"], history[column], marker="o", markersize=3, color=CLASS_COLORS[k],
+                linewidth=2.2 if k == "any" else 1.4, label=k)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncols=2)
+
+
+def write_training_figure(history: pd.DataFrame, path: str | PathLike,
+                          prior_loss: float | None = None) -> Path:
+    """Losses per epoch, per-class validation log loss and AUC, and the learning rate.
+
+    `history` is history.csv's table; it needs the columns epoch, train_loss and val_loss
+    and at least one row. `prior_loss` (the constant-prior weighted log loss) is drawn as
+    the line a model has to beat.
+    """
+    if not isinstance(history, pd.DataFrame):
+        raise TypeError(f"expected a DataFrame of history, got {type(history).__name__}")
+    missing = [c for c in HISTORY_REQUIRED if c not in history.columns]
+    if missing:
+        raise ValueError(f"history lacks the columns {missing}; found {list(history.columns)}")
+    if history.empty:
+        raise ValueError("history has no epochs to draw")
+    history = history.sort_values("epoch", kind="stable")
+
+    fig = Figure(figsize=(12, 7.5), layout="constrained")
+    (loss_ax, lr_ax), (class_ax, auc_ax) = fig.subplots(2, 2)
+    loss_ax.plot(history["epoch"], history["train_loss"], marker="o", markersize=3, label="train")
+    loss_ax.plot(history["epoch"], history["val_loss"], marker="o", markersize=3,
+                 label="validation (weighted log loss)")
+    if prior_loss is not None and math.isfinite(prior_loss):
+        loss_ax.axhline(prior_loss, color=_GREY, linestyle="--", linewidth=1,
+                        label=f"constant prior {prior_loss:.4f}")
+    if history["val_loss"].notna().any():
+        best = history.loc[history["val_loss"].idxmin()]
+        loss_ax.plot(best["epoch"], best["val_loss"], "*", color="#d62728", markersize=12,
+                     label=f"best: epoch {int(best['epoch'])}, {best['val_loss']:.4f}")
+    loss_ax.set_title("Loss", fontsize=10)
+    loss_ax.legend(fontsize=8)
+    _per_class_panel(class_ax, history, "val_loss_", "Validation log loss per class")
+    _per_class_panel(auc_ax, history, "val_auc_", "Validation AUC per class")
+    if "lr" in history.columns:
+        lr_ax.plot(history["epoch"], history["lr"], marker="o", markersize=3, color=_GREY)
+        lr_ax.set_title("Learning rate at the end of the epoch", fontsize=10)
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    else:
+        _note(lr_ax, "learning rate: not recorded")
+    for ax in (loss_ax, lr_ax, class_ax, auc_ax):
+        if ax.axison:
+            ax.set_xlabel("epoch", fontsize=9)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.tick_params(labelsize=8)
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"Training: {len(history)} epochs", fontsize=12)
+    return _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------
+# report.html
+
+_CAPTIONS = {
+    LABELS_PNG: "How many images are positive for each class, and how many subtypes an image has. "
+                "The competition weights 'any' twice in its log loss.",
+    HEADERS_PNG: "The technical survey of the DICOM files: the header variants the reader has to handle. "
+                 "'12bit_wrap' counts files whose negative HU wrap around (12 stored bits, unsigned, "
+                 "intercept near 0) and are unwrapped when read.",
+    EXAMPLES_PNG: "What the model sees: each example slice once per window, each window one input "
+                  "channel. The outline colour is the row's class.",
+    TRAINING_PNG: "Loss per epoch (the star marks the checkpoint kept), per-class validation log "
+                  "loss and AUC, and the learning rate.",
+}
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0;
+       background: #f6f6f6; color: #222; }
+main { max-width: 1400px; margin: 0 auto; padding: 1.5rem 2rem 3rem; background: #fff; }
+h1 { margin-bottom: 0.2rem; }
+h2 { border-bottom: 2px solid #ddd; padding-bottom: 0.2rem; margin-top: 2.2rem; }
+.meta, .caption { color: #555; font-size: 0.9rem; }
+.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.6rem 0.9rem; }
+.headline { font-size: 1.3rem; margin: 0.6rem 0; }
+figure { margin: 0.6rem 0; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+table { border-collapse: collapse; font-size: 0.9rem; margin: 0.6rem 0; }
+th, td { border: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f0f0f0; }
+nav a { margin-right: 1rem; }
+"""
+
+
+def _format_value(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "n/a"
+        # Losses differ in the fourth decimal; seconds and sizes do not need five.
+        return f"{value:.5f}" if abs(value) < 10 else f"{value:,.1f}"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _cell(value) -> str:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f'<td class="num">{html.escape(_format_value(value))}</td>' if numeric \
+        else f"<td>{html.escape(_format_value(value))}</td>"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _metrics_html(metrics: Mapping | None) -> str:
+    if not metrics:
+        return '<p class="note">No metrics.json yet: the run has not finished training.</p>'
+    parts = []
+    val, prior = metrics.get("val_weighted_log_loss"), metrics.get("prior_weighted_log_loss")
+    if isinstance(val, (int, float)):
+        line = f"Validation weighted log loss <b>{html.escape(_format_value(float(val)))}</b>"
+        if isinstance(prior, (int, float)) and prior > 0:
+            change = 1 - val / prior
+            line += (f" against {html.escape(_format_value(float(prior)))} for the constant prior "
+                     f"({change:+.1%} {'better' if change >= 0 else 'worse'})")
+        parts.append(f'<p class="headline">{line}</p>')
+    # A dict keyed by label is one column of the per-class table; everything else is a scalar.
+    per_class = {k: v for k, v in metrics.items() if isinstance(v, Mapping) and set(v) <= set(LABELS)}
+    if per_class:
+        rows = [[label] + [per_class[k].get(label) for k in per_class] for label in LABELS]
+        parts.append(_table(["class", *per_class], rows))
+    scalars = [[k, v] for k, v in metrics.items() if k not in per_class]
+    if scalars:
+        parts.append(_table(["metric", "value"], scalars))
+    return "\n".join(parts)
+
+
+def _figure_html(figure: Path | str) -> str:
+    if isinstance(figure, str):  # a note why the figure is not there
+        return f'<p class="note">{html.escape(figure)}</p>'
+    data = base64.b64encode(Path(figure).read_bytes()).decode("ascii")
+    caption = _CAPTIONS.get(Path(figure).name, "")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(Path(figure).name)}">'
+            f'<figcaption class="caption">{html.escape(caption)}</figcaption></figure>')
+
+
+def _survey_html(survey: pd.DataFrame | None) -> str:
+    if survey is None or survey.empty:
+        return ""
+    rows = [[a, v, int(c)] for a, v, c in survey.itertuples(index=False)]
+    return (f"<details><summary>All values ({HEADERS_CSV})</summary>"
+            f"{_table(list(SURVEY_COLUMNS), rows)}</details>")
+
+
+def write_html(path: str | PathLike, figures: Mapping[str, Path | str], *, config: Mapping | None = None,
+               metrics: Mapping | None = None, survey: pd.DataFrame | None = None,
+               title: str = "Run report") -> Path:
+    """One self-contained page: metrics, then a section per figure, then the settings.
+
+    `figures` maps a section heading to a PNG (embedded as a data URI) or to a note that
+    says why there is no figure. `survey` (header_survey's table) is listed in full under
+    the section that shows dicom_headers.png.
+    """
+    nav = " ".join(f'<a href="#s{i}">{html.escape(h)}</a>'
+                   for i, h in enumerate(["Metrics", *figures, "Settings"]))
+    sections = [f'<section id="s0"><h2>Metrics</h2>{_metrics_html(metrics)}</section>']
+    for i, (heading, figure) in enumerate(figures.items(), start=1):
+        extra = _survey_html(survey) if isinstance(figure, Path) and figure.name == HEADERS_PNG else ""
+        sections.append(f'<section id="s{i}"><h2>{html.escape(heading)}</h2>{_figure_html(figure)}{extra}</section>')
+    settings = _table(["setting", "value"], [[k, v] for k, v in config.items()]) if config \
+        else '<p class="note">No config.json in the run folder.</p>'
+    sections.append(f'<section id="s{len(figures) + 1}"><h2>Settings</h2>{settings}</section>')
+    written = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n"
+            f"<body><main><h1>{html.escape(title)}</h1><p class=\"meta\">Written {written}</p>"
+            f"<nav>{nav}</nav>\n" + "\n".join(sections) + "\n</main></body></html>\n")
+    return _write_atomic(path, page.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------------------
+# Everything at once.
+
+def _paths_from_headers(headers: pd.DataFrame) -> pd.Series:
+    if "path" not in headers.columns:
+        raise ValueError("header table lacks the column 'path'")
+    # scan_headers returns image_id as a column; kernel.py's frames have it as the index.
+    ids = headers["image_id"] if "image_id" in headers.columns else headers.index
+    return pd.Series(headers["path"].to_numpy(), index=pd.Index(ids, dtype=object), dtype=object)
+
+
+def write_report(out_dir: str | PathLike, labels: pd.DataFrame | None = None,
+                 headers: pd.DataFrame | None = None, image_paths=None, windows=None, *,
+                 per_class: int = 3, size: int = 128, seed: int = 0) -> list[Path]:
+    """Write every figure that its inputs allow and report.html into out_dir/report/.
+
+    config.json, metrics.json and history.csv are read from `out_dir` when present.
+    `image_paths` (image ID -> DICOM path) defaults to the headers' `path` column;
+    `windows` defaults to config.json's, then to DEFAULT_WINDOWS. Returns the files
+    written, report.html last.
+    """
+    out_dir = Path(out_dir)
+    report_dir = out_dir / REPORT_DIR
+    report_dir.mkdir(parents=True, exist_ok=True)
+    config = _read_json(out_dir / CONFIG_JSON)
+    metrics = _read_json(out_dir / METRICS_JSON)
+    history = _read_history(out_dir / HISTORY_CSV)
+    if windows is None and config and config.get("windows"):
+        windows = config["windows"]
+    windows = _as_windows(windows)
+    if image_paths is None and headers is not None:
+        image_paths = _paths_from_headers(headers)
+
+    written, figures, survey = [], {}, None
+    if labels is None:
+        figures["Labels"] = "No label table was given."
+    else:
+        figures["Labels"] = write_label_figure(labels, report_dir / LABELS_PNG)
+        written.append(figures["Labels"])
+
+    if labels is None or image_paths is None:
+        figures["What the model sees"] = "Not drawn: examples need both the labels and the image paths."
+    else:
+        figures["What the model sees"] = write_examples(labels, image_paths, windows, report_dir / EXAMPLES_PNG,
+                                                        per_class=per_class, size=size, seed=seed)
+        written.append(figures["What the model sees"])
+
+    if headers is None:
+        figures["DICOM headers"] = "No header scan was given."
+    else:
+        survey = write_header_survey(headers, report_dir / HEADERS_CSV, report_dir / HEADERS_PNG)
+        figures["DICOM headers"] = report_dir / HEADERS_PNG
+        written += [report_dir / HEADERS_CSV, report_dir / HEADERS_PNG]
+
+    if history is None or history.empty:
+        figures["Training"] = (f"Not drawn: no {HISTORY_CSV} in {out_dir} yet; "
+                               "the report was written before the first epoch finished.")
+    else:
+        prior = (metrics or {}).get("prior_weighted_log_loss")
+        figures["Training"] = write_training_figure(
+            history, report_dir / TRAINING_PNG, prior if isinstance(prior, (int, float)) else None)
+        written.append(figures["Training"])
+
+    title = f"Run report: {out_dir.resolve().name}"
+    written.append(write_html(report_dir / REPORT_HTML, figures, config=config, metrics=metrics,
+                              survey=survey, title=title))
+    return written
