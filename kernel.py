@@ -162,6 +162,19 @@ class UserError(Exception):
     """A problem with the user's input: printed as one message, exit code 2, no traceback."""
 
 
+class OutputError(Exception):
+    """An output could not be written (a full disk, a read-only folder): exit code 4. The
+    previous version of the file, if any, is still in place: every write is atomic."""
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    try:
+        yield
+    except OSError as err:
+        raise OutputError(f"could not write {path}: {err.strerror or err}") from err
+
+
 _MAIN_PROCESS = [True]  # under torchrun only rank 0 prints; set once in main()
 
 
@@ -239,20 +252,27 @@ def adopt_previous_session(out: Path, inputs: Path) -> Path | None:
     return previous
 
 
-def write_json(path: Path, obj) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename into place; a failure leaves the previous file intact.
+    Under torchrun only rank 0 writes."""
     if not _MAIN_PROCESS[0]:
         return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    with writing(path):
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 def write_csv(path: Path, df: pd.DataFrame, **kwargs) -> None:
-    if not _MAIN_PROCESS[0]:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, **kwargs)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, **kwargs))
 
 
 def record_bad_files(out_dir: Path, paths, reason: str) -> None:
@@ -504,13 +524,14 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
 
     def save_last():
         if main_rank:
-            save_checkpoint(ckpt_dir / "last.pt", {
-                "model": model_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "torch_rng": torch.get_rng_state(), "position": dict(pos),
-                "config": dataclasses.asdict(cfg), "prior": torch.from_numpy(prior),
-                "best_val_probs": None if best_val_probs is None else torch.from_numpy(best_val_probs)})
+            with writing(ckpt_dir / "last.pt"):
+                save_checkpoint(ckpt_dir / "last.pt", {
+                    "model": model_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "torch_rng": torch.get_rng_state(), "position": dict(pos),
+                    "config": dataclasses.asdict(cfg), "prior": torch.from_numpy(prior),
+                    "best_val_probs": None if best_val_probs is None else torch.from_numpy(best_val_probs)})
         barrier(d)
 
     val_paths = headers.loc[val_df.index, "path"].tolist()
@@ -584,7 +605,8 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
             if val_loss < pos["best_loss"]:
                 pos["best_loss"], pos["best_epoch"], best_val_probs = val_loss, epoch + 1, val_probs
                 if main_rank:
-                    save_checkpoint(ckpt_dir / "best.pt", {
+                    with writing(ckpt_dir / "best.pt"):
+                        save_checkpoint(ckpt_dir / "best.pt", {
                         "model": model_state(model), "epoch": epoch + 1, "val_loss": val_loss,
                         "config": dataclasses.asdict(cfg), "prior": torch.from_numpy(prior)})
             if main_rank:
@@ -635,7 +657,8 @@ def predict_and_submit(model, cfg: Config, data_dir: Path, test_ids: list[str],
         log(f"{n_prior} unreadable test images are predicted with the training prior")
     sub = build_submission(data_dir / "stage_2_sample_submission.csv", readable_ids, probs, fill=prior)
     if rt.dist.main:
-        write_submission(sub, out_dir / "submission.csv", data_dir / "stage_2_sample_submission.csv")
+        with writing(out_dir / "submission.csv"):
+            write_submission(sub, out_dir / "submission.csv", data_dir / "stage_2_sample_submission.csv")
     log(f"Submission: {out_dir / 'submission.csv'} ({len(sub)} rows, checked against the sample)")
     return {"n_test": len(test_ids), "n_test_predicted_with_prior": n_prior}
 
@@ -765,6 +788,7 @@ def share(d: Dist, value):
 
 
 EXIT_STOPPED = 3  # training stopped early: interrupted, or the loss diverged
+EXIT_OUTPUT = 4   # an output could not be written
 
 
 def cli(argv=None) -> int:
@@ -777,6 +801,9 @@ def cli(argv=None) -> int:
     except TrainingStopped as err:
         print(f"stopped: {err}", file=sys.stderr)
         return EXIT_STOPPED
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_OUTPUT
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

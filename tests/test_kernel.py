@@ -10,19 +10,9 @@ import pandas as pd
 import pytest
 
 from factories import jpeg_decoder_installed, make_undecodable
+from kernel_runs import ROOT, RESUMABLE, TINY, run_kernel, start_kernel, wait_for_checkpoint
 from utils.labels import LABELS
 from utils.submission import check_submission_file
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--demo-patients", "6", "--arch", "resnet18", "--image-size", "32", "--epochs", "1",
-        "--workers", "0"]
-
-
-def run_kernel(*args, cwd=ROOT, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "kernel.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -213,42 +203,14 @@ def test_files_failing_at_pixel_decoding_are_recorded(tiny_run, tmp_path):
 
 # --- the training engine: resume, interruption, divergence, many processes, predict-only ---
 
-RESUMABLE = ["--demo-patients", "6", "--arch", "resnet18", "--image-size", "32", "--epochs", "2",
-             "--batch-size", "4", "--ckpt-minutes", "0"]
-
-
-def _wait_for_checkpoint(proc, ckpt, epoch, batch, timeout=300):
-    """Poll the atomically replaced last.pt until it records (epoch, >= batch)."""
-    import time
-
-    import torch
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        if ckpt.is_file():
-            try:
-                pos = torch.load(ckpt, weights_only=True)["position"]
-            except (RuntimeError, EOFError, OSError):
-                pos = None  # replaced while being read: try again
-            if pos and pos["epoch"] == epoch and pos["batch"] >= batch:
-                return pos
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint at epoch {epoch} batch {batch}: {proc.poll()}")
-
-
-def _start_kernel(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, str(ROOT / "kernel.py"), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
 def test_sigkill_mid_epoch_then_resume_gives_the_same_result(tmp_path):
     import signal
     cache = ["--header-cache", tmp_path / "cache"]
     straight = run_kernel("--out-dir", tmp_path / "a", *RESUMABLE, *cache, "--workers", "0")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    proc = _start_kernel("--out-dir", tmp_path / "b", *RESUMABLE, *cache, "--workers", "0")
-    pos = _wait_for_checkpoint(proc, tmp_path / "b" / "checkpoints" / "last.pt", epoch=0, batch=3)
+    proc = start_kernel("--out-dir", tmp_path / "b", *RESUMABLE, *cache, "--workers", "0")
+    pos = wait_for_checkpoint(proc, tmp_path / "b" / "checkpoints" / "last.pt", epoch=0, batch=3)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert not (tmp_path / "b" / "metrics.json").exists()
@@ -262,39 +224,6 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_result(tmp_path):
     ha, hb = pd.read_csv(tmp_path / "a" / "history.csv"), pd.read_csv(tmp_path / "b" / "history.csv")
     np.testing.assert_allclose(hb["train_loss"], ha["train_loss"], atol=1e-6)
     assert (tmp_path / "a" / "submission.csv").read_text() == (tmp_path / "b" / "submission.csv").read_text()
-
-
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
-    import signal
-    out = tmp_path / "out"
-    proc = _start_kernel("--out-dir", out, *RESUMABLE, "--workers", "0")
-    _wait_for_checkpoint(proc, out / "checkpoints" / "last.pt", epoch=0, batch=2)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 3, stderr[-2000:]
-    assert "--resume" in stderr and "checkpoint saved" in stderr and "Traceback" not in stderr
-    resumed = run_kernel("--out-dir", out, *RESUMABLE, "--workers", "0", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
-
-
-def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    import torch
-
-    import kernel
-    calls = []
-
-    def poisoned(logits, target, mask):
-        calls.append(1)
-        loss = kernel.weighted_bce.__wrapped_real__(logits, target, mask)
-        return loss * float("nan") if len(calls) == 4 else loss
-    poisoned.__wrapped_real__ = kernel.weighted_bce
-    monkeypatch.setattr(kernel, "weighted_bce", poisoned)
-    with pytest.raises(kernel.TrainingStopped, match="loss became nan.*--resume"):
-        kernel.main(["--out-dir", str(tmp_path / "out"), *RESUMABLE, "--workers", "0"])
-    state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)
-    assert state["position"]["batch"] == 3  # the three good steps, not the poisoned one
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_torchrun_two_processes_train_identical_weights(tmp_path):

@@ -34,7 +34,7 @@ from matplotlib.ticker import MaxNLocator
 
 from utils.dicom import (DEFAULT_WINDOWS, EXPLICIT_LE, HEADER, IMPLICIT_LE, NAMED_WINDOWS, RLE_LOSSLESS,
                          WRAP_INTERCEPT_THRESHOLD, DicomError, parse_windows, read_windowed)
-from utils.labels import ANY, LABELS, SUBTYPES, label_report
+from utils.labels import ANY, LABELS, SUBTYPES, check_label_table, label_report
 
 REPORT_DIR = "report"
 LABELS_PNG = "labels.png"
@@ -115,19 +115,24 @@ def _read_history(path: Path) -> pd.DataFrame | None:
 # Bars with their counts written next to them: the exact numbers matter more than the
 # lengths when one class is a hundred times rarer than another.
 
-def _count_bars(ax, names: list[str], counts: list[int], total: int, colors) -> None:
+def _count_bars(ax, names: list[str], counts: list[int], total: int, colors, min_slots: int = 0) -> None:
+    """Horizontal bars, first value on top, each labelled with its count and share.
+
+    The counts are written out, so the x axis is left off. `min_slots` keeps bars of
+    panels with one or two values as thin as those of fuller panels next to them.
+    """
     y = np.arange(len(names))
     ax.barh(y, counts, color=colors, height=0.7)
     ax.set_yticks(y, names)
-    ax.invert_yaxis()  # the first value on top, as it is read
+    ax.set_ylim(max(len(names), min_slots) - 0.5, -0.5)
     top = max(counts, default=0)
     ax.set_xlim(0, top * 1.5 if top else 1)  # room for the numbers right of the bars
     for yi, count in zip(y, counts):
         share = f" ({count / total:.1%})" if total else ""
         ax.text(count, yi, f" {count:,}{share}", va="center", fontsize=8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_visible(False)
     ax.tick_params(labelsize=8)
-    ax.spines[["top", "right"]].set_visible(False)
+    ax.spines[["top", "right", "bottom"]].set_visible(False)
 
 
 def _note(ax, text: str) -> None:
@@ -220,7 +225,7 @@ def header_survey(headers: pd.DataFrame) -> pd.DataFrame:
         counts = counts.groupby(level=0).sum()
         block = pd.DataFrame({"attribute": attribute, "value": counts.index, "count": counts.to_numpy()})
         blocks.append(block.sort_values(["count", "value"], ascending=[False, True], kind="stable"))
-    table = pd.concat(blocks, ignore_index=True) if blocks else pd.DataFrame()
+    table = pd.concat(blocks, ignore_index=True)
     return table.astype({"attribute": "str", "value": "str", "count": "int64"})[list(SURVEY_COLUMNS)]
 
 
@@ -242,20 +247,24 @@ def write_header_survey(headers: pd.DataFrame, csv_path: str | PathLike,
     survey.to_csv(buf, index=False)
     _write_atomic(csv_path, buf.getvalue().encode())
 
+    panels = [(attribute, columns, _top_values(survey[survey["attribute"] == attribute]))
+              for attribute, columns, _ in SURVEY]
     n_cols = 3
-    n_rows = math.ceil(len(SURVEY) / n_cols)
-    fig = Figure(figsize=(13, 2.6 * n_rows), layout="constrained")
-    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
-    for ax, (attribute, columns, _) in zip(axes, SURVEY):
-        block = survey[survey["attribute"] == attribute]
-        ax.set_title(f"{attribute}  ({', '.join(columns)})", fontsize=9)
-        if block.empty:
-            _note(ax, "no files")
-            continue
-        names, counts = _top_values(block)
-        _count_bars(ax, names, counts, n, "#4c72b0")
-    for ax in axes[len(SURVEY):]:
-        ax.set_axis_off()
+    rows = [panels[i:i + n_cols] for i in range(0, len(panels), n_cols)]
+    # A row of panels is as tall as its longest list of values, so bars keep one thickness.
+    slots = [max(2, *(len(names) for _, _, (names, _) in row)) for row in rows]
+    fig = Figure(figsize=(13, 0.3 * sum(slots) + 0.65 * len(rows) + 0.4), layout="constrained")
+    axes = fig.subplots(len(rows), n_cols, height_ratios=slots, squeeze=False)
+    for r, row in enumerate(rows):
+        for ax, (attribute, columns, (names, counts)) in zip(axes[r], row):
+            source = "" if columns == (attribute,) else f"  ({', '.join(columns)})"
+            ax.set_title(attribute + source, fontsize=9)
+            if names:
+                _count_bars(ax, names, counts, n, "#4c72b0", min_slots=slots[r])
+            else:
+                _note(ax, "no files")
+        for ax in axes[r, len(row):]:
+            ax.set_axis_off()
     fig.suptitle(f"DICOM headers of {n:,} readable files", fontsize=12)
     _save_figure(fig, png_path)
     return survey
@@ -271,7 +280,7 @@ def _as_windows(windows) -> tuple:
 
 
 def window_title(w) -> str:
-    """'brain 40/80' for a named window, '55/150' for another, 'header' for the file's own."""
+    """'brain 40/80' for a named window, '55/150' for another, 'header window' for the file's own."""
     if w == HEADER:
         return "header window"
     center, width = float(w[0]), float(w[1])
@@ -281,9 +290,7 @@ def window_title(w) -> str:
 
 
 def _as_paths(paths_by_id) -> pd.Series:
-    paths = pd.Series(paths_by_id, dtype=object) if not isinstance(paths_by_id, pd.Series) \
-        else paths_by_id.astype(object)
-    paths = paths.dropna()
+    paths = pd.Series(paths_by_id).astype(object).dropna()
     return paths[~paths.index.duplicated()]
 
 
@@ -294,10 +301,8 @@ def example_candidates(labels: pd.DataFrame, available, seed: int = 0) -> dict[s
     tries the images positive for that subtype alone first, so the slice shows it and
     not another kind of bleed next to it.
     """
-    values = labels.to_numpy()
-    if list(labels.columns) != list(LABELS):
-        raise ValueError(f"expected label columns {list(LABELS)}, got {list(labels.columns)}")
-    usable = labels.index.isin(list(available))
+    values = check_label_table(labels)
+    usable = labels.index.isin(available)
     n_subtypes = values[:, :ANY].sum(axis=1)
     rng = np.random.default_rng(seed)
     out = {}
@@ -331,7 +336,7 @@ def pick_examples(labels: pd.DataFrame, paths_by_id, windows, per_class: int = 3
                 break
             try:
                 images.append((image_id, read_windowed(paths[image_id], windows, size)))
-            except (DicomError, OSError, ValueError):
+            except (DicomError, OSError):
                 failures += 1
         picked[row] = images
     return picked
@@ -351,37 +356,45 @@ def write_examples(labels: pd.DataFrame, paths_by_id, windows, path: str | PathL
     positives = {row: int(labels[row].sum()) if row != NORMAL else int((labels["any"] == 0).sum())
                  for row in EXAMPLE_ROWS}
     n_win = len(windows)
-    # A narrow empty column between examples groups each example's windows together.
-    gap = 0.15
-    width_ratios = ([1.0] * n_win + [gap]) * (per_class - 1) + [1.0] * n_win
-    fig = Figure(figsize=(EXAMPLE_INCHES * (sum(width_ratios) + 1.2), EXAMPLE_INCHES * len(EXAMPLE_ROWS) + 0.8),
-                 layout="constrained")
-    axes = fig.subplots(len(EXAMPLE_ROWS), len(width_ratios), width_ratios=width_ratios,
-                        gridspec_kw={"wspace": 0.02, "hspace": 0.02}, squeeze=False)
-    for ax in axes.ravel():
+    # Axes are placed by hand, in inches: a layout engine spends seconds on a grid this
+    # size, and fixed gaps keep an example's windows visibly together.
+    cell, pad, group_gap, row_gap = EXAMPLE_INCHES, 0.05, 0.3, 0.3
+    left, right, top, bottom = 1.5, 0.15, 0.85, 0.25  # bottom: the last row's image IDs
+    group = n_win * cell + (n_win - 1) * pad
+    width = max(left + per_class * group + (per_class - 1) * group_gap + right, 7.5)  # room for the title
+    height = top + len(EXAMPLE_ROWS) * (cell + row_gap) - row_gap + bottom
+    fig = Figure(figsize=(width, height))
+
+    def cell_axes(r: int, e: int, w: int):
+        x = left + e * (group + group_gap) + w * (cell + pad)
+        y = height - top - r * (cell + row_gap) - cell
+        ax = fig.add_axes((x / width, y / height, cell / width, cell / height))
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.spines[:].set_visible(False)
+        return ax
+
     for r, row in enumerate(EXAMPLE_ROWS):
+        y_mid = 1 - (top + r * (cell + row_gap) + cell / 2) / height
+        fig.text((left - 0.12) / width, y_mid, f"{row}\n{positives[row]:,} images", ha="right", va="center",
+                 fontsize=10, color=CLASS_COLORS[row])
         images = picked[row]
-        first = axes[r, 0]
-        first.set_ylabel(f"{row}\n{positives[row]:,} images", fontsize=9, color=CLASS_COLORS[row],
-                         rotation=0, ha="right", va="center")
         if not images:
             reason = "no positive images" if positives[row] == 0 else "no readable slice among them"
-            first.text(0.05, 0.5, reason, transform=first.transAxes, va="center", fontsize=9,
-                       color=_GREY, clip_on=False)
+            fig.text((left + 0.1) / width, y_mid, reason, va="center", fontsize=10, color=_GREY)
         for e, (image_id, img) in enumerate(images):
             for w in range(n_win):
-                ax = axes[r, e * (n_win + 1) + w]
+                ax = cell_axes(r, e, w)
                 ax.imshow(img[:, :, w], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-                ax.spines[:].set_visible(True)
                 ax.spines[:].set_color(CLASS_COLORS[row])
-            axes[r, e * (n_win + 1)].set_xlabel(image_id, fontsize=7, color=_GREY, labelpad=1)
+                if w == 0:
+                    ax.set_xlabel(image_id, fontsize=7, color=_GREY, labelpad=2)
     for e in range(per_class):
         for w in range(n_win):
-            axes[0, e * (n_win + 1) + w].set_title(window_title(windows[w]), fontsize=8)
-    fig.suptitle(f"Example slices per class, one image per window channel ({size}x{size})", fontsize=12)
+            x_mid = left + e * (group + group_gap) + w * (cell + pad) + cell / 2
+            fig.text(x_mid / width, 1 - (top - 0.08) / height, window_title(windows[w]), ha="center",
+                     va="bottom", fontsize=8)
+    fig.suptitle(f"Example slices per class, each shown in every window channel ({size}x{size})",
+                 y=1 - 0.12 / height, va="top", fontsize=12)
     return _save_figure(fig, path)
 
 
@@ -518,9 +531,9 @@ def _metrics_html(metrics: Mapping | None) -> str:
     if isinstance(val, (int, float)):
         line = f"Validation weighted log loss <b>{html.escape(_format_value(float(val)))}</b>"
         if isinstance(prior, (int, float)) and prior > 0:
-            change = 1 - val / prior
+            change = val / prior - 1
             line += (f" against {html.escape(_format_value(float(prior)))} for the constant prior "
-                     f"({change:+.1%} {'better' if change >= 0 else 'worse'})")
+                     f"({abs(change):.1%} {'lower' if change <= 0 else 'higher'})")
         parts.append(f'<p class="headline">{line}</p>')
     # A dict keyed by label is one column of the per-class table; everything else is a scalar.
     per_class = {k: v for k, v in metrics.items() if isinstance(v, Mapping) and set(v) <= set(LABELS)}
@@ -610,9 +623,19 @@ def write_report(out_dir: str | PathLike, labels: pd.DataFrame | None = None,
     if image_paths is None and headers is not None:
         image_paths = _paths_from_headers(headers)
 
+    # Sections in reading order: how training went, then the data it learned from.
     written, figures, survey = [], {}, None
+    if history is None or history.empty:
+        why = f"no {HISTORY_CSV} in {out_dir} yet" if history is None else f"{HISTORY_CSV} has no epochs yet"
+        figures["Training"] = f"Not drawn: {why}; the report was written before the first epoch finished."
+    else:
+        prior = (metrics or {}).get("prior_weighted_log_loss")
+        figures["Training"] = write_training_figure(
+            history, report_dir / TRAINING_PNG, prior if isinstance(prior, (int, float)) else None)
+        written.append(figures["Training"])
+
     if labels is None:
-        figures["Labels"] = "No label table was given."
+        figures["Labels"] = "Not drawn: no label table was given."
     else:
         figures["Labels"] = write_label_figure(labels, report_dir / LABELS_PNG)
         written.append(figures["Labels"])
@@ -625,20 +648,11 @@ def write_report(out_dir: str | PathLike, labels: pd.DataFrame | None = None,
         written.append(figures["What the model sees"])
 
     if headers is None:
-        figures["DICOM headers"] = "No header scan was given."
+        figures["DICOM headers"] = "Not drawn: no header scan was given."
     else:
         survey = write_header_survey(headers, report_dir / HEADERS_CSV, report_dir / HEADERS_PNG)
         figures["DICOM headers"] = report_dir / HEADERS_PNG
         written += [report_dir / HEADERS_CSV, report_dir / HEADERS_PNG]
-
-    if history is None or history.empty:
-        figures["Training"] = (f"Not drawn: no {HISTORY_CSV} in {out_dir} yet; "
-                               "the report was written before the first epoch finished.")
-    else:
-        prior = (metrics or {}).get("prior_weighted_log_loss")
-        figures["Training"] = write_training_figure(
-            history, report_dir / TRAINING_PNG, prior if isinstance(prior, (int, float)) else None)
-        written.append(figures["Training"])
 
     title = f"Run report: {out_dir.resolve().name}"
     written.append(write_html(report_dir / REPORT_HTML, figures, config=config, metrics=metrics,

@@ -1,0 +1,43 @@
+"""Running kernel.py in a subprocess, as a user would, for the end-to-end tests."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--demo-patients", "6", "--arch", "resnet18", "--image-size", "32", "--epochs", "1",
+        "--workers", "0"]
+
+
+def run_kernel(*args, cwd=ROOT, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "kernel.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+RESUMABLE = ["--demo-patients", "6", "--arch", "resnet18", "--image-size", "32", "--epochs", "2",
+             "--batch-size", "4", "--ckpt-minutes", "0"]
+
+
+def wait_for_checkpoint(proc, ckpt, epoch, batch, timeout=300):
+    """Poll the atomically replaced last.pt until it records (epoch, >= batch)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ckpt.is_file():
+            try:
+                pos = torch.load(ckpt, weights_only=True)["position"]
+            except (RuntimeError, EOFError, OSError):
+                pos = None  # replaced while being read: try again
+            if pos and pos["epoch"] == epoch and pos["batch"] >= batch:
+                return pos
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at epoch {epoch} batch {batch}: {proc.poll()}")
+
+
+def start_kernel(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(ROOT / "kernel.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
