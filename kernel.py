@@ -41,6 +41,7 @@ from utils.engine import (Dist, ResumableSampler, barrier, gather_lists, gather_
 from utils.labels import LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels
 from utils.metrics import per_class_log_loss, prior_probabilities, weighted_log_loss
 from utils.model import WeightsError, build_model, find_weights
+from utils.report import write_report
 from utils.split import (fold_table, format_fold_table, kfold_by_patient, resolve_groups,
                          split_by_patient)
 from utils.submission import (SubmissionError, build_submission, check_submission_file,
@@ -120,6 +121,8 @@ def parse_args(argv=None) -> tuple[Config, dict]:
                    help="make a submission from --checkpoint without training")
     p.add_argument("--check-submission", metavar="PATH", default=None,
                    help="only check a submission file against the sample submission, then exit")
+    p.add_argument("--report", action="store_true",
+                   help="only (re)write the visual report of the run in --out-dir, then exit")
     p.add_argument("--export-kaggle", metavar="DIR", default=None,
                    help="only write kernel.ipynb, kernel_bundle.py and kernel-metadata.json to DIR")
     p.add_argument("--kaggle-id", metavar="USER/SLUG", default=None, help="the exported kernel's id")
@@ -128,7 +131,7 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     args = p.parse_args(argv)  # an unknown option exits with usage and code 2
     given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
     modes = {k: given.pop(k, None) for k in
-             ("check_submission", "export_kaggle", "kaggle_id", "kaggle_weights_dataset")}
+             ("check_submission", "export_kaggle", "kaggle_id", "kaggle_weights_dataset", "report")}
     cfg = Config()
     if given.get("data_dir") is None and find_kaggle_data() is None:
         cfg = dataclasses.replace(cfg, demo=True, **DEMO_PRESET)
@@ -682,6 +685,39 @@ def check_submission(path: str, cfg: Config) -> int:
     return 0
 
 
+def write_run_report(out_dir: Path, labels: pd.DataFrame, headers: list[pd.DataFrame],
+                     windows: str) -> None:
+    """The pictures of the data and the training in OUT/report/; a failure here is logged,
+    never allowed to fail a run whose submission is already written."""
+    try:
+        files = write_report(out_dir, labels, pd.concat(headers), windows=windows)
+        log(f"Report: {out_dir / 'report' / 'report.html'} ({len(files)} files)")
+    except Exception as err:  # noqa: BLE001 - the report is a by-product
+        log(f"Report not written: {type(err).__name__}: {err}")
+
+
+def report_only(cfg: Config) -> int:
+    """--report: (re)draw the report of the run in --out-dir (or of the data alone)."""
+    if not cfg.out_dir:
+        raise UserError("--report needs --out-dir, the folder of a run (or where to put the report)")
+    out_dir = Path(cfg.out_dir)
+    config = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").is_file() else {}
+    data_dir = Path(config.get("data_dir") or cfg.data_dir or find_kaggle_data() or "")
+    if not (data_dir / "stage_2_train.csv").is_file():
+        raise UserError(f"--report found no data: {out_dir} holds no run's config.json naming it; "
+                        f"pass --data-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = read_labels(data_dir / "stage_2_train.csv")
+    paths = [data_dir / "stage_2_train" / f"{check_image_id(i)}.dcm" for i in labels.index]
+    headers, _ = scan_headers([p for p in paths if p.is_file()], workers=cfg.workers,
+                              cache=header_cache(cfg, out_dir, data_dir, "train"))
+    files = write_report(out_dir, labels, headers.set_index("image_id"),
+                         windows=config.get("windows", cfg.windows))
+    for path in files:
+        log(f"wrote {path}")
+    return 0
+
+
 def export_notebook(modes: dict) -> int:
     """--export-kaggle: the pipeline as one uploadable notebook and one script."""
     try:
@@ -725,13 +761,25 @@ def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path) -> dic
                               state["prior"].numpy(), out_dir, rt)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Log lines go to whatever sys.stdout is at the time (a notebook or a test swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def main(argv=None) -> int:
     d = init_distributed()
     _MAIN_PROCESS[0] = d.main
     # Our helpers log what they drop or fill; other libraries' loggers stay as they are.
     ours = logging.getLogger("utils")
     if not ours.handlers and d.main:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)
@@ -740,6 +788,8 @@ def main(argv=None) -> int:
         return check_submission(modes["check_submission"], cfg)
     if modes["export_kaggle"] is not None:
         return export_notebook(modes)
+    if modes["report"]:
+        return report_only(cfg)
     started = time.perf_counter()
     rt = setup_runtime(d)
     out_dir = share(d, prepare_out_dir(cfg) if d.main else None)
@@ -772,6 +822,7 @@ def main(argv=None) -> int:
         metrics.update(best_epoch=best_epoch, n_bad_files=n_bad, processes=d.world,
                        seconds=round(time.perf_counter() - started, 1))
         write_json(out_dir / "metrics.json", metrics)
+        write_run_report(out_dir, labels, [train_headers, test_headers], cfg.windows)
         log(f"Done in {metrics['seconds']:.0f}s: outputs in {out_dir}")
     barrier(d)
     return 0

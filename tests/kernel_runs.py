@@ -18,8 +18,10 @@ def run_kernel(*args, cwd=ROOT, timeout=600):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+# A checkpoint after every step (resnet18 with its optimizer state is 135 MB, so few steps):
+# 49 training images in batches of 8 are 6 steps an epoch.
 RESUMABLE = ["--demo-patients", "6", "--arch", "resnet18", "--image-size", "32", "--epochs", "2",
-             "--batch-size", "4", "--ckpt-minutes", "0"]
+             "--batch-size", "8", "--ckpt-minutes", "0"]
 
 
 def wait_for_checkpoint(proc, ckpt, epoch, batch, timeout=300):
@@ -35,6 +37,12 @@ def wait_for_checkpoint(proc, ckpt, epoch, batch, timeout=300):
                 return pos
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint at epoch {epoch} batch {batch}: {proc.poll()}")
+
+
+def cli(*args) -> int:
+    """kernel.py's command line in this process: fast for the checks that fail early."""
+    import kernel
+    return kernel.cli([str(a) for a in args])
 
 
 def start_kernel(*args):

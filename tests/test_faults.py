@@ -7,6 +7,7 @@ import errno
 import json
 import shutil
 import signal
+import time
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from factories import make_ct
-from kernel_runs import RESUMABLE, TINY, run_kernel, start_kernel, wait_for_checkpoint
+from kernel_runs import RESUMABLE, TINY, cli, run_kernel, start_kernel, wait_for_checkpoint
 from utils.demo import make_demo_dataset
 from utils.labels import LABELS
 
@@ -101,7 +102,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     proc = start_kernel("--out-dir", out, *RESUMABLE, "--workers", "0")
     wait_for_checkpoint(proc, ckpt, epoch=0, batch=1)
     while proc.poll() is None and not tmp.exists():  # the next write has begun
-        pass
+        time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     state = torch.load(ckpt, weights_only=True)  # the previous checkpoint, whole
@@ -185,12 +186,11 @@ def _rewrite_labels(data, edit):
     (lambda lines: [lines[0], lines[1].replace("ID_", "XX_"), *lines[2:]], "line 2"),
     (lambda lines: [lines[0], "ID_../../etc_any,0", *lines[1:]], "ID_../../etc_any"),
 ])
-def test_bad_label_files(data, tmp_path, edit, message):
+def test_bad_label_files(data, tmp_path, capsys, edit, message):
     _rewrite_labels(data, edit)
-    result = run_kernel("--data-dir", data, "--out-dir", tmp_path / "out", *REAL_MODE)
-    assert result.returncode == 2 and message in result.stderr
-    assert "stage_2_train.csv" in result.stderr
-    _no_traceback(result)
+    assert cli("--data-dir", data, "--out-dir", tmp_path / "out", *REAL_MODE) == 2
+    err = capsys.readouterr().err
+    assert message in err and "stage_2_train.csv" in err and err.startswith("error: ")
 
 
 class _Payload:
@@ -209,20 +209,18 @@ def test_weights_carrying_code_are_refused(data, tmp_path):
     _no_traceback(result)
 
 
-def test_weights_of_the_wrong_architecture(data, tmp_path):
+def test_weights_of_the_wrong_architecture(data, tmp_path, capsys):
     import torchvision
     wrong = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), wrong)
-    result = run_kernel("--data-dir", data, "--out-dir", tmp_path / "out", *REAL_MODE[:-2], "--weights", wrong)
-    assert result.returncode == 2 and "right --arch" in result.stderr
-    _no_traceback(result)
+    assert cli("--data-dir", data, "--out-dir", tmp_path / "out", *REAL_MODE[:-2], "--weights", wrong) == 2
+    assert "right --arch" in capsys.readouterr().err
 
 
-def test_data_dir_without_sample_submission(data, tmp_path):
+def test_data_dir_without_sample_submission(data, tmp_path, capsys):
     (data / "stage_2_sample_submission.csv").unlink()
-    result = run_kernel("--data-dir", data, "--out-dir", tmp_path / "out", *REAL_MODE)
-    assert result.returncode == 2 and "stage_2_sample_submission.csv" in result.stderr
-    _no_traceback(result)
+    assert cli("--data-dir", data, "--out-dir", tmp_path / "out", *REAL_MODE) == 2
+    assert "stage_2_sample_submission.csv" in capsys.readouterr().err
 
 
 # --- 6. numerical faults ------------------------------------------------------------------

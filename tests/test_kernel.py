@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from factories import jpeg_decoder_installed, make_undecodable
-from kernel_runs import ROOT, RESUMABLE, TINY, run_kernel, start_kernel, wait_for_checkpoint
+from kernel_runs import ROOT, RESUMABLE, TINY, cli, run_kernel, start_kernel, wait_for_checkpoint
 from utils.labels import LABELS
 from utils.submission import check_submission_file
 
@@ -80,29 +80,24 @@ def test_split_keeps_patients_on_one_side_and_metrics_are_consistent(tiny_run):
         assert f"val_auc_{k}" in history
 
 
-def test_finished_run_is_not_overwritten_and_resume_continues(tiny_run, tmp_path):
+def test_resume_continues_a_finished_run_with_more_epochs(tiny_run, tmp_path):
     out, _ = tiny_run
-    before = (out / "submission.csv").read_bytes()
-    refused = run_kernel("--out-dir", out, *TINY)
-    assert refused.returncode == 2
-    assert "already holds a finished run" in refused.stderr and "Traceback" not in refused.stderr
-    assert (out / "submission.csv").read_bytes() == before
     resumed = run_kernel("--out-dir", out, *TINY[:-4], "--epochs", "2", "--workers", "0", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming at epoch 2, batch 0" in resumed.stdout
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
 
 
-def test_unknown_option_is_an_error(tmp_path):
-    result = run_kernel("--epoch", "3", "--out-dir", tmp_path)
-    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+def test_unknown_option_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli("--epoch", "3", "--out-dir", tmp_path)
+    assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
 
-def test_wrong_data_dir_explains_the_layout(tmp_path):
-    result = run_kernel("--data-dir", tmp_path, "--out-dir", tmp_path / "out")
-    assert result.returncode == 2
-    assert "stage_2_train.csv" in result.stderr and "stage_2_test" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_wrong_data_dir_explains_the_layout(tmp_path, capsys):
+    assert cli("--data-dir", tmp_path, "--out-dir", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "stage_2_train.csv" in err and "stage_2_test" in err
 
 
 def test_real_data_without_weights_says_how_to_attach_them(tmp_path, rsna_sample):
@@ -153,26 +148,27 @@ def test_kfold_validation_on_one_fold(tmp_path):
     (["--windows", "lung"], "unknown window"),
     (["--epochs", "0"], "--epochs must be positive"),
 ])
-def test_bad_option_values(tmp_path, args, message):
-    result = run_kernel("--out-dir", tmp_path, *args)
-    assert result.returncode == 2 and message in result.stderr
+def test_bad_option_values(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli("--out-dir", tmp_path, *args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_check_submission_command(tiny_run, tmp_path):
+def test_check_submission_command(tiny_run, tmp_path, capsys):
     out, _ = tiny_run
     data = out / "demo_data"
-    good = run_kernel("--check-submission", out / "submission.csv", "--data-dir", data)
-    assert good.returncode == 0 and "valid" in good.stdout
+    assert cli("--check-submission", out / "submission.csv", "--data-dir", data) == 0
+    assert "valid" in capsys.readouterr().out
     sub = pd.read_csv(out / "submission.csv")
     sub.loc[3, "Label"] = 1.5
     broken = tmp_path / "broken.csv"
     sub.iloc[:-6].to_csv(broken, index=False)
-    bad = run_kernel("--check-submission", broken, "--data-dir", data)
-    assert bad.returncode == 2
-    assert sub.loc[3, "ID"] in bad.stderr  # names the bad value's row
-    assert "6 sample IDs" in bad.stderr and sub["ID"].iloc[-6] in bad.stderr  # and the missing rows
-    no_data = run_kernel("--check-submission", broken, "--data-dir", tmp_path)
-    assert no_data.returncode == 2 and "stage_2_sample_submission.csv" in no_data.stderr
+    assert cli("--check-submission", broken, "--data-dir", data) == 2
+    err = capsys.readouterr().err
+    assert sub.loc[3, "ID"] in err  # names the bad value's row
+    assert "6 sample IDs" in err and sub["ID"].iloc[-6] in err  # and the missing rows
+    assert cli("--check-submission", broken, "--data-dir", tmp_path) == 2
+    assert "stage_2_sample_submission.csv" in capsys.readouterr().err
 
 
 def test_files_failing_at_pixel_decoding_are_recorded(tiny_run, tmp_path):

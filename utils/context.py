@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -59,7 +60,7 @@ ORDER_COLUMNS = ("series", "z", "position", "n_in_series", "prev_id", "next_id")
 N_LABELS = len(LABELS)
 HIDDEN = 32
 KERNELS = (5, 3)  # a receptive field of 7 slices, about 3.5 cm at the usual 5 mm spacing
-EPOCHS = 30
+EPOCHS = 10
 LR = 3e-3
 WEIGHT_DECAY = 1e-4
 BATCH_SERIES = 64
@@ -338,7 +339,7 @@ class SeriesRefiner(nn.Module):
 
     def __init__(self, n_labels: int = N_LABELS, hidden: int = HIDDEN, kernels: tuple[int, int] = KERNELS):
         super().__init__()
-        if any(k < 1 or k % 2 == 0 for k in kernels) or len(kernels) != 2:
+        if len(kernels) != 2 or any(k < 1 or k % 2 == 0 for k in kernels):
             raise ValueError(f"kernels must be two odd sizes, got {kernels!r}")
         self.halo = sum((k - 1) // 2 for k in kernels)
         self.body = nn.Sequential(
@@ -389,8 +390,22 @@ def _check_positive_int(value, name: str) -> int:
     return int(value)
 
 
+@contextmanager
+def _one_thread():
+    # The tensors are a few thousand numbers: handing them between threads costs more
+    # than the work (and on a busy machine, 40x more), and one thread sums in one order
+    # whatever the machine's core count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_refiner(logits, labels, series, position, *, seed: int = 0, epochs: int = EPOCHS,
-                  lr: float = LR, batch_size: int = BATCH_SERIES, hidden: int = HIDDEN) -> SeriesRefiner:
+                  lr: float = LR, batch_size: int = BATCH_SERIES, hidden: int = HIDDEN,
+                  kernels: tuple[int, int] = KERNELS) -> SeriesRefiner:
     """One SeriesRefiner fitted to these rows (all of them), with the metric's weighted BCE.
 
     Deterministic for a seed: the weights are drawn from a forked torch RNG (the caller's
@@ -402,13 +417,20 @@ def train_refiner(logits, labels, series, position, *, seed: int = 0, epochs: in
     if not (np.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     packed = pack_series(np.concatenate([x, y], axis=1), series, position)
-    inputs, targets = packed.padded[..., :N_LABELS], packed.padded[..., N_LABELS:]
-    lengths = packed.mask.sum(dim=1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SeriesRefiner(hidden=hidden)
+        model = SeriesRefiner(hidden=hidden, kernels=kernels)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     model.train()
+    with _one_thread():
+        _train_epochs(model, optimizer, packed, epochs, batch_size, seed)
+    return model.eval()
+
+
+def _train_epochs(model: SeriesRefiner, optimizer, packed: PackedSeries, epochs: int,
+                  batch_size: int, seed: int) -> None:
+    inputs, targets = packed.padded[..., :N_LABELS], packed.padded[..., N_LABELS:]
+    lengths = packed.mask.sum(dim=1)
     for epoch in range(epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(inputs))
         for first in range(0, len(order), batch_size):
@@ -421,7 +443,6 @@ def train_refiner(logits, labels, series, position, *, seed: int = 0, epochs: in
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return model.eval()
 
 
 @torch.no_grad()
@@ -430,13 +451,14 @@ def apply_refiner(model: SeriesRefiner, logits, series, position) -> np.ndarray:
     x = _check_logits(logits)
     packed = pack_series(x, series, position)
     lengths = packed.mask.sum(dim=1)
-    out = torch.empty_like(packed.padded)
+    out = torch.zeros_like(packed.padded)
     was_training = model.training
     model.eval()
-    for first in range(0, len(out), INFER_BATCH_SERIES):
-        rows = slice(first, first + INFER_BATCH_SERIES)
-        width = int(lengths[rows].max())
-        out[rows, :width] = model(packed.padded[rows, :width], packed.mask[rows, :width])
+    with _one_thread():
+        for first in range(0, len(out), INFER_BATCH_SERIES):
+            rows = slice(first, first + INFER_BATCH_SERIES)
+            width = int(lengths[rows].max())
+            out[rows, :width] = model(packed.padded[rows, :width], packed.mask[rows, :width])
     model.train(was_training)
     return unpack_series(out, packed.index).numpy()
 
@@ -480,7 +502,7 @@ class RefinerResult:
 
 def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed: int = 0,
                 epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SERIES,
-                hidden: int = HIDDEN) -> RefinerResult:
+                hidden: int = HIDDEN, kernels: tuple[int, int] = KERNELS) -> RefinerResult:
     """Out-of-fold refiners over validation rows: per-slice logits (n, 6), labels (n, 6) 0/1,
     series key and position of each row, and its patient group (see resolve_groups).
 
@@ -517,7 +539,8 @@ def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed
         train, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
         fold_seed = _fold_seed(seed, fold)
         model = train_refiner(x[train], y[train], codes[train], pos[train], seed=fold_seed,
-                              epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden)
+                              epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden,
+                              kernels=kernels)
         oof_logits[held] = apply_refiner(model, x[held], codes[held], pos[held])
         models.append(model)
         train_index.append(train)
@@ -527,7 +550,7 @@ def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed
         models=models, folds=folds, oof_probs=oof, train_index=train_index, fold_seeds=fold_seeds,
         loss_before=weighted_log_loss(y, _sigmoid(x)), loss_after=weighted_log_loss(y, oof),
         settings=dict(n_folds=n_folds, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size,
-                      hidden=hidden, kernels=KERNELS, weight_decay=WEIGHT_DECAY),
+                      hidden=hidden, kernels=tuple(kernels), weight_decay=WEIGHT_DECAY),
     )
 
 
