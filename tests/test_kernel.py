@@ -33,6 +33,17 @@ def test_tiny_demo_writes_every_output(tiny_run):
     for name in ("stage_2_train.csv", "stage_2_sample_submission.csv", "stage_2_train", "stage_2_test"):
         assert (data / name).exists()
     assert "dropped 12 identical repeated rows" in result.stdout
+    for name in ("report.html", "labels.png", "examples.png", "training.png", "dicom_headers.png",
+                 "dicom_headers.csv"):
+        assert (out / "report" / name).stat().st_size > (200 if name.endswith(".csv") else 5000), name
+
+
+def test_report_command_redraws_a_run_s_report(tiny_run, capsys):
+    out, _ = tiny_run
+    (out / "report" / "examples.png").unlink()
+    assert cli("--report", "--out-dir", out) == 0
+    assert (out / "report" / "examples.png").stat().st_size > 1000
+    assert "report.html" in capsys.readouterr().out
 
 
 def test_submission_is_valid_and_in_sample_order(tiny_run):
