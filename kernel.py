@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import data as data_utils
+from utils.context import RefinerResult, fit_refiner, neighbour_paths, order_slices, refine
 from utils.demo import make_demo_dataset
 from utils.dicom import parse_windows, scan_headers
 from utils.engine import (Dist, ResumableSampler, barrier, gather_lists, gather_rows, init_distributed,
@@ -77,6 +78,9 @@ class Config:
     resume: bool = False
     overwrite: bool = False
     demo: bool = False               # set when no data was given: the synthetic dataset
+    context: int = 0                 # 1: neighbouring slices (by z within a series) as channels
+    context_windows: bool = False    # with --context: every window of each slice (9 channels)
+    refine: bool = False             # refine predictions along each series (a 1-D conv)
     accum: int = 1                   # batches per optimizer step (gradient accumulation)
     ckpt_minutes: float = 20.0       # mid-epoch checkpoint interval; 0: after every step
     compile: bool = False            # torch.compile the model
@@ -110,13 +114,17 @@ def parse_args(argv=None) -> tuple[Config, dict]:
              "workers": int, "lr": float, "weight_decay": float, "val_frac": float,
              "seed": int, "tta": _bool, "demo_patients": int,
              "header_cache": str, "folds": int, "fold": int,
-             "accum": int, "ckpt_minutes": float, "checkpoint": str}
+             "accum": int, "ckpt_minutes": float, "checkpoint": str, "context": int}
     for name, kind in types.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"(default: {getattr(Config, name)})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out-dir")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--context-windows", action="store_true",
+                   help="with --context 1: all windows of the slices below, at and above")
+    p.add_argument("--refine", action="store_true",
+                   help="refine each series' predictions with a small sequence model")
     p.add_argument("--predict-only", action="store_true",
                    help="make a submission from --checkpoint without training")
     p.add_argument("--check-submission", metavar="PATH", default=None,
@@ -140,6 +148,10 @@ def parse_args(argv=None) -> tuple[Config, dict]:
                 ("epochs", "image_size", "batch_size", "demo_patients") if getattr(cfg, k) <= 0]
     if cfg.workers < 0:
         problems.append("--workers must be >= 0")
+    if cfg.context not in (0, 1):
+        problems.append("--context must be 0 or 1")
+    if cfg.context_windows and not cfg.context:
+        problems.append("--context-windows needs --context 1")
     if cfg.accum < 1:
         problems.append("--accum must be >= 1")
     if cfg.ckpt_minutes < 0:
@@ -350,6 +362,20 @@ def scan_data(data_dir: Path, ids_by_split: dict[str, list[str]], cfg: Config, o
     return frames
 
 
+def add_slice_order(headers: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Series, position along z, and the paths of the slices below and above each slice
+    (used by --context and --refine; an edge slice is its own neighbour)."""
+    order = order_slices(headers.reset_index())
+    notes = {k: order.attrs.get(k, 0) for k in ("ties", "missing_z", "series_fallback")}
+    log(f"Slice order ({split}): {order.attrs.get('n_series', order['series'].nunique())} series; "
+        f"{notes['ties']} tied z, {notes['missing_z']} without z (alone), "
+        f"{notes['series_fallback']} without a series UID")
+    near = neighbour_paths(order, headers["path"], radius=1)
+    return headers.assign(series=order.loc[headers.index, "series"],
+                          position=order.loc[headers.index, "position"],
+                          below=near.loc[headers.index, -1], above=near.loc[headers.index, 1])
+
+
 # ---------------------------------------------------------------------------------------
 # Stage 3: validation split by patient, stratified over all six labels.
 
@@ -421,10 +447,23 @@ def resolve_weights(cfg: Config) -> str | None:
     return str(found)
 
 
+def slice_dataset(rows: pd.DataFrame, cfg: Config, labels=None, transform=None):
+    """The dataset of these header rows, with neighbouring slices as channels under --context."""
+    neighbours = rows[["below", "above"]].to_numpy() if cfg.context else None
+    return data_utils.SliceDataset(rows["path"].tolist(), labels, parse_windows(cfg.windows),
+                                   cfg.image_size, transform, seed=cfg.seed, neighbours=neighbours,
+                                   neighbour_windows=cfg.context_windows)
+
+
+def input_channels(cfg: Config) -> int:
+    windows = len(parse_windows(cfg.windows))
+    return windows if not cfg.context else 3 * (windows if cfg.context_windows else 1)
+
+
 @torch.no_grad()
-def predict(model, paths, cfg: Config, rt: Runtime, desc: str, tta: bool = False):
-    """Probabilities (n, 6) and a readable flag per file; each rank predicts a share."""
-    ds = data_utils.SliceDataset(paths, windows=parse_windows(cfg.windows), size=cfg.image_size)
+def predict(model, rows: pd.DataFrame, cfg: Config, rt: Runtime, desc: str, tta: bool = False):
+    """Probabilities (n, 6) and a readable flag per header row; each rank predicts a share."""
+    ds = slice_dataset(rows, cfg)
     mine = np.arange(len(ds))[rt.dist.rank::rt.dist.world]
     loader = data_utils.make_loader(torch.utils.data.Subset(ds, mine), cfg.batch_size * 2,
                                     workers=cfg.workers)
@@ -483,7 +522,8 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
     d, main_rank = rt.dist, rt.dist.main
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
     try:
-        model = build_model(cfg.arch, resolve_weights(cfg), strict=cfg.weights_strict)
+        model = build_model(cfg.arch, resolve_weights(cfg), strict=cfg.weights_strict,
+                            in_channels=input_channels(cfg))
     except WeightsError as err:
         raise UserError(str(err)) from None
     model = model.to(rt.device).to(memory_format=torch.channels_last)
@@ -493,9 +533,8 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
             model, device_ids=[d.local_rank] if rt.device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    train_ds = data_utils.SliceDataset(headers.loc[train_df.index, "path"], train_df.to_numpy(),
-                                       parse_windows(cfg.windows), cfg.image_size,
-                                       data_utils.train_transform(), seed=cfg.seed)
+    train_ds = slice_dataset(headers.loc[train_df.index], cfg, train_df.to_numpy(),
+                             data_utils.train_transform())
     sampler = ResumableSampler(len(train_ds), cfg.batch_size, cfg.seed, rank=d.rank, world=d.world,
                                drop_last=len(train_ds) > cfg.batch_size * d.world)
     batches = sampler.batches_per_epoch()
@@ -590,7 +629,7 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
 
             # the plain model: DDP's forward is a collective, and the ranks' shares of the
             # validation set may differ by one batch
-            val_probs, val_ok = predict(model, val_paths, cfg, rt, "validate")
+            val_probs, val_ok = predict(model, headers.loc[val_df.index], cfg, rt, "validate")
             val_probs[~val_ok] = prior
             unreadable = gather_lists(d, pos["unreadable"]) + [p for p, ok in zip(val_paths, val_ok) if not ok]
             if unreadable and main_rank:
@@ -643,18 +682,44 @@ def evaluate(train_df: pd.DataFrame, val_df: pd.DataFrame, val_probs: np.ndarray
     return metrics
 
 
+def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.DataFrame,
+                       cfg: Config) -> tuple[RefinerResult, np.ndarray]:
+    """--refine: a small 1-D conv over each series' per-slice logits, trained on the
+    validation predictions in patient-grouped folds, so each slice's refined value comes
+    from a model that never saw its patient. Returns the refiner and the out-of-fold
+    refined validation probabilities (an honest estimate of its gain)."""
+    h = headers.loc[val_df.index]
+    groups, _, _ = resolve_groups(h["patient_id"].to_numpy(), h["study_uid"].to_numpy(),
+                                  val_df.index.to_numpy())
+    result = fit_refiner(_logit(val_probs), val_df.to_numpy(), h["series"].to_numpy(),
+                         h["position"].to_numpy(), groups, n_folds=5, seed=cfg.seed)
+    log(f"Refiner: validation weighted log loss {weighted_log_loss(val_df.to_numpy(), val_probs):.4f} "
+        f"per slice -> {weighted_log_loss(val_df.to_numpy(), result.oof_probs):.4f} refined "
+        f"along the series (out of fold, {result.n_folds} patient folds)")
+    return result, result.oof_probs
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
 # ---------------------------------------------------------------------------------------
 # Stage 6: predict the test set and write a checked submission.
 
 def predict_and_submit(model, cfg: Config, data_dir: Path, test_ids: list[str],
-                       test_headers: pd.DataFrame, prior: np.ndarray, out_dir: Path, rt: Runtime) -> dict:
+                       test_headers: pd.DataFrame, prior: np.ndarray, out_dir: Path, rt: Runtime,
+                       refiner: RefinerResult | None = None) -> dict:
     readable_ids = [i for i in test_ids if i in test_headers.index]
-    probs, ok = predict(model, test_headers.loc[readable_ids, "path"].tolist(), cfg, rt,
-                        "predict test", tta=cfg.tta)
+    probs, ok = predict(model, test_headers.loc[readable_ids], cfg, rt, "predict test", tta=cfg.tta)
     probs[~ok] = prior
     if not ok.all() and rt.dist.main:
         record_bad_files(out_dir, [p for p, good in zip(test_headers.loc[readable_ids, "path"], ok)
                                    if not good], "pixel data could not be decoded; prior predicted")
+    if refiner is not None:
+        rows = test_headers.loc[readable_ids]
+        probs = refine(refiner, _logit(probs), rows["series"].to_numpy(), rows["position"].to_numpy())
+        probs[~ok] = prior  # an unreadable slice keeps the prior; its neighbours were refined
     n_prior = len(test_ids) - int(ok.sum())
     if n_prior:
         log(f"{n_prior} unreadable test images are predicted with the training prior")
@@ -746,17 +811,20 @@ def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path) -> dic
     try:
         state = load_checkpoint(Path(cfg.checkpoint))
         trained = state["config"]
-        model = build_model(trained["arch"])
+        model = build_model(trained["arch"], in_channels=state["model"]["conv1.weight"].shape[1])
         model.load_state_dict(state["model"])
     except Exception as err:  # unpickling refusals and bad contents come in many types
         raise UserError(f"{cfg.checkpoint}: not a checkpoint of this pipeline "
                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
     cfg = dataclasses.replace(cfg, arch=trained["arch"], image_size=trained["image_size"],
-                              windows=trained["windows"])
+                              windows=trained["windows"], context=trained.get("context", 0),
+                              context_windows=trained.get("context_windows", False))
     log(f"Predicting with {cfg.checkpoint} ({cfg.arch}, {cfg.image_size}px, windows {cfg.windows})")
     model = model.to(rt.device).to(memory_format=torch.channels_last)
     test_ids = list(read_sample_submission(data_dir / "stage_2_sample_submission.csv").image_ids)
     test_headers = scan_data(data_dir, {"test": test_ids}, cfg, out_dir, rt.dist)["test"]
+    if cfg.context:
+        test_headers = add_slice_order(test_headers, "test")
     return predict_and_submit(model, cfg, data_dir, test_ids, test_headers,
                               state["prior"].numpy(), out_dir, rt)
 
@@ -808,16 +876,26 @@ def main(argv=None) -> int:
     test_ids = list(read_sample_submission(data_dir / "stage_2_sample_submission.csv").image_ids)
     headers = scan_data(data_dir, {"train": list(labels.index), "test": test_ids}, cfg, out_dir, d)
     train_headers, test_headers = headers["train"], headers["test"]
+    if cfg.context or cfg.refine:
+        train_headers = add_slice_order(train_headers, "train")
+        test_headers = add_slice_order(test_headers, "test")
     train_df, val_df = make_split(labels, train_headers, cfg, out_dir)
     model, val_probs, best_epoch = train(cfg, train_df, val_df, train_headers, out_dir, rt)
+    refiner, unrefined_val_probs = None, val_probs
+    if cfg.refine:
+        refiner, val_probs = fit_series_refiner(val_df, val_probs, train_headers, cfg)
     if d.enabled:
         digest = hashlib.sha1(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
         print(f"rank {d.rank} of {d.world}: final weights sha1 {digest.hexdigest()}", flush=True)
     prior = prior_probabilities(train_df.to_numpy())
-    test_metrics = predict_and_submit(model, cfg, data_dir, test_ids, test_headers, prior, out_dir, rt)
+    test_metrics = predict_and_submit(model, cfg, data_dir, test_ids, test_headers, prior, out_dir,
+                                      rt, refiner)
     if d.main:
         metrics = evaluate(train_df, val_df, val_probs, out_dir)
         metrics.update(test_metrics)
+        if refiner is not None:
+            metrics["val_weighted_log_loss_unrefined"] = weighted_log_loss(val_df.to_numpy(),
+                                                                           unrefined_val_probs)
         n_bad = len(pd.read_csv(out_dir / "bad_files.csv"))
         metrics.update(best_epoch=best_epoch, n_bad_files=n_bad, processes=d.world,
                        seconds=round(time.perf_counter() - started, 1))

@@ -104,3 +104,17 @@ def test_find_weights_in_usual_places(tmp_path):
     assert find_weights("resnext101_32x8d", [tmp_path]).name == "ig_resnext101_32x8-c38310e5.pth"
     assert find_weights("resnext50_32x4d", [tmp_path]).name == "resnext50_32x4d-7cdf4587.pth"
     assert find_weights("resnet18", [tmp_path]) is None
+
+
+def test_widened_input_keeps_pretrained_activations():
+    import copy
+
+    from utils.model import widen_input
+    torch.manual_seed(0)
+    plain = create_model("resnet18").eval()
+    wide = widen_input(copy.deepcopy(plain), 9).eval()
+    assert wide.conv1.in_channels == 9 and widen_input(plain, 3) is plain
+    x = torch.randn(2, 3, 32, 32)
+    # the same slice as below, at and above: exactly the pretrained network's output
+    assert torch.allclose(wide(x.repeat(1, 3, 1, 1)), plain(x), atol=1e-4)
+    assert build_model("resnet18", in_channels=4).conv1.in_channels == 4

@@ -38,10 +38,17 @@ class SliceDataset(Dataset):
     worker mid-epoch; the training loop leaves it out of the loss and the caller lists it.
     Augmentation is seeded per sample from (seed, epoch, index): set ``epoch`` before each
     epoch, and the same sample gets the same augmentation in any worker, in any run.
+
+    With ``neighbours`` (the paths of the slices below and above each one, from
+    utils.context.neighbour_paths) the channels become neighbouring slices: with
+    ``neighbour_windows`` False, the first window of the slice below, the slice, and the
+    slice above (3 channels: pretrained weights apply unchanged); with it True, every
+    window of each of the three (3 x windows channels).
     """
 
     def __init__(self, paths, labels: np.ndarray | None = None, windows=DEFAULT_WINDOWS,
-                 size: int = 256, transform=None, seed: int = 0):
+                 size: int = 256, transform=None, seed: int = 0, neighbours=None,
+                 neighbour_windows: bool = False):
         self.paths = [str(p) for p in paths]
         n_labels = 6 if labels is None else labels.shape[1]
         self.labels = (np.zeros((len(self.paths), n_labels), np.float32) if labels is None
@@ -50,16 +57,34 @@ class SliceDataset(Dataset):
             raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} label rows")
         self.windows, self.size, self.transform = tuple(windows), int(size), transform
         self.seed, self.epoch = seed, 0
+        self.neighbours = None if neighbours is None else [tuple(map(str, n)) for n in neighbours]
+        if self.neighbours is not None and len(self.neighbours) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.neighbours)} neighbour pairs")
+        if self.neighbours is not None and not neighbour_windows:
+            self.windows = self.windows[:1]
+        self.channels = len(self.windows) * (1 if self.neighbours is None else 3)
+
+    def _read(self, i: int) -> np.ndarray:
+        img = read_windowed(self.paths[i], self.windows, size=self.size)
+        if self.neighbours is None:
+            return img
+        below, above = self.neighbours[i]
+        stack = []
+        for path in (below, above):
+            try:
+                stack.append(img if path == self.paths[i] else read_windowed(path, self.windows, size=self.size))
+            except DicomError:
+                stack.append(img)  # an unreadable neighbour: repeat the slice, as at an edge
+        return np.concatenate([stack[0], img, stack[1]], axis=2)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            img = read_windowed(self.paths[i], self.windows, size=self.size)
-            ok = True
+            img, ok = self._read(i), True
         except DicomError:
-            img, ok = np.zeros((self.size, self.size, len(self.windows)), np.uint8), False
+            img, ok = np.zeros((self.size, self.size, self.channels), np.uint8), False
         if self.transform is not None and ok:
             self.transform.set_random_seed(sample_seed(self.seed, self.epoch, i))
             img = self.transform(image=img)["image"]

@@ -110,9 +110,26 @@ def find_weights(arch: str, search_dirs=None) -> Path | None:
     return None
 
 
-def build_model(arch: str, weights=None, strict: bool = True) -> nn.Module:
+def widen_input(model: nn.Module, in_channels: int) -> nn.Module:
+    """Take ``in_channels`` instead of 3: the first conv's RGB filters are repeated over
+    the groups of three channels and divided by their number, so that a stack of
+    identical inputs gives the pretrained activations exactly."""
+    if in_channels == model.conv1.in_channels:
+        return model
+    old = model.conv1
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    bias=old.bias is not None)
+    with torch.no_grad():
+        repeats = -(-in_channels // old.in_channels)
+        weight = old.weight.repeat(1, repeats, 1, 1)[:, :in_channels]
+        new.weight.copy_(weight * old.in_channels / in_channels)
+    model.conv1 = new
+    return model
+
+
+def build_model(arch: str, weights=None, strict: bool = True, in_channels: int = 3) -> nn.Module:
     """The classifier for the task: ``weights`` a local file or None for random init."""
     model = create_model(arch)
     if weights is not None:
         load_pretrained(model, weights, strict=strict)
-    return replace_head(model)
+    return replace_head(widen_input(model, in_channels))
