@@ -683,7 +683,7 @@ def evaluate(train_df: pd.DataFrame, val_df: pd.DataFrame, val_probs: np.ndarray
 
 
 def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.DataFrame,
-                       cfg: Config) -> tuple[RefinerResult, np.ndarray]:
+                       cfg: Config) -> tuple[RefinerResult | None, np.ndarray]:
     """--refine: a small 1-D conv over each series' per-slice logits, trained on the
     validation predictions in patient-grouped folds, so each slice's refined value comes
     from a model that never saw its patient. Returns the refiner and the out-of-fold
@@ -691,6 +691,10 @@ def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.
     h = headers.loc[val_df.index]
     groups, _, _ = resolve_groups(h["patient_id"].to_numpy(), h["study_uid"].to_numpy(),
                                   val_df.index.to_numpy())
+    if len(np.unique(groups)) < 2:
+        log(f"Refiner skipped: the validation set holds {len(np.unique(groups))} patient, and "
+            f"out-of-fold refinement needs at least 2; the submission is not refined")
+        return None, val_probs
     result = fit_refiner(_logit(val_probs), val_df.to_numpy(), h["series"].to_numpy(),
                          h["position"].to_numpy(), groups, n_folds=5, seed=cfg.seed)
     log(f"Refiner: validation weighted log loss {weighted_log_loss(val_df.to_numpy(), val_probs):.4f} "

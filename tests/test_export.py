@@ -12,8 +12,9 @@ from utils.demo import make_demo_dataset
 from utils.export import build_bundle, build_notebook, export_kaggle, kernel_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
+# with the slice-context options, so that they are shown to work through the export too
 ARGS = ["--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--workers", "0",
-        "--weights", "none", "--seed", "3"]
+        "--weights", "none", "--seed", "3", "--context", "1", "--refine", "--val-frac", "0.4"]
 NOTEBOOK_RUNNER = """
 import json, sys, __future__
 cells = [c for c in json.load(open(sys.argv[1]))["cells"] if c["cell_type"] == "code"]
@@ -83,6 +84,7 @@ def test_bundle_and_notebook_give_kernel_py_s_submission(export, tmp_path):
                           "--out-dir", str(tmp_path / "ref"), *ARGS], capture_output=True, text=True,
                          cwd=ROOT, env=_clean_env(), timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "Refiner: validation weighted log loss" in ref.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
     bundle = base / "kaggle" / "kernel_bundle.py"

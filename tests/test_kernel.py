@@ -237,7 +237,8 @@ def test_torchrun_two_processes_train_identical_weights(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             str(ROOT / "kernel.py"), "--out-dir", str(out), *TINY], cwd=tmp_path,
+                             str(ROOT / "kernel.py"), "--out-dir", str(out), *TINY,
+                             "--context", "1", "--refine"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     digests = sorted(line.split()[-1] for line in result.stdout.splitlines() if "final weights sha1" in line)
@@ -245,6 +246,7 @@ def test_torchrun_two_processes_train_identical_weights(tmp_path):
     assert result.stdout.count("Validation weighted log loss") == 1  # rank 0 alone reports
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2
+    assert "val_weighted_log_loss_unrefined" in metrics  # --refine ran, on rank 0's gathered rows
     assert check_submission_file(out / "submission.csv", out / "demo_data" / "stage_2_sample_submission.csv") == []
     assert len(pd.read_csv(out / "val_predictions.csv")) == metrics["n_val"]
 
@@ -299,3 +301,19 @@ def test_a_later_kaggle_session_adopts_the_previous_checkpoint(tiny_run, tmp_pat
     assert (working / "checkpoints" / "last.pt").read_bytes() == (out / "checkpoints" / "last.pt").read_bytes()
     assert (working / "history.csv").is_file()
     assert kernel.adopt_previous_session(working, tmp_path / "nothing-here") is None
+
+
+def test_context_and_refine_options(tmp_path):
+    out = tmp_path / "out"
+    result = run_kernel("--out-dir", out, *TINY, "--context", "1", "--context-windows", "--refine")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Slice order (train): 6 series" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_weighted_log_loss"] != metrics["val_weighted_log_loss_unrefined"]
+    import torch
+    state = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    assert state["model"]["conv1.weight"].shape[1] == 9  # 3 windows x 3 slices
+    assert check_submission_file(out / "submission.csv", out / "demo_data" / "stage_2_sample_submission.csv") == []
+    predicted = run_kernel("--predict-only", "--checkpoint", out / "checkpoints" / "best.pt",
+                           "--data-dir", out / "demo_data", "--out-dir", tmp_path / "p", "--workers", "0")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
