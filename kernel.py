@@ -3,11 +3,14 @@
     python kernel.py                                   # demo on a synthetic dataset it writes
     python kernel.py --data-dir DATA --weights ig_resnext101_32x8-c38310e5.pth
     python kernel.py --data-dir DATA --weights none    # random init, on purpose
+    torchrun --nproc_per_node 4 kernel.py --data-dir DATA --weights WEIGHTS.pth
+    python kernel.py --export-kaggle kaggle/ --kaggle-id USER/SLUG   # notebook to upload
 
-Stages, in the order they run: settings -> labels -> headers -> split -> train ->
-validate -> predict and submit. DATA is the folder holding stage_2_train.csv,
-stage_2_sample_submission.csv, stage_2_train/ and stage_2_test/. On Kaggle the data is
-found under /kaggle/input and outputs go to /kaggle/working.
+Stages, in the order they run: settings -> labels -> headers (and slice order) ->
+split -> train -> validate (and refine) -> predict and submit -> report. DATA is the
+folder holding stage_2_train.csv, stage_2_sample_submission.csv, stage_2_train/ and
+stage_2_test/. On Kaggle the data is found under /kaggle/input and outputs go to
+/kaggle/working.
 """
 from __future__ import annotations
 
@@ -683,7 +686,7 @@ def evaluate(train_df: pd.DataFrame, val_df: pd.DataFrame, val_probs: np.ndarray
 
 
 def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.DataFrame,
-                       cfg: Config) -> tuple[RefinerResult | None, np.ndarray]:
+                       cfg: Config) -> tuple[RefinerResult | None, np.ndarray, float]:
     """--refine: a small 1-D conv over each series' per-slice logits, trained on the
     validation predictions in patient-grouped folds, so each slice's refined value comes
     from a model that never saw its patient. Returns the refiner and the out-of-fold
@@ -694,13 +697,19 @@ def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.
     if len(np.unique(groups)) < 2:
         log(f"Refiner skipped: the validation set holds {len(np.unique(groups))} patient, and "
             f"out-of-fold refinement needs at least 2; the submission is not refined")
-        return None, val_probs
+        return None, val_probs, float("nan")
     result = fit_refiner(_logit(val_probs), val_df.to_numpy(), h["series"].to_numpy(),
                          h["position"].to_numpy(), groups, n_folds=5, seed=cfg.seed)
-    log(f"Refiner: validation weighted log loss {weighted_log_loss(val_df.to_numpy(), val_probs):.4f} "
-        f"per slice -> {weighted_log_loss(val_df.to_numpy(), result.oof_probs):.4f} refined "
+    before = weighted_log_loss(val_df.to_numpy(), val_probs)
+    after = weighted_log_loss(val_df.to_numpy(), result.oof_probs)
+    log(f"Refiner: validation weighted log loss {before:.4f} per slice -> {after:.4f} refined "
         f"along the series (out of fold, {result.n_folds} patient folds)")
-    return result, result.oof_probs
+    if after >= before:
+        # Trained on a small validation set the refiner can overfit; it is used only where
+        # its out-of-fold loss shows it helps.
+        log("Refiner not used: it does not beat the per-slice predictions out of fold")
+        return None, val_probs, after
+    return result, result.oof_probs, after
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -885,9 +894,9 @@ def main(argv=None) -> int:
         test_headers = add_slice_order(test_headers, "test")
     train_df, val_df = make_split(labels, train_headers, cfg, out_dir)
     model, val_probs, best_epoch = train(cfg, train_df, val_df, train_headers, out_dir, rt)
-    refiner, unrefined_val_probs = None, val_probs
+    refiner, unrefined_val_probs, refined_loss = None, val_probs, float("nan")
     if cfg.refine:
-        refiner, val_probs = fit_series_refiner(val_df, val_probs, train_headers, cfg)
+        refiner, val_probs, refined_loss = fit_series_refiner(val_df, val_probs, train_headers, cfg)
     if d.enabled:
         digest = hashlib.sha1(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
         print(f"rank {d.rank} of {d.world}: final weights sha1 {digest.hexdigest()}", flush=True)
@@ -897,7 +906,9 @@ def main(argv=None) -> int:
     if d.main:
         metrics = evaluate(train_df, val_df, val_probs, out_dir)
         metrics.update(test_metrics)
-        if refiner is not None:
+        if cfg.refine:
+            metrics["refiner_used"] = refiner is not None
+            metrics["val_weighted_log_loss_refined_oof"] = refined_loss
             metrics["val_weighted_log_loss_unrefined"] = weighted_log_loss(val_df.to_numpy(),
                                                                            unrefined_val_probs)
         n_bad = len(pd.read_csv(out_dir / "bad_files.csv"))
