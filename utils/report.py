@@ -458,7 +458,7 @@ def write_training_figure(history: pd.DataFrame, path: str | PathLike,
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.tick_params(labelsize=8)
             ax.grid(alpha=0.3)
-    fig.suptitle(f"Training: {len(history)} epochs", fontsize=12)
+    fig.suptitle(f"Training: {len(history)} epoch{'' if len(history) == 1 else 's'}", fontsize=12)
     return _save_figure(fig, path)
 
 
