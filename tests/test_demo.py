@@ -1,0 +1,57 @@
+"""utils.demo: the synthetic dataset has the real data's layout, variants and faults."""
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from utils.demo import make_demo_dataset
+from utils.dicom import read_hu, scan_headers
+from utils.labels import LABELS, read_labels
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n_train_patients=6,
+                             n_test_patients=3, seed=11)
+
+
+def test_layout_labels_and_faults(demo):
+    for name in ("stage_2_train.csv", "stage_2_sample_submission.csv", "stage_2_train", "stage_2_test"):
+        assert (demo / name).exists()
+    raw = pd.read_csv(demo / "stage_2_train.csv")
+    assert raw.duplicated().sum() == 12  # two images repeated, identically
+    labels = read_labels(demo / "stage_2_train.csv")
+    assert list(labels.columns) == list(LABELS)
+    assert (labels["any"] == labels[list(LABELS[:5])].max(axis=1)).all()
+    sample = pd.read_csv(demo / "stage_2_sample_submission.csv")
+    assert (sample["Label"] == 0.5).all() and len(sample) % 6 == 0
+    for split, ids in (("train", labels.index), ("test", sample["ID"].str[:12].unique())):
+        files = sorted((demo / f"stage_2_{split}").glob("*.dcm"))
+        assert {f.stem for f in files} == set(ids)
+        headers, bad = scan_headers(files)
+        assert len(bad) == 1 and "pixel data is short" in bad.loc[0, "reason"]
+
+
+def test_header_variants_of_the_real_data(demo):
+    headers, _ = scan_headers(sorted((demo / "stage_2_train").glob("*.dcm")))
+    variants = set(zip(headers["bits_stored"], headers["pixel_representation"], headers["rescale_intercept"],
+                       headers["multi_window"]))
+    assert (12, 0, -1024.0, True) in variants and (16, 1, -1024.0, False) in variants
+    assert (12, 0, 0.0, True) in variants  # the 12-bit wrap
+    assert set(headers["transfer_syntax"]) == {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+    signed = headers.loc[headers["pixel_representation"] == 1, "path"].iloc[0]
+    assert read_hu(signed).min() == -2000 - 1024  # padding outside the field of view
+    wrapped = headers.loc[headers["rescale_intercept"] == 0, "path"].iloc[0]
+    assert read_hu(wrapped).min() >= -1000 - 20  # air, once the wrap is undone (plus noise)
+    ds = pydicom.dcmread(signed, stop_before_pixels=True)
+    assert ds.SOPInstanceUID.startswith("ID_")  # like the RSNA files, not a real UID
+
+
+def test_lesions_run_over_neighbouring_slices(demo):
+    labels = read_labels(demo / "stage_2_train.csv")
+    headers, _ = scan_headers(sorted((demo / "stage_2_train").glob("*.dcm")))
+    h = headers.set_index("image_id").join(labels, how="inner").sort_values(["series_uid", "z"])
+    for _, series in h.groupby("series_uid"):
+        for label in LABELS[:5]:
+            on = np.flatnonzero(series[label].to_numpy())
+            assert len(on) == 0 or on[-1] - on[0] + 1 == len(on)  # one unbroken run along z
