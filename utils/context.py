@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from utils.engine import weighted_bce
-from utils.labels import LABELS
+from utils.labels import LABELS, format_examples
 from utils.metrics import weighted_log_loss
 from utils.split import kfold_by_patient
 
@@ -65,7 +65,6 @@ LR = 3e-3
 WEIGHT_DECAY = 1e-4
 BATCH_SERIES = 64
 INFER_BATCH_SERIES = 512
-_MAX_EXAMPLES = 5
 
 
 class RefinerWarning(UserWarning):
@@ -79,12 +78,6 @@ def _blank(column: pd.Series) -> np.ndarray:
     """None, NaN, pandas NA or a blank string: headers store an absent tag all these ways."""
     text = column.astype("str").fillna("").str.strip()
     return (column.isna() | (text == "")).to_numpy(dtype=bool)
-
-
-def _examples(values) -> str:
-    values = list(values)
-    shown = ", ".join(str(v) for v in values[:_MAX_EXAMPLES])
-    return shown + (f" and {len(values) - _MAX_EXAMPLES} more" if len(values) > _MAX_EXAMPLES else "")
 
 
 def _check_headers(headers: pd.DataFrame) -> tuple[pd.Series, np.ndarray]:
@@ -103,7 +96,7 @@ def _check_headers(headers: pd.DataFrame) -> tuple[pd.Series, np.ndarray]:
     image_id = headers["image_id"].astype("str").reset_index(drop=True)
     repeated = image_id[image_id.duplicated()].unique()
     if len(repeated):
-        raise ValueError(f"{len(repeated)} image IDs occur more than once: {_examples(repeated)}")
+        raise ValueError(f"{len(repeated)} image IDs occur more than once: {format_examples(repeated)}")
     try:
         z = pd.to_numeric(headers["z"], errors="raise").to_numpy(dtype=np.float64, na_value=np.nan)
     except (TypeError, ValueError) as err:
@@ -242,10 +235,10 @@ def neighbour_paths(order: pd.DataFrame, paths: pd.Series, radius: int = 1) -> p
     if not isinstance(paths, pd.Series):
         raise TypeError(f"paths must be a Series indexed by image_id, got {type(paths).__name__}")
     if paths.index.has_duplicates:
-        raise ValueError(f"paths has repeated image IDs: {_examples(paths.index[paths.index.duplicated()].unique())}")
+        raise ValueError(f"paths has repeated image IDs: {format_examples(paths.index[paths.index.duplicated()].unique())}")
     at = paths.index.get_indexer(order.index)
     if (at < 0).any():
-        raise ValueError(f"paths lacks {int((at < 0).sum())} images of order: {_examples(order.index[at < 0])}")
+        raise ValueError(f"paths lacks {int((at < 0).sum())} images of order: {format_examples(order.index[at < 0])}")
     own = pd.Series(paths.astype("str").array).take(at).reset_index(drop=True)
     columns = {k: own.take(rows).array for k, rows in _neighbour_rows(order, radius).items()}
     return pd.DataFrame(columns, index=order.index)
@@ -523,7 +516,7 @@ def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed
     if (per_series > 1).any():
         bad = series_keys[per_series.index[per_series > 1]]
         raise ValueError(f"{len(bad)} series span several patient groups, which would leak "
-                         f"labels across folds: {_examples(bad)}")
+                         f"labels across folds: {format_examples(bad)}")
     n_folds = _check_positive_int(n_folds, "n_folds")
     if len(group_keys) < 2:
         raise ValueError(f"fit_refiner needs at least 2 patient groups, got {len(group_keys)}")

@@ -24,9 +24,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from utils.labels import LABELS
+from utils.labels import LABELS, SUBTYPES
 
-SUBTYPES = LABELS[:5]
 AIR, BRAIN_HU, CSF_HU, BONE_HU, BLOOD_HU = -1000.0, 32.0, 5.0, 1200.0, 75.0
 VARIANTS = ("12bit_unsigned", "16bit_signed", "12bit_wrap")
 

@@ -299,6 +299,16 @@ def _read_head(path: Path, f, size: int) -> tuple[dict, str, int, int]:
         return _parse_simple(f.read())
 
 
+def _check_pixel_length(path: Path, h: Header, have: int) -> int:
+    """Check the geometry and that ``have`` bytes of pixel data hold the image; its size."""
+    _check_geometry(path, h)
+    need = h.rows * h.columns * (h.bits_allocated // 8)
+    if have < need:
+        raise DicomError(path, f"pixel data is short: {have} bytes, the header's "
+                               f"{h.rows}x{h.columns}x{h.bits_allocated}-bit image needs {need}")
+    return need
+
+
 def _read_raw(path) -> tuple[Header, np.ndarray]:
     """The header and the stored values as raw unsigned codes for the look-up tables.
 
@@ -322,15 +332,9 @@ def _read_raw(path) -> tuple[Header, np.ndarray]:
     except _NotSimple:
         return _read_raw_pydicom(path)
     h = _header_from_values(path, values, syntax)
-    _check_geometry(path, h)
-    itemsize = h.bits_allocated // 8
-    need = h.rows * h.columns * itemsize
-    have = min(length, got - offset)
-    if have < need:
-        raise DicomError(path, f"pixel data is short: {have} bytes, the header's "
-                               f"{h.rows}x{h.columns}x{h.bits_allocated}-bit image needs {need}")
+    need = _check_pixel_length(path, h, min(length, got - offset))
     codes = buf[offset:offset + need]
-    return h, codes.view(np.uint8 if itemsize == 1 else "<u2").reshape(h.rows, h.columns)
+    return h, codes.view(np.uint8 if h.bits_allocated == 8 else "<u2").reshape(h.rows, h.columns)
 
 
 def _read_raw_pydicom(path: Path) -> tuple[Header, np.ndarray]:
@@ -436,11 +440,7 @@ def read_header(path) -> Header:
         _check_geometry(path, h)
         return h
     h = _header_from_values(path, values, syntax)
-    _check_geometry(path, h)
-    need = h.rows * h.columns * (h.bits_allocated // 8)
-    if min(length, size - offset) < need:
-        raise DicomError(path, f"pixel data is short: {min(length, size - offset)} bytes, "
-                               f"the header's {h.rows}x{h.columns} image needs {need}")
+    _check_pixel_length(path, h, min(length, size - offset))
     return h
 
 

@@ -402,8 +402,11 @@ def _concat(parts) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------- diagnostics
-def _examples(items: list[str], total: int) -> str:
-    shown = ", ".join(items[:_MAX_EXAMPLES])
+def format_examples(items, total: int | None = None) -> str:
+    """The first few items for an error message, and how many more there are."""
+    items = list(items)
+    total = len(items) if total is None else total
+    shown = ", ".join(str(item) for item in items[:_MAX_EXAMPLES])
     return shown + (f" and {total - _MAX_EXAMPLES} more" if total > _MAX_EXAMPLES else "")
 
 
@@ -431,7 +434,7 @@ def _id_problems(source: str | Path, ids: pa.ChunkedArray, bad: np.ndarray) -> s
         f"line {row + _FIRST_DATA_LINE}: {_decode(raw)!r} ({_why_bad_id(_decode(raw))})"
         for row, raw in zip(rows, shown)
     ]
-    return f"{source}: {len(rows)} rows with a malformed ID: {_examples(items, len(rows))}"
+    return f"{source}: {len(rows)} rows with a malformed ID: {format_examples(items, len(rows))}"
 
 
 def _row_problems(path: Path, table: pa.Table, bad_id: np.ndarray, bad_label: np.ndarray) -> str:
@@ -442,7 +445,7 @@ def _row_problems(path: Path, table: pa.Table, bad_id: np.ndarray, bad_label: np
         rows = np.flatnonzero(bad_label)
         shown = table["Label"].take(pa.array(rows[:_MAX_EXAMPLES])).to_pylist()
         items = [f"line {row + _FIRST_DATA_LINE}: {_decode(raw)!r}" for row, raw in zip(rows, shown)]
-        examples = _examples(items, len(rows))
+        examples = format_examples(items, len(rows))
         problems.append(f"{path}: {len(rows)} rows with a Label other than 0 or 1: {examples}")
     return "\n".join(problems)
 
@@ -459,7 +462,7 @@ def _conflicting_duplicates(
         lines = ", ".join(str(row + _FIRST_DATA_LINE) for row in np.flatnonzero(key == k))
         row_id = f"{image_ids[k // len(LABELS)]}_{LABELS[k % len(LABELS)]}"
         items.append(f"{row_id} (lines {lines})")
-    return [f"{len(conflicts)} IDs are repeated with both labels 0 and 1: {_examples(items, len(conflicts))}"]
+    return [f"{len(conflicts)} IDs are repeated with both labels 0 and 1: {format_examples(items, len(conflicts))}"]
 
 
 def _incomplete_images(n_rows: np.ndarray, image_index: np.ndarray, image_ids: pd.Index) -> list[str]:
@@ -472,7 +475,7 @@ def _incomplete_images(n_rows: np.ndarray, image_index: np.ndarray, image_ids: p
         items.append(f"{image_ids[image]} (line {first_line}; missing {missing})")
     return [
         f"{len(incomplete)} images have fewer than {len(LABELS)} subtype rows: "
-        f"{_examples(items, len(incomplete))}"
+        f"{format_examples(items, len(incomplete))}"
     ]
 
 
@@ -487,7 +490,7 @@ def _warn_any_mismatch(labels: pd.DataFrame, source: str | Path) -> None:
     parts = []
     for rows, what in ((missed, "any=0 while a subtype is 1"), (orphan, "any=1 but no subtype")):
         if rows.size:
-            examples = _examples(list(labels.index[rows[:_MAX_EXAMPLES]]), rows.size)
+            examples = format_examples(list(labels.index[rows[:_MAX_EXAMPLES]]), rows.size)
             parts.append(f"{rows.size} images have {what} (e.g. {examples})")
     if parts:
         warnings.warn(f"{source}: " + "; ".join(parts), LabelWarning, stacklevel=3)

@@ -29,6 +29,7 @@ from utils.labels import (
     LABELS,
     LabelError,
     check_image_id,
+    format_examples,
     is_valid_image_id,
     parse_row_ids,
     read_id_label_csv,
@@ -45,7 +46,6 @@ PROB_MAX = 1 - 1e-6
 # and keep the clip bounds distinct; "%.6g" would print 1 - 1e-6 as "1".
 FLOAT_FORMAT = "%.9g"
 SUBMISSION_SUFFIXES = (".csv", ".csv.gz")
-_MAX_EXAMPLES = 5
 
 
 class SubmissionError(ValueError):
@@ -80,7 +80,7 @@ def read_sample_submission(path: str | PathLike) -> SampleSubmission:
     if repeated.any():
         lines = np.flatnonzero(repeated) + 2  # line 1 is the header
         items = [f"line {line}: {row_id}" for line, row_id in zip(lines, row_ids[repeated])]
-        examples = _examples(items, len(lines))
+        examples = format_examples(items, len(lines))
         raise SubmissionError(f"sample submission: {path}: {len(lines)} repeated row IDs: {examples}")
     return SampleSubmission(row_ids, parsed.image_ids, parsed.image_index, parsed.subtype_index)
 
@@ -103,7 +103,7 @@ def build_submission(sample_path: str | PathLike, image_ids, probs, *, fill=None
         if fill is None:
             raise SubmissionError(
                 f"{int(missing.sum())} sample images have no prediction (pass fill= to use a default): "
-                f"{_examples(list(sample.image_ids[missing]), int(missing.sum()))}"
+                f"{format_examples(list(sample.image_ids[missing]), int(missing.sum()))}"
             )
         table = np.vstack([table, _check_fill(fill)])
         position[missing] = len(table) - 1
@@ -141,19 +141,19 @@ def validate_submission(submission: pd.DataFrame | str | PathLike, sample_path: 
     no_id = ids.isna().to_numpy()
     if no_id.any():
         rows = [str(row) for row in np.flatnonzero(no_id)]
-        problems.append(f"{len(rows)} rows have no ID (rows {_examples(rows, len(rows))})")
+        problems.append(f"{len(rows)} rows have no ID (rows {format_examples(rows, len(rows))})")
     ids = pd.Index(ids[~no_id].astype("str"))
     counts = ids.value_counts(sort=False)
     repeated = counts[counts > 1]
     if len(repeated):
         items = [f"{row_id} ({count} times)" for row_id, count in repeated.items()]
-        problems.append(f"{len(repeated)} IDs appear more than once: {_examples(items, len(repeated))}")
+        problems.append(f"{len(repeated)} IDs appear more than once: {format_examples(items, len(repeated))}")
     absent = sample.row_ids[~sample.row_ids.isin(ids)]
     if len(absent):
-        problems.append(f"{len(absent)} sample IDs are missing: {_examples(list(absent), len(absent))}")
+        problems.append(f"{len(absent)} sample IDs are missing: {format_examples(list(absent), len(absent))}")
     extra = counts.index[~counts.index.isin(sample.row_ids)]
     if len(extra):
-        examples = _examples(list(extra), len(extra))
+        examples = format_examples(list(extra), len(extra))
         problems.append(f"{len(extra)} IDs are not in the sample submission: {examples}")
     problems += _value_problems(submission)
     return problems
@@ -228,12 +228,12 @@ def _value_problems(submission: pd.DataFrame) -> list[str]:
     not_finite = ~np.isfinite(values)
     if not_finite.any():
         items = list(ids[not_finite])
-        examples = _examples(items, len(items))
+        examples = format_examples(items, len(items))
         problems.append(f"{len(items)} rows have a Label that is not a finite number: {examples}")
     outside = np.isfinite(values) & ((values < 0) | (values > 1))
     if outside.any():
         items = [f"{row_id}={value:g}" for row_id, value in zip(ids[outside], values[outside])]
-        problems.append(f"{len(items)} rows have a Label outside [0, 1]: {_examples(items, len(items))}")
+        problems.append(f"{len(items)} rows have a Label outside [0, 1]: {format_examples(items, len(items))}")
     return problems
 
 
@@ -246,7 +246,7 @@ def _check_image_ids(image_ids) -> pd.Index:
         check_image_id(bad[0])  # raises the standard message for the first one
     if not ids.is_unique:
         repeated = list(ids[ids.duplicated()].unique())
-        examples = _examples(repeated, len(repeated))
+        examples = format_examples(repeated, len(repeated))
         raise ValueError(f"{len(repeated)} image IDs appear more than once: {examples}")
     return pd.Index(ids, dtype="str")
 
@@ -268,8 +268,3 @@ def _check_fill(fill) -> np.ndarray:
     if array.shape != (len(LABELS),):
         raise ValueError(f"fill must have shape ({len(LABELS)},) in LABELS order, got {array.shape}")
     return check_probabilities(array[None, :], "fill")[0]
-
-
-def _examples(items: list[str], total: int) -> str:
-    shown = ", ".join(str(item) for item in items[:_MAX_EXAMPLES])
-    return shown + (f" and {total - _MAX_EXAMPLES} more" if total > _MAX_EXAMPLES else "")
