@@ -1,11 +1,15 @@
 """Does slice context help? The demo trained with and without each option, same budget.
 
-    python benchmarks/bench_context.py [--seed 42] [--epochs 3]
+    python benchmarks/bench_context.py [--seeds 42 43] [--epochs 8] [--patients 80]
 
-The demo's lesions span runs of neighbouring slices, as real ones do. Each variant runs
-kernel.py on the same synthetic dataset with the demo's preset (resnext50_32x4d from
-scratch at 64 px, 3 epochs), the same seed and the same number of steps, and reports the
-validation weighted log loss (for --refine: out of fold, patient-grouped, so honest).
+The demo's lesions span runs of neighbouring slices, as real ones do, and its clot-like
+mimics appear on one slice alone (utils/demo.py). Each variant runs kernel.py on the same
+synthetic dataset with the demo's preset (resnext50_32x4d from scratch at 64 px) for the
+same number of epochs and steps, and reports the validation weighted log loss (for
+--refine: out of fold, patient-grouped, so honest). The budget is larger than the demo's
+(more epochs; more patients, half of them for validation) because the refiner learns from
+validation predictions and needs ~40 patients of them, and because at three epochs from
+scratch the noise between runs is larger than the differences being measured.
 """
 from __future__ import annotations
 
@@ -17,47 +21,94 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from kernel import DEMO_PRESET  # noqa: E402
+from utils.context import fit_refiner, order_slices  # noqa: E402
 from utils.demo import make_demo_dataset  # noqa: E402
+from utils.dicom import scan_headers  # noqa: E402
+from utils.labels import LABELS  # noqa: E402
 
 VARIANTS = {"baseline (one slice)": [], "--context 1": ["--context", "1"],
             "--context 1 --context-windows": ["--context", "1", "--context-windows"],
             "--refine": ["--refine"], "--context 1 --refine": ["--context", "1", "--refine"]}
 
 
+def run_variant(data: Path, out: Path, cache: Path, args, seed: int, extra: list[str]) -> tuple[float, float]:
+    """(validation loss, prior loss) of one kernel.py run."""
+    preset = [f"--{k.replace('_', '-')}={v}" for k, v in DEMO_PRESET.items()]
+    run = subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--data-dir", str(data),
+                          "--out-dir", str(out), *preset, f"--epochs={args.epochs}", f"--seed={seed}",
+                          f"--val-frac={args.val_frac}", "--header-cache", str(cache), *extra],
+                         check=False, capture_output=True, text=True, cwd=ROOT)
+    if run.returncode != 0:
+        sys.exit(f"{' '.join(extra) or 'baseline'} (seed {seed}) failed:\n{run.stderr[-3000:]}")
+    m = json.loads((out / "metrics.json").read_text())
+    # for --refine: the out-of-fold refined loss, whether or not the run then used it
+    return m.get("val_weighted_log_loss_refined_oof", m["val_weighted_log_loss"]), m["prior_weighted_log_loss"]
+
+
+def refiner_by_patients(data: Path, run: Path, seed: int, sizes=(10, 20, 40)) -> list[tuple]:
+    """The refiner fitted (out of fold) on the first n validation patients of a run's
+    per-slice predictions: (n, slices, loss per slice, loss refined) for each n."""
+    val = pd.read_csv(run / "val_predictions.csv").set_index("image_id")
+    headers, _ = scan_headers(sorted((data / "stage_2_train").glob("*.dcm")))
+    order = order_slices(headers)
+    patients = headers.set_index("image_id")["patient_id"].loc[val.index].to_numpy()
+    probs = np.clip(val[[f"pred_{k}" for k in LABELS]].to_numpy(), 1e-6, 1 - 1e-6)
+    logits, labels = np.log(probs / (1 - probs)), val[list(LABELS)].to_numpy()
+    rows = []
+    for n in sizes:
+        keep = np.isin(patients, np.unique(patients)[:n])
+        if n > len(np.unique(patients)):
+            break
+        fit = fit_refiner(logits[keep], labels[keep], order.loc[val.index[keep], "series"],
+                          order.loc[val.index[keep], "position"], patients[keep], seed=seed)
+        rows.append((n, int(keep.sum()), fit.loss_before, fit.loss_after))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--patients", type=int, default=36)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42])
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--patients", type=int, default=80)
+    ap.add_argument("--val-frac", type=float, default=0.5)
     args = ap.parse_args()
-    preset = [f"--{k.replace('_', '-')}={v}" for k, v in DEMO_PRESET.items()]
-    with tempfile.TemporaryDirectory() as tmp:
-        data = make_demo_dataset(Path(tmp) / "data", n_train_patients=args.patients,
-                                 n_test_patients=max(2, args.patients // 4), seed=args.seed)
-        rows = []
-        for name, extra in VARIANTS.items():
-            out = Path(tmp) / name.replace(" ", "_").replace("-", "")
-            t0 = time.perf_counter()
-            run = subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--data-dir", str(data),
-                                  "--out-dir", str(out), *preset, f"--epochs={args.epochs}",
-                                  f"--seed={args.seed}", "--header-cache", str(Path(tmp) / "cache"),
-                                  *extra], capture_output=True, text=True, cwd=ROOT)
-            if run.returncode != 0:
-                sys.exit(f"{name} failed:\n{run.stderr[-3000:]}")
-            m = json.loads((out / "metrics.json").read_text())
-            # for --refine: the out-of-fold refined loss, whether or not the run then used it
-            loss = m.get("val_weighted_log_loss_refined_oof", m["val_weighted_log_loss"])
-            rows.append((name, loss, m["prior_weighted_log_loss"], time.perf_counter() - t0))
-            print(f"{name:32s} validation weighted log loss {rows[-1][1]:.4f} "
-                  f"(prior {rows[-1][2]:.4f}), {rows[-1][3]:.0f}s", flush=True)
-    base = rows[0][1]
-    print("\n| variant | validation weighted log loss | vs baseline | seconds |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, loss, _, seconds in rows:
-        print(f"| {name} | {loss:.4f} | {loss - base:+.4f} | {seconds:.0f} |")
+    losses = {name: [] for name in VARIANTS}
+    priors, curves = [], {}
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = make_demo_dataset(Path(tmp) / "data", n_train_patients=args.patients,
+                                     n_test_patients=max(2, args.patients // 4), seed=seed)
+            for i, (name, extra) in enumerate(VARIANTS.items()):
+                t0 = time.perf_counter()
+                loss, prior = run_variant(data, Path(tmp) / f"run{i}", Path(tmp) / "cache", args, seed, extra)
+                losses[name].append(loss)
+                print(f"seed {seed} {name:32s} validation weighted log loss {loss:.4f} "
+                      f"(prior {prior:.4f}), {time.perf_counter() - t0:.0f}s", flush=True)
+                if extra == ["--refine"]:
+                    curves[seed] = refiner_by_patients(data, Path(tmp) / f"run{i}", seed)
+            priors.append(prior)
+    base = losses["baseline (one slice)"]
+    seeds = " | ".join(f"seed {s}" for s in args.seeds)
+    print(f"\n| variant | {seeds} | mean | vs baseline (mean) | better on |")
+    print("| --- |" + " ---: |" * (len(args.seeds) + 3))
+    for name, values in losses.items():
+        wins = sum(v < b for v, b in zip(values, base))
+        gain = "" if values is base else f"{np.mean(values) - np.mean(base):+.4f}"
+        better = "" if values is base else f"{wins} of {len(values)} seeds"
+        print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values)
+              + f" | {np.mean(values):.4f} | {gain} | {better} |")
+    print("| constant prior | " + " | ".join(f"{p:.4f}" for p in priors) + f" | {np.mean(priors):.4f} | | |")
+    print("\nThe refiner against the number of validation patients it learns from (out of fold):")
+    print("\n| seed | patients | slices | per slice | refined |\n| ---: | ---: | ---: | ---: | ---: |")
+    for seed, rows in curves.items():
+        for n, slices, before, after in rows:
+            print(f"| {seed} | {n} | {slices} | {before:.4f} | {after:.4f} |")
 
 
 if __name__ == "__main__":

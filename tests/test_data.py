@@ -58,3 +58,39 @@ def test_normalisation_on_device():
     for c in range(3):
         assert x[0, c, 0, 0].item() == pytest.approx(-IMAGENET_MEAN[c] / IMAGENET_STD[c], rel=1e-5)
         assert x[0, c, 0, 1].item() == pytest.approx((1 - IMAGENET_MEAN[c]) / IMAGENET_STD[c], rel=1e-5)
+
+
+def test_neighbour_channels_are_below_slice_above_and_share_one_augmentation(tmp_path):
+    # Three slices of one series, each a distinct constant in the brain window (40, 80):
+    # HU 10, 40, 70 -> 64, 159, 255 after windowing (stored = HU + 1024).
+    hu = {"low": 10, "mid": 40, "top": 70}
+    paths = {k: make_ct(tmp_path / f"{k}.dcm", np.full((16, 16), v + 1024)) for k, v in hu.items()}
+    low, mid, top = (str(paths[k]) for k in ("low", "mid", "top"))
+    neighbours = [(low, mid), (low, top), (mid, top), (tmp_path / "gone.dcm", top)]
+    ds = SliceDataset([low, mid, top, mid], size=16, neighbours=neighbours)
+    assert ds.channels == 3
+    first = [int(ds[i][0][:, 8, 8][c]) for i in range(4) for c in range(3)]
+    levels = {k: int(read_windowed(p, ds.windows, size=16)[8, 8, 0]) for k, p in paths.items()}
+    assert first == [levels[k] for k in ("low", "low", "mid",     # an edge repeats itself
+                                         "low", "mid", "top",
+                                         "mid", "top", "top",
+                                         "mid", "mid", "top")]    # unreadable: the slice again
+    # Every window of each of the three slices, one augmentation for all: three copies of
+    # one slice must come out as three identical copies, however each was moved.
+    square = np.full((32, 32), 1024)
+    square[4:12, 18:28] = 200 + 1024  # off centre, so a flip, shift or turn moves it
+    below, at, above = (make_ct(tmp_path / f"sq{i}.dcm", square) for i in range(3))
+    plain = SliceDataset([at], size=32, neighbours=[(below, above)], neighbour_windows=True)
+    wide = SliceDataset([at], size=32, neighbours=[(below, above)], neighbour_windows=True,
+                        transform=train_transform())
+    still = plain[0][0].numpy()
+    assert plain.channels == wide.channels == 9 and still.shape == (9, 32, 32)
+    np.testing.assert_array_equal(still[:3], read_windowed(at, size=32).transpose(2, 0, 1))
+    moved = 0
+    for seed in range(12):
+        wide.seed = seed
+        image = wide[0][0].numpy()
+        np.testing.assert_array_equal(image[0:3], image[3:6])
+        np.testing.assert_array_equal(image[3:6], image[6:9])
+        moved += (image[:3] != still[:3]).mean() > 0.05
+    assert moved >= 6

@@ -32,6 +32,7 @@ def test_layout_labels_and_faults(demo):
         assert len(bad) == 1 and "pixel data is short" in bad.loc[0, "reason"]
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # RSNA IDs in UID tags, on purpose
 def test_header_variants_of_the_real_data(demo):
     headers, _ = scan_headers(sorted((demo / "stage_2_train").glob("*.dcm")))
     variants = set(zip(headers["bits_stored"], headers["pixel_representation"], headers["rescale_intercept"],
@@ -55,3 +56,20 @@ def test_lesions_run_over_neighbouring_slices(demo):
         for label in LABELS[:5]:
             on = np.flatnonzero(series[label].to_numpy())
             assert len(on) == 0 or on[-1] - on[0] + 1 == len(on)  # one unbroken run along z
+
+
+def test_mimics_look_like_blood_on_one_slice_only(demo):
+    # Unlabelled foci as dense as blood, each on one slice: what neighbours tell apart.
+    labels = read_labels(demo / "stage_2_train.csv")
+    headers, _ = scan_headers(sorted((demo / "stage_2_train").glob("*.dcm")))
+    h = headers.set_index("image_id").join(labels, how="inner").sort_values(["series_uid", "z"])
+    mimics = 0
+    for _, series in h.groupby("series_uid"):
+        dense = [(np.abs(read_hu(path) - 75) < 12) for path in series["path"]]
+        clear = series["any"].to_numpy() == 0
+        for s in np.flatnonzero(clear & np.array([mask.sum() > 20 for mask in dense])):
+            mimics += 1
+            for t in (s - 1, s + 1):
+                if 0 <= t < len(dense):
+                    assert (dense[s] & dense[t]).sum() < 5  # nothing there on the next slice
+    assert mimics >= 3

@@ -2,7 +2,9 @@
 
 Real DICOM files written with pydicom: head-like phantoms (skull, brain, ventricles) with
 hemorrhage-like lesions of each subtype spanning runs of neighbouring slices, as real
-ones do. The files carry the real dataset's header variants, so the demo exercises the
+ones do, and unlabelled clot-like "mimics" that each appear on one slice alone (bone cut
+obliquely, beam hardening, calcification), which only the neighbouring slices tell apart
+from blood. The files carry the real dataset's header variants, so the demo exercises the
 same reading paths as the competition data:
 
 - 12 stored bits, unsigned, RescaleIntercept -1024, multi-valued windows ("00040\\00040");
@@ -34,8 +36,9 @@ def _hex(rng: np.random.Generator, n: int) -> str:
     return "".join(rng.choice(list("0123456789abcdef"), size=n))
 
 
-def _phantom(rng, size: int, t: float, lesions: dict[str, dict]) -> np.ndarray:
-    """One slice in HU; t in [-1, 1] is the height in the head, lesions keyed by subtype."""
+def _phantom(rng, size: int, t: float, lesions: dict[str, dict], mimics: tuple = ()) -> np.ndarray:
+    """One slice in HU; t in [-1, 1] is the height in the head, lesions keyed by subtype,
+    mimics (x, y) centres of unlabelled foci as dense as blood and shaped like a clot."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
     scale = np.sqrt(max(1.0 - (0.8 * t) ** 2, 0.2))
     ax, ay = 0.40 * scale, 0.46 * scale
@@ -67,6 +70,8 @@ def _phantom(rng, size: int, t: float, lesions: dict[str, dict]) -> np.ndarray:
         else:  # subarachnoid: blood tracking along sulci, thin radial streaks
             mask = brain & (r > 0.45) & (r < inner - 0.04) & (np.cos(14 * theta + p["angle"]) > 0.75)
         hu[mask] = BLOOD_HU
+    for x, y in mimics:
+        hu[((xx - x * ax) ** 2 + (yy - y * ay) ** 2 < (0.07 * scale) ** 2) & brain] = BLOOD_HU
     hu += rng.normal(0.0, 3.0, size=hu.shape).astype(np.float32)
     return hu
 
@@ -135,11 +140,24 @@ def _lesions_for(rng) -> dict[str, dict]:
                         "y": rng.uniform(-0.4, 0.4)} for name in names}
 
 
+def _mimics_for(rng, n_slices: int) -> dict[int, tuple]:
+    """Slice -> clot-like foci seen on that slice alone (most series have one or two).
+
+    Real scans have them: bone cut obliquely at the skull base, beam-hardening streaks,
+    calcifications. On one slice they look like a small bleed; a radiologist tells them
+    apart by scrolling, since blood continues onto the next slice and they do not.
+    """
+    n = int(rng.choice([0, 1, 2], p=[0.2, 0.4, 0.4]))
+    slices = rng.choice(n_slices, size=n, replace=False)
+    return {int(s): ((float(rng.uniform(-0.4, 0.4)), float(rng.uniform(-0.4, 0.4))),) for s in slices}
+
+
 def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8,
                       slices: tuple[int, int] = (10, 14), size: int = 128, seed: int = 0) -> Path:
     """Write the demo dataset under ``root`` (created; replaced atomically) and return it."""
     root = Path(root)
     rng = np.random.default_rng(seed)
+    mimic_rng = np.random.default_rng([seed, 1])  # its own stream: the rest is as without mimics
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
     try:
@@ -157,6 +175,7 @@ def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8
                     length = int(rng.integers(3, max(4, n_slices // 2) + 1))
                     start = int(rng.integers(1, n_slices - length))
                     runs[name] = range(start, start + length)
+                mimics = _mimics_for(mimic_rng, n_slices)
                 z0 = float(rng.uniform(-50, 150))
                 for s in range(n_slices):
                     image_id = f"ID_{_hex(rng, 9)}"
@@ -165,7 +184,8 @@ def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8
                     used.add(image_id)
                     present = {k: v for k, v in lesions.items() if s in runs[k]}
                     t = -0.7 + 1.4 * s / max(n_slices - 1, 1)
-                    write_slice(folder / f"{image_id}.dcm", _phantom(rng, size, t, present), variant,
+                    write_slice(folder / f"{image_id}.dcm", _phantom(rng, size, t, present, mimics.get(s, ())),
+                                variant,
                                 image_id=image_id, patient_id=patient, study_uid=study,
                                 series_uid=series, z=z0 + 5.0 * s, implicit=(p % 4 == 3))
                     y = [int(name in present) for name in SUBTYPES]
