@@ -323,3 +323,44 @@ def test_context_and_refine_options(tmp_path):
     predicted = run_kernel("--predict-only", "--checkpoint", out / "checkpoints" / "best.pt",
                            "--data-dir", out / "demo_data", "--out-dir", tmp_path / "p", "--workers", "0")
     assert predicted.returncode == 0, predicted.stderr[-3000:]
+
+
+def test_a_refiner_that_wins_refines_the_submission(tiny_run, tmp_path, monkeypatch):
+    # Whether the refiner wins on a tiny run is chance; force the decision to "use it" and
+    # check that the submission is then exactly the refiner applied to the per-slice
+    # predictions (tiny_run: the same run without --refine), series by series.
+    import kernel
+    from utils.context import fit_refiner, order_slices, refine
+    from utils.dicom import scan_headers
+
+    fitted = []
+
+    def always_used(val_df, val_probs, headers, cfg):
+        h = headers.loc[val_df.index]
+        result = fit_refiner(kernel._logit(val_probs), val_df.to_numpy(), h["series"].to_numpy(),
+                             h["position"].to_numpy(), h["patient_id"].to_numpy(), n_folds=2, seed=0)
+        fitted.append(result)
+        return result, result.oof_probs, result.loss_after
+
+    monkeypatch.setattr(kernel, "fit_series_refiner", always_used)
+    out = tmp_path / "out"
+    assert cli("--out-dir", out, *TINY, "--refine") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["refiner_used"] is True
+    assert metrics["val_weighted_log_loss"] == pytest.approx(fitted[0].loss_after)
+
+    def wide(path):
+        sub = pd.read_csv(path)
+        return sub.assign(image=sub["ID"].str[:12], label=sub["ID"].str[13:]).pivot(
+            index="image", columns="label", values="Label")[list(LABELS)]
+
+    plain, refined = wide(tiny_run[0] / "submission.csv"), wide(out / "submission.csv")
+    headers, bad = scan_headers(sorted((out / "demo_data" / "stage_2_test").glob("*.dcm")))
+    order = order_slices(headers).loc[plain.index.intersection(headers["image_id"])]
+    expected = refine(fitted[0], kernel._logit(plain.loc[order.index].to_numpy()),
+                      order["series"].to_numpy(), order["position"].to_numpy())
+    np.testing.assert_allclose(refined.loc[order.index].to_numpy(), expected, atol=2e-5)
+    assert np.abs(expected - plain.loc[order.index].to_numpy()).max() > 1e-3  # it did change them
+    unreadable = plain.index.difference(order.index)
+    assert len(unreadable) == len(bad) == 1
+    assert refined.loc[unreadable].equals(plain.loc[unreadable])  # the prior, in both
