@@ -106,7 +106,7 @@ def test_find_weights_in_usual_places(tmp_path):
     assert find_weights("resnet18", [tmp_path]) is None
 
 
-def test_widened_input_keeps_pretrained_activations():
+def test_widened_pretrained_input_starts_as_the_single_slice_network():
     import copy
 
     from utils.model import widen_input
@@ -114,7 +114,22 @@ def test_widened_input_keeps_pretrained_activations():
     plain = create_model("resnet18").eval()
     wide = widen_input(copy.deepcopy(plain), 9).eval()
     assert wide.conv1.in_channels == 9 and widen_input(plain, 3) is plain
-    x = torch.randn(2, 3, 32, 32)
-    # the same slice as below, at and above: exactly the pretrained network's output
-    assert torch.allclose(wide(x.repeat(1, 3, 1, 1)), plain(x), atol=1e-4)
+    x, below, above = torch.randn(3, 2, 3, 32, 32)
+    # whatever the neighbours show, the output is the pretrained network's on the middle slice
+    assert torch.allclose(wide(torch.cat([below, x, above], dim=1)), plain(x), atol=1e-5)
+    assert torch.equal(wide.conv1.weight[:, 3:6], plain.conv1.weight)
+    assert not wide.conv1.weight[:, :3].any() and not wide.conv1.weight[:, 6:].any()
+    for bad in (4, 6):  # no middle slice
+        with pytest.raises(ValueError, match="odd number of groups"):
+            widen_input(copy.deepcopy(plain), bad)
+
+
+def test_widened_input_from_scratch_is_drawn_anew():
+    torch.manual_seed(0)
+    w = build_model("resnet18", in_channels=9).conv1.weight
+    assert w.shape == (64, 9, 7, 7)
+    # not one random filter copied into each slice's channels
+    assert not torch.allclose(w[:, :3], w[:, 3:6]) and not torch.allclose(w[:, 3:6], w[:, 6:])
+    # torchvision's init: He normal over the fan-out, std sqrt(2 / (64 * 7 * 7)) = 0.0253
+    assert float(w.std()) == pytest.approx((2 / (64 * 49)) ** 0.5, rel=0.05)
     assert build_model("resnet18", in_channels=4).conv1.in_channels == 4

@@ -110,19 +110,38 @@ def find_weights(arch: str, search_dirs=None) -> Path | None:
     return None
 
 
-def widen_input(model: nn.Module, in_channels: int) -> nn.Module:
-    """Take ``in_channels`` instead of 3: the first conv's RGB filters are repeated over
-    the groups of three channels and divided by their number, so that a stack of
-    identical inputs gives the pretrained activations exactly."""
-    if in_channels == model.conv1.in_channels:
-        return model
+def widen_input(model: nn.Module, in_channels: int, pretrained: bool = True) -> nn.Module:
+    """Take ``in_channels`` instead of 3: a stack of slices, three windows each, with the
+    slice being classified in the middle (as utils.data.SliceDataset stacks them).
+
+    Pretrained: the first conv's filters go to the middle slice's three channels and the
+    neighbours' start at zero, so training starts from exactly the single-slice network,
+    whatever the neighbours show, and learns what they add. (Spreading the filters over
+    all slices instead would show the network their average at first: a thin bleed on
+    one slice at a third of its contrast.) From scratch the conv is drawn anew for the
+    wider input, as torchvision draws it: copies of one random filter in every group
+    would also start the network on the average, with the slices to be told apart.
+    """
     old = model.conv1
+    if in_channels == old.in_channels:
+        return model
+    groups, extra = divmod(in_channels, old.in_channels)
+    if pretrained and (extra or groups % 2 == 0):
+        raise ValueError(f"in_channels must be an odd number of groups of {old.in_channels} "
+                         f"(a middle slice and its neighbours), got {in_channels}")
     new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
                     bias=old.bias is not None)
     with torch.no_grad():
-        repeats = -(-in_channels // old.in_channels)
-        weight = old.weight.repeat(1, repeats, 1, 1)[:, :in_channels]
-        new.weight.copy_(weight * old.in_channels / in_channels)
+        if pretrained:
+            new.weight.zero_()
+            middle = groups // 2 * old.in_channels
+            new.weight[:, middle:middle + old.in_channels] = old.weight
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        else:
+            nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+            if new.bias is not None:
+                nn.init.zeros_(new.bias)
     model.conv1 = new
     return model
 
@@ -132,4 +151,4 @@ def build_model(arch: str, weights=None, strict: bool = True, in_channels: int =
     model = create_model(arch)
     if weights is not None:
         load_pretrained(model, weights, strict=strict)
-    return replace_head(widen_input(model, in_channels))
+    return replace_head(widen_input(model, in_channels, pretrained=weights is not None))
