@@ -1,6 +1,7 @@
 """Does slice context help? The demo trained with and without each option, same budget.
 
-    python benchmarks/bench_context.py [--seeds 42 43] [--epochs 8] [--patients 80]
+    python benchmarks/bench_context.py [--seeds 42 43 44] [--epochs 8] [--patients 80]
+                                       [--variants baseline context ...]
 
 The demo's lesions span runs of neighbouring slices, as real ones do, and its clot-like
 mimics appear on one slice alone (utils/demo.py). Each variant runs kernel.py on the same
@@ -32,9 +33,13 @@ from utils.demo import make_demo_dataset  # noqa: E402
 from utils.dicom import scan_headers  # noqa: E402
 from utils.labels import LABELS  # noqa: E402
 
-VARIANTS = {"baseline (one slice)": [], "--context 1": ["--context", "1"],
-            "--context 1 --context-windows": ["--context", "1", "--context-windows"],
-            "--refine": ["--refine"], "--context 1 --refine": ["--context", "1", "--refine"]}
+VARIANTS = {  # key: (row name, kernel.py options)
+    "baseline": ("baseline (one slice)", []),
+    "context": ("--context 1", ["--context", "1"]),
+    "context-windows": ("--context 1 --context-windows", ["--context", "1", "--context-windows"]),
+    "refine": ("--refine", ["--refine"]),
+    "context-refine": ("--context 1 --refine", ["--context", "1", "--refine"]),
+}
 
 
 def run_variant(data: Path, out: Path, cache: Path, args, seed: int, extra: list[str]) -> tuple[float, float]:
@@ -77,14 +82,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--patients", type=int, default=80)
     ap.add_argument("--val-frac", type=float, default=0.5)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = ap.parse_args()
-    losses = {name: [] for name in VARIANTS}
+    chosen = {VARIANTS[k][0]: VARIANTS[k][1] for k in VARIANTS if k in args.variants}
+    losses = {name: [] for name in chosen}
     priors, curves = [], {}
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             data = make_demo_dataset(Path(tmp) / "data", n_train_patients=args.patients,
                                      n_test_patients=max(2, args.patients // 4), seed=seed)
-            for i, (name, extra) in enumerate(VARIANTS.items()):
+            for i, (name, extra) in enumerate(chosen.items()):
                 t0 = time.perf_counter()
                 loss, prior = run_variant(data, Path(tmp) / f"run{i}", Path(tmp) / "cache", args, seed, extra)
                 losses[name].append(loss)
@@ -93,17 +100,19 @@ def main() -> None:
                 if extra == ["--refine"]:
                     curves[seed] = refiner_by_patients(data, Path(tmp) / f"run{i}", seed)
             priors.append(prior)
-    base = losses["baseline (one slice)"]
+    base = losses.get(VARIANTS["baseline"][0], [])  # without it, no comparison columns
     seeds = " | ".join(f"seed {s}" for s in args.seeds)
     print(f"\n| variant | {seeds} | mean | vs baseline (mean) | better on |")
     print("| --- |" + " ---: |" * (len(args.seeds) + 3))
     for name, values in losses.items():
         wins = sum(v < b for v, b in zip(values, base))
-        gain = "" if values is base else f"{np.mean(values) - np.mean(base):+.4f}"
-        better = "" if values is base else f"{wins} of {len(values)} seeds"
+        gain = "" if values is base or not base else f"{np.mean(values) - np.mean(base):+.4f}"
+        better = "" if values is base or not base else f"{wins} of {len(values)} seeds"
         print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values)
               + f" | {np.mean(values):.4f} | {gain} | {better} |")
     print("| constant prior | " + " | ".join(f"{p:.4f}" for p in priors) + f" | {np.mean(priors):.4f} | | |")
+    if not curves:
+        return
     print("\nThe refiner against the number of validation patients it learns from (out of fold):")
     print("\n| seed | patients | slices | per slice | refined |\n| ---: | ---: | ---: | ---: | ---: |")
     for seed, rows in curves.items():
