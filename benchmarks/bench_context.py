@@ -97,7 +97,7 @@ def main() -> None:
                 losses[name].append(loss)
                 print(f"seed {seed} {name:32s} validation weighted log loss {loss:.4f} "
                       f"(prior {prior:.4f}), {time.perf_counter() - t0:.0f}s", flush=True)
-                if extra == ["--refine"]:
+                if not extra:  # the baseline's per-slice predictions (a used refiner's are refined)
                     curves[seed] = refiner_by_patients(data, Path(tmp) / f"run{i}", seed)
             priors.append(prior)
     base = losses.get(VARIANTS["baseline"][0], [])  # without it, no comparison columns

@@ -124,12 +124,16 @@ def test_widened_pretrained_input_starts_as_the_single_slice_network():
             widen_input(copy.deepcopy(plain), bad)
 
 
-def test_widened_input_from_scratch_is_drawn_anew():
+def test_widened_input_from_scratch_starts_on_the_average_of_the_slices():
+    torch.manual_seed(0)
+    plain = create_model("resnet18").conv1.weight
     torch.manual_seed(0)
     w = build_model("resnet18", in_channels=9).conv1.weight
     assert w.shape == (64, 9, 7, 7)
-    # not one random filter copied into each slice's channels
-    assert not torch.allclose(w[:, :3], w[:, 3:6]) and not torch.allclose(w[:, 3:6], w[:, 6:])
-    # torchvision's init: He normal over the fan-out, std sqrt(2 / (64 * 7 * 7)) = 0.0253
-    assert float(w.std()) == pytest.approx((2 / (64 * 49)) ** 0.5, rel=0.05)
+    for group in range(3):  # one random filter bank, a third of it on each slice
+        assert torch.allclose(w[:, 3 * group:3 * group + 3], plain / 3)
+    x = torch.randn(1, 3, 16, 16)
+    below, above = torch.randn(2, 1, 3, 16, 16)
+    stacked = torch.nn.functional.conv2d(torch.cat([below, x, above], dim=1), w)
+    assert torch.allclose(stacked, torch.nn.functional.conv2d((below + x + above) / 3, plain), atol=1e-5)
     assert build_model("resnet18", in_channels=4).conv1.in_channels == 4
