@@ -66,10 +66,8 @@ def refiner_by_patients(data: Path, run: Path, seed: int, sizes=(10, 20, 40)) ->
     probs = np.clip(val[[f"pred_{k}" for k in LABELS]].to_numpy(), 1e-6, 1 - 1e-6)
     logits, labels = np.log(probs / (1 - probs)), val[list(LABELS)].to_numpy()
     rows = []
-    for n in sizes:
+    for n in (n for n in sizes if n <= len(np.unique(patients))):
         keep = np.isin(patients, np.unique(patients)[:n])
-        if n > len(np.unique(patients)):
-            break
         fit = fit_refiner(logits[keep], labels[keep], order.loc[val.index[keep], "series"],
                           order.loc[val.index[keep], "position"], patients[keep], seed=seed)
         rows.append((n, int(keep.sum()), fit.loss_before, fit.loss_after))
