@@ -325,10 +325,10 @@ def test_context_and_refine_options(tmp_path):
     assert predicted.returncode == 0, predicted.stderr[-3000:]
 
 
-def test_a_refiner_that_wins_refines_the_submission(tiny_run, tmp_path, monkeypatch):
+def test_a_refiner_that_wins_refines_the_submission(tmp_path, monkeypatch):
     # Whether the refiner wins on a tiny run is chance; force the decision to "use it" and
-    # check that the submission is then exactly the refiner applied to the per-slice
-    # predictions (tiny_run: the same run without --refine), series by series.
+    # check that the submission is then exactly the refiner applied, series by series, to
+    # the per-slice predictions of the same weights (--predict-only from its checkpoint).
     import kernel
     from utils.context import fit_refiner, order_slices, refine
     from utils.dicom import scan_headers
@@ -348,13 +348,16 @@ def test_a_refiner_that_wins_refines_the_submission(tiny_run, tmp_path, monkeypa
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["refiner_used"] is True
     assert metrics["val_weighted_log_loss"] == pytest.approx(fitted[0].loss_after)
+    per_slice = run_kernel("--predict-only", "--checkpoint", out / "checkpoints" / "best.pt",
+                           "--data-dir", out / "demo_data", "--out-dir", tmp_path / "p", "--workers", "0")
+    assert per_slice.returncode == 0, per_slice.stderr[-3000:]
 
     def wide(path):
         sub = pd.read_csv(path)
         return sub.assign(image=sub["ID"].str[:12], label=sub["ID"].str[13:]).pivot(
             index="image", columns="label", values="Label")[list(LABELS)]
 
-    plain, refined = wide(tiny_run[0] / "submission.csv"), wide(out / "submission.csv")
+    plain, refined = wide(tmp_path / "p" / "submission.csv"), wide(out / "submission.csv")
     headers, bad = scan_headers(sorted((out / "demo_data" / "stage_2_test").glob("*.dcm")))
     order = order_slices(headers).loc[plain.index.intersection(headers["image_id"])]
     expected = refine(fitted[0], kernel._logit(plain.loc[order.index].to_numpy()),
