@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import data as data_utils
-from utils.context import RefinerResult, fit_refiner, neighbour_paths, order_slices, refine
+from utils.context import RefinerResult, fit_refiner, logit, neighbour_paths, order_slices, refine
 from utils.demo import make_demo_dataset
 from utils.dicom import parse_windows, scan_headers
 from utils.engine import (Dist, ResumableSampler, barrier, gather_lists, gather_rows, init_distributed,
@@ -694,14 +694,14 @@ def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.
     h = headers.loc[val_df.index]
     groups, _, _ = resolve_groups(h["patient_id"].to_numpy(), h["study_uid"].to_numpy(),
                                   val_df.index.to_numpy())
-    if len(np.unique(groups)) < 2:
-        log(f"Refiner skipped: the validation set holds {len(np.unique(groups))} patient, and "
+    n_patients = len(np.unique(groups))
+    if n_patients < 2:
+        log(f"Refiner skipped: the validation set holds {n_patients} patient, and "
             f"out-of-fold refinement needs at least 2; the submission is not refined")
         return None, val_probs, float("nan")
-    result = fit_refiner(_logit(val_probs), val_df.to_numpy(), h["series"].to_numpy(),
+    result = fit_refiner(logit(val_probs), val_df.to_numpy(), h["series"].to_numpy(),
                          h["position"].to_numpy(), groups, n_folds=5, seed=cfg.seed)
-    before = weighted_log_loss(val_df.to_numpy(), val_probs)
-    after = weighted_log_loss(val_df.to_numpy(), result.oof_probs)
+    before, after = weighted_log_loss(val_df.to_numpy(), val_probs), result.loss_after
     log(f"Refiner: validation weighted log loss {before:.4f} per slice -> {after:.4f} refined "
         f"along the series (out of fold, {result.n_folds} patient folds)")
     if after >= before:
@@ -710,11 +710,6 @@ def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.
         log("Refiner not used: it does not beat the per-slice predictions out of fold")
         return None, val_probs, after
     return result, result.oof_probs, after
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
 
 
 # ---------------------------------------------------------------------------------------
@@ -731,7 +726,7 @@ def predict_and_submit(model, cfg: Config, data_dir: Path, test_ids: list[str],
                                    if not good], "pixel data could not be decoded; prior predicted")
     if refiner is not None:
         rows = test_headers.loc[readable_ids]
-        probs = refine(refiner, _logit(probs), rows["series"].to_numpy(), rows["position"].to_numpy())
+        probs = refine(refiner, logit(probs), rows["series"].to_numpy(), rows["position"].to_numpy())
         probs[~ok] = prior  # an unreadable slice keeps the prior; its neighbours were refined
     n_prior = len(test_ids) - int(ok.sum())
     if n_prior:

@@ -28,7 +28,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from kernel import DEMO_PRESET  # noqa: E402
-from utils.context import fit_refiner, order_slices  # noqa: E402
+from utils.context import fit_refiner, logit, order_slices  # noqa: E402
 from utils.demo import make_demo_dataset  # noqa: E402
 from utils.dicom import scan_headers  # noqa: E402
 from utils.labels import LABELS  # noqa: E402
@@ -63,8 +63,7 @@ def refiner_by_patients(data: Path, run: Path, seed: int, sizes=(10, 20, 40)) ->
     headers, _ = scan_headers(sorted((data / "stage_2_train").glob("*.dcm")))
     order = order_slices(headers)
     patients = headers.set_index("image_id")["patient_id"].loc[val.index].to_numpy()
-    probs = np.clip(val[[f"pred_{k}" for k in LABELS]].to_numpy(), 1e-6, 1 - 1e-6)
-    logits, labels = np.log(probs / (1 - probs)), val[list(LABELS)].to_numpy()
+    logits, labels = logit(val[[f"pred_{k}" for k in LABELS]].to_numpy()), val[list(LABELS)].to_numpy()
     rows = []
     for n in (n for n in sizes if n <= len(np.unique(patients))):
         keep = np.isin(patients, np.unique(patients)[:n])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from utils.context import (ALONE_PREFIX, ORDER_COLUMNS, PATIENT_PREFIX, STUDY_PREFIX, RefinerWarning, SeriesRefiner,
-                           apply_refiner, fit_refiner, neighbour_ids, neighbour_paths, order_slices,
+                           apply_refiner, fit_refiner, logit, neighbour_ids, neighbour_paths, order_slices,
                            pack_series, refine, train_refiner, unpack_series)
 from utils.dicom import scan_headers
 from utils.labels import LABELS, read_labels
@@ -341,3 +341,10 @@ def test_real_sample_end_to_end(rsna_sample):
     assert [set(patients[result.folds == k]) for k in range(2)] in (
         [{"ID_cd5a85fd"}, {"ID_ee4d05e4"}], [{"ID_ee4d05e4"}, {"ID_cd5a85fd"}])
     assert result.oof_probs.shape == (65, 6) and np.isfinite(result.oof_probs).all()
+
+
+def test_logit_inverts_the_sigmoid_and_clips_as_a_submission_does():
+    x = np.array([-5.0, -0.3, 0.0, 2.0, 9.0])
+    assert np.allclose(logit(1 / (1 + np.exp(-x))), x, atol=1e-9)
+    edge = logit([0.0, 1.0])
+    assert edge.dtype == np.float64 and np.allclose(edge, [-np.log(1e6 - 1), np.log(1e6 - 1)])

@@ -4,7 +4,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from utils.demo import make_demo_dataset
+from utils.demo import BLOOD_HU, make_demo_dataset
 from utils.dicom import read_hu, scan_headers
 from utils.labels import LABELS, read_labels
 
@@ -65,7 +65,7 @@ def test_mimics_look_like_blood_on_one_slice_only(demo):
     h = headers.set_index("image_id").join(labels, how="inner").sort_values(["series_uid", "z"])
     mimics = 0
     for _, series in h.groupby("series_uid"):
-        dense = [(np.abs(read_hu(path) - 75) < 12) for path in series["path"]]
+        dense = [(np.abs(read_hu(path) - BLOOD_HU) < 12) for path in series["path"]]
         clear = series["any"].to_numpy() == 0
         for s in np.flatnonzero(clear & np.array([mask.sum() > 20 for mask in dense])):
             mimics += 1

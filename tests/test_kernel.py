@@ -330,14 +330,14 @@ def test_a_refiner_that_wins_refines_the_submission(tmp_path, monkeypatch):
     # check that the submission is then exactly the refiner applied, series by series, to
     # the per-slice predictions of the same weights (--predict-only from its checkpoint).
     import kernel
-    from utils.context import fit_refiner, order_slices, refine
+    from utils.context import fit_refiner, logit, order_slices, refine
     from utils.dicom import scan_headers
 
     fitted = []
 
     def always_used(val_df, val_probs, headers, cfg):
         h = headers.loc[val_df.index]
-        result = fit_refiner(kernel._logit(val_probs), val_df.to_numpy(), h["series"].to_numpy(),
+        result = fit_refiner(logit(val_probs), val_df.to_numpy(), h["series"].to_numpy(),
                              h["position"].to_numpy(), h["patient_id"].to_numpy(), n_folds=2, seed=0)
         fitted.append(result)
         return result, result.oof_probs, result.loss_after
@@ -360,7 +360,7 @@ def test_a_refiner_that_wins_refines_the_submission(tmp_path, monkeypatch):
     plain, refined = wide(tmp_path / "p" / "submission.csv"), wide(out / "submission.csv")
     headers, bad = scan_headers(sorted((out / "demo_data" / "stage_2_test").glob("*.dcm")))
     order = order_slices(headers).loc[plain.index.intersection(headers["image_id"])]
-    expected = refine(fitted[0], kernel._logit(plain.loc[order.index].to_numpy()),
+    expected = refine(fitted[0], logit(plain.loc[order.index].to_numpy()),
                       order["series"].to_numpy(), order["position"].to_numpy())
     np.testing.assert_allclose(refined.loc[order.index].to_numpy(), expected, atol=2e-5)
     assert np.abs(expected - plain.loc[order.index].to_numpy()).max() > 1e-3  # it did change them

@@ -456,6 +456,12 @@ def apply_refiner(model: SeriesRefiner, logits, series, position) -> np.ndarray:
     return unpack_series(out, packed.index).numpy()
 
 
+def logit(probs) -> np.ndarray:
+    """Probabilities to logits (float64), clipped to [1e-6, 1 - 1e-6] first as a submission is."""
+    p = np.clip(np.asarray(probs, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32))).numpy().astype(np.float64)
 

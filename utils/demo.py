@@ -53,6 +53,10 @@ def _phantom(rng, size: int, t: float, lesions: dict[str, dict], mimics: tuple =
     ventricles &= abs(t) < 0.5
     hu[ventricles] = CSF_HU
     theta = np.arctan2(yy / ay, xx / ax)
+
+    def clot(x: float, y: float) -> np.ndarray:  # a round clot in the brain, centre (x, y)
+        return ((xx - x * ax) ** 2 + (yy - y * ay) ** 2 < (0.07 * scale) ** 2) & brain
+
     for name, p in lesions.items():
         if name == "epidural":  # lens against the inner table
             cx, cy = np.cos(p["angle"]) * ax * 0.78, np.sin(p["angle"]) * ay * 0.78
@@ -62,8 +66,8 @@ def _phantom(rng, size: int, t: float, lesions: dict[str, dict], mimics: tuple =
         elif name == "subdural":  # thin crescent along a long arc of the inner table
             d = np.angle(np.exp(1j * (theta - p["angle"])))
             mask = (r > inner - 0.10) & brain & (np.abs(d) < 1.2)
-        elif name == "intraparenchymal":  # a round clot in the brain
-            mask = ((xx - p["x"] * ax) ** 2 + (yy - p["y"] * ay) ** 2 < (0.07 * scale) ** 2) & brain
+        elif name == "intraparenchymal":
+            mask = clot(p["x"], p["y"])
         elif name == "intraventricular":  # blood filling the ventricles
             mask = ventricles if ventricles.any() else \
                 (xx ** 2 + (yy / 2.5) ** 2 < (0.05 * scale) ** 2)
@@ -71,7 +75,7 @@ def _phantom(rng, size: int, t: float, lesions: dict[str, dict], mimics: tuple =
             mask = brain & (r > 0.45) & (r < inner - 0.04) & (np.cos(14 * theta + p["angle"]) > 0.75)
         hu[mask] = BLOOD_HU
     for x, y in mimics:
-        hu[((xx - x * ax) ** 2 + (yy - y * ay) ** 2 < (0.07 * scale) ** 2) & brain] = BLOOD_HU
+        hu[clot(x, y)] = BLOOD_HU
     hu += rng.normal(0.0, 3.0, size=hu.shape).astype(np.float32)
     return hu
 
