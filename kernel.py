@@ -458,9 +458,13 @@ def slice_dataset(rows: pd.DataFrame, cfg: Config, labels=None, transform=None):
                                    neighbour_windows=cfg.context_windows)
 
 
-def input_channels(cfg: Config) -> int:
+def input_layout(cfg: Config) -> tuple[int, int]:
+    """(input channels, slices they are stacked from). --context alone puts the slices
+    below, at and above in the place of the three windows: one slice's worth of channels."""
     windows = len(parse_windows(cfg.windows))
-    return windows if not cfg.context else 3 * (windows if cfg.context_windows else 1)
+    if cfg.context_windows:
+        return 3 * windows, 3
+    return (3 if cfg.context else windows), 1
 
 
 @torch.no_grad()
@@ -474,7 +478,7 @@ def predict(model, rows: pd.DataFrame, cfg: Config, rt: Runtime, desc: str, tta:
     index_parts, prob_parts, ok_parts = [], [], []
     for images, _, index, ok in tqdm(loader, desc=desc, leave=False, mininterval=2,
                                      disable=not rt.dist.main):
-        x = data_utils.to_device_normalized(images, rt.device)
+        x = data_utils.to_device_normalized(images, rt.device, input_layout(cfg)[1])
         with rt.autocast():
             logits = model(x).float()
             if tta:  # heads are near-symmetric left to right; average with the mirror image
@@ -525,8 +529,9 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
     d, main_rank = rt.dist, rt.dist.main
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
     try:
+        channels, slices = input_layout(cfg)
         model = build_model(cfg.arch, resolve_weights(cfg), strict=cfg.weights_strict,
-                            in_channels=input_channels(cfg))
+                            in_channels=channels, slices=slices)
     except WeightsError as err:
         raise UserError(str(err)) from None
     model = model.to(rt.device).to(memory_format=torch.channels_last)
@@ -594,7 +599,7 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
                        total=batches, mininterval=2, disable=not main_rank)
             for images, target, index, ok in bar:
                 pos["unreadable"] += [train_ds.paths[i] for i in index[~ok].tolist()]
-                x = data_utils.to_device_normalized(images, rt.device)
+                x = data_utils.to_device_normalized(images, rt.device, input_layout(cfg)[1])
                 target, mask = target.to(rt.device), ok.to(rt.device, torch.float32)
                 with rt.autocast():
                     logits = net(x)

@@ -34,7 +34,8 @@ def make_ct(path, stored: np.ndarray, *, bits_stored=16, signed=True, intercept=
         ds.WindowCenter, ds.WindowWidth = center, width
     for key, value in extra.items():
         setattr(ds, key, value)
-    dtype = {(16, True): "<i2", (16, False): "<u2", (8, False): "u1"}[(bits_allocated, signed)]
+    dtype = {(16, True): "<i2", (16, False): "<u2", (8, False): "u1", (32, True): "<i4",
+             (32, False): "<u4"}[(bits_allocated, signed)]
     ds.PixelData = stored.astype(dtype).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return Path(path)
@@ -55,3 +56,31 @@ def make_undecodable(path) -> Path:
         ds["PixelData"].VR = "OB"
         ds.save_as(path, enforce_file_format=True)
     return Path(path)
+
+
+# Damage of the kinds that escaped as other exceptions than DicomError before (issue 13),
+# each one or a few flipped bits of an explicit-VR file's header.
+
+def flip_position_vr(data: bytes) -> bytes:
+    """ImagePositionPatient's VR 'DS' -> 'D\\x13': an unknown VR (one flipped bit)."""
+    i = data.index(b"\x20\x00\x32\x00DS") + 5
+    return data[:i] + bytes([data[i] ^ 0x40]) + data[i + 1:]
+
+
+def flip_transfer_syntax(data: bytes) -> bytes:
+    """'1.2.840.10008.1.2...' -> '1.2.840.10008&1.2...': an unknown transfer syntax."""
+    i = data.index(b"1.2.840.10008.1.2") + 13
+    return data[:i] + bytes([data[i] ^ 0x08]) + data[i + 1:]
+
+
+def odd_columns_length(data: bytes) -> bytes:
+    """Columns (US) with a length of 3: not a whole number of 16-bit values."""
+    i = data.index(b"\x28\x00\x11\x00US") + 6
+    return data[:i] + b"\x03" + data[i + 1:]
+
+
+ESCAPED_BEFORE = {
+    "unknown VR": (flip_position_vr, "header element (0020,0032) ImagePositionPatient is damaged"),
+    "damaged transfer syntax": (flip_transfer_syntax, "unknown transfer syntax '1.2.840.10008&1.2"),
+    "odd element length": (odd_columns_length, "header element (0028,0011) Columns is damaged"),
+}

@@ -1,4 +1,5 @@
 """utils.dicom against closed-form values, pydicom's own modality LUT and the real sample."""
+import re
 import warnings
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import RLELossless
 
-from factories import jpeg_decoder_installed, make_ct, make_undecodable
+from factories import ESCAPED_BEFORE, jpeg_decoder_installed, make_ct, make_undecodable
 from utils import dicom as dicom_module
 from utils.dicom import (BONE, BRAIN, DEFAULT_WINDOWS, HEADER, SOFT_TISSUE, SUBDURAL, DicomError,
                          parse_windows, read_header, read_hu, read_windowed, scan_headers, window)
@@ -46,6 +47,11 @@ def test_parse_windows():
     assert parse_windows("bone, 30/60 ,header") == (BONE, (30.0, 60.0), HEADER)
     with pytest.raises(ValueError, match="unknown window"):
         parse_windows("lung")
+    for bad in ("40/-80", "nan/80", "40/inf"):
+        with pytest.raises(ValueError, match="width >= 0"):
+            parse_windows(bad)
+    with pytest.raises(ValueError, match="1 to 8 windows, got 9"):
+        parse_windows(",".join(["brain"] * 9))
 
 
 # --- Hounsfield units on every header variant ---------------------------------------------
@@ -179,6 +185,98 @@ def test_bad_files_raise_dicom_error_naming_path(tmp_path, good_file, damage, re
         with pytest.raises(DicomError, match=reason) as err:
             reader(bad)
         assert err.value.path == str(bad) and str(bad) in str(err.value)
+
+
+@pytest.mark.parametrize("kind", sorted(ESCAPED_BEFORE))
+def test_damage_that_escaped_before_is_a_dicom_error_with_its_reason(tmp_path, kind):
+    damage, reason = ESCAPED_BEFORE[kind]
+    good = make_ct(tmp_path / "good.dcm", np.full((16, 16), 1064))
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(damage(good.read_bytes()))
+    for reader in (read_header, read_hu, read_windowed):  # the scan finds it, not an epoch
+        with pytest.raises(DicomError, match=re.escape(reason)) as err:
+            reader(bad)
+        assert err.value.path == str(bad)
+
+
+@pytest.mark.parametrize("tags,reason", [
+    (dict(slope="0"), "RescaleSlope is 0"),
+    (dict(slope="nan"), "RescaleSlope 'nan' is not a finite number"),
+    (dict(intercept="-inf"), "RescaleIntercept '-inf' is not a finite number"),
+    (dict(center="nan", width="80"), "WindowCenter 'nan' is not a finite number"),
+    (dict(center="40", width="inf"), "WindowWidth 'inf' is not a finite number"),
+    (dict(SamplesPerPixel=3), "3 samples per pixel (colour data): not a CT slice"),
+    (dict(bits_stored=17), "BitsStored 17 does not fit in BitsAllocated 16"),
+    (dict(PixelRepresentation=2), "PixelRepresentation 2 is not 0 or 1"),
+    (dict(ImagePositionPatient=[0, 0, float("nan")]), "(0020,0032) ImagePositionPatient"),
+])
+def test_header_values_must_mean_something(tmp_path, tags, reason):
+    path = make_ct(tmp_path / "a.dcm", np.full((8, 8), 1064), **tags)
+    for reader in (read_header, read_windowed):
+        with pytest.raises(DicomError, match=re.escape(reason)):
+            reader(path)
+
+
+def test_a_number_that_does_not_parse_is_named(tmp_path):
+    path = make_ct(tmp_path / "a.dcm", np.full((8, 8), 1064), intercept="-1024")
+    path.write_bytes(path.read_bytes().replace(b"-1024", b"-10x4"))
+    for reader in (read_header, read_windowed):
+        with pytest.raises(DicomError, match="RescaleIntercept '-10x4' is not a number"):
+            reader(path)
+
+
+def _patched(path: Path, tag: bytes, value: bytes) -> Path:
+    """Overwrite a 2-byte US value in place (pydicom refuses to write such values)."""
+    data = bytearray(path.read_bytes())
+    i = data.index(tag + b"US\x02\x00") + 8
+    data[i:i + 2] = value
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("tag,value,reason", [
+    (b"\x28\x00\x10\x00", 0, "image size 0x8 is outside 1..4096"),
+    (b"\x28\x00\x11\x00", 5000, "image size 8x5000 is outside 1..4096"),
+    (b"\x28\x00\x00\x01", 12, "BitsAllocated 12 is not 8, 16 or 32"),
+])
+def test_sizes_and_bit_depths_are_checked(tmp_path, tag, value, reason):
+    path = _patched(make_ct(tmp_path / "a.dcm", np.full((8, 8), 1064)), tag, value.to_bytes(2, "little"))
+    for reader in (read_header, read_windowed):
+        with pytest.raises(DicomError, match=re.escape(reason)):
+            reader(path)
+
+
+def test_pixel_data_of_odd_length_is_named(tmp_path):
+    path = make_ct(tmp_path / "a.dcm", np.full((8, 8), 1064))
+    data = bytearray(path.read_bytes())
+    i = data.index(b"\xe0\x7f\x10\x00OW") + 8
+    data[i:i + 4] = (129).to_bytes(4, "little")  # 64 16-bit values + 1 byte
+    path.write_bytes(bytes(data) + b"\x00")
+    with pytest.raises(DicomError, match="pixel data length 129 is not a whole number of 16-bit values"):
+        read_windowed(path)
+
+
+def test_header_window_must_have_a_positive_width(tmp_path):
+    path = make_ct(tmp_path / "a.dcm", np.full((8, 8), 1064), center="40", width="-80")
+    assert read_windowed(path).shape == (8, 8, 3)  # the named windows need no header window
+    with pytest.raises(DicomError, match="width -80 is negative"):
+        read_windowed(path, (HEADER,))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_32_bit_slices_match_pydicom(tmp_path, signed):
+    rng = np.random.default_rng(3)
+    stored = rng.integers(-3000 if signed else 0, 70000, size=(12, 10))
+    path = make_ct(tmp_path / "a.dcm", stored, bits_allocated=32, bits_stored=32, signed=signed,
+                   intercept="-1024", slope="0.5")
+    hu = read_hu(path)
+    np.testing.assert_allclose(hu, pydicom_hu(path), atol=1e-3)
+    np.testing.assert_allclose(hu, stored * 0.5 - 1024, atol=1e-3)
+    img = read_windowed(path, DEFAULT_WINDOWS)
+    expected = np.stack([window(stored * 0.5 - 1024, c, w) for c, w in DEFAULT_WINDOWS], axis=2)
+    np.testing.assert_array_equal(img, expected)
+    assert read_windowed(path, DEFAULT_WINDOWS, size=16).shape == (16, 16, 3)
+    assert read_header(path).bits_allocated == 32
 
 
 def test_missing_file_raises_dicom_error(tmp_path):

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from factories import make_ct
+from factories import ESCAPED_BEFORE, make_ct
 from kernel_runs import RESUMABLE, TINY, cli, run_kernel, start_kernel, wait_for_checkpoint
 from utils.demo import make_demo_dataset
 from utils.labels import LABELS
@@ -79,6 +79,35 @@ def test_corrupt_files_in_train_and_test_are_listed_and_the_run_completes(data, 
     for path in (p for p in damaged if "stage_2_test" in p):
         image_id = path.rsplit("/", 1)[1][:-4]
         np.testing.assert_allclose([sub[f"{image_id}_{k}"] for k in LABELS], prior, rtol=1e-6)
+
+
+def test_damage_that_used_to_stop_a_run_is_listed_and_the_run_completes(data, tmp_path):
+    # Each kind raised another exception than DicomError before: one killed the header
+    # scan, the others the DataLoader mid-epoch.
+    explicit = lambda folder: sorted(p for p in folder.glob("*.dcm")
+                                     if b"\x20\x00\x32\x00DS" in p.read_bytes()
+                                     and b"\x28\x00\x11\x00US" in p.read_bytes())
+    victims = explicit(data / "stage_2_train")[:2] + explicit(data / "stage_2_test")[:1]
+    expected = {}
+    for path, (damage, reason) in zip(victims, ESCAPED_BEFORE.values()):
+        path.write_bytes(damage(path.read_bytes()))
+        expected[str(path)] = reason
+    out = tmp_path / "out"
+    result = run_kernel("--data-dir", data, "--out-dir", out, *REAL_MODE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _no_traceback(result)
+    bad = pd.read_csv(out / "bad_files.csv").set_index("path")["reason"]
+    for path, reason in expected.items():
+        assert reason in bad[path], (path, bad.get(path))
+        assert f"unreadable: {path}: {reason}" in result.stdout
+    sample = pd.read_csv(data / "stage_2_sample_submission.csv")
+    sub = pd.read_csv(out / "submission.csv")
+    assert sub["ID"].tolist() == sample["ID"].tolist() and sub["Label"].notna().all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    prior = np.clip([metrics["prior"][k] for k in LABELS], 1e-6, 1 - 1e-6)
+    test_id = victims[2].stem
+    got = sub.set_index("ID")["Label"]
+    np.testing.assert_allclose([got[f"{test_id}_{k}"] for k in LABELS], prior, rtol=1e-6)
 
 
 # --- 2. interrupted training --------------------------------------------------------------

@@ -109,19 +109,19 @@ def test_find_weights_in_usual_places(tmp_path):
 def test_widened_pretrained_input_starts_as_the_single_slice_network():
     import copy
 
-    from utils.model import widen_input
+    from utils.model import adapt_input
     torch.manual_seed(0)
     plain = create_model("resnet18").eval()
-    wide = widen_input(copy.deepcopy(plain), 9).eval()
-    assert wide.conv1.in_channels == 9 and widen_input(plain, 3) is plain
+    wide = adapt_input(copy.deepcopy(plain), 9, slices=3).eval()
+    assert wide.conv1.in_channels == 9 and adapt_input(plain, 3) is plain
     x, below, above = torch.randn(3, 2, 3, 32, 32)
     # whatever the neighbours show, the output is the pretrained network's on the middle slice
     assert torch.allclose(wide(torch.cat([below, x, above], dim=1)), plain(x), atol=1e-5)
     assert torch.equal(wide.conv1.weight[:, 3:6], plain.conv1.weight)
     assert not wide.conv1.weight[:, :3].any() and not wide.conv1.weight[:, 6:].any()
-    for bad in (4, 6):  # no middle slice
-        with pytest.raises(ValueError, match="odd number of groups"):
-            widen_input(copy.deepcopy(plain), bad)
+    for channels, slices in ((4, 3), (6, 2)):  # unequal slices, or no middle slice
+        with pytest.raises(ValueError, match="odd number of slices"):
+            adapt_input(copy.deepcopy(plain), channels, slices)
 
 
 def test_widened_input_from_scratch_starts_on_the_average_of_the_slices():

@@ -98,12 +98,24 @@ def make_loader(dataset: Dataset, batch_size: int, *, workers: int, sampler=None
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
-def to_device_normalized(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 NCHW batch -> normalised float on the device, channels_last for the convs."""
+def channel_stats(channels: int, slices: int = 1) -> tuple[list[float], list[float]]:
+    """ImageNet mean and std for each input channel: those of the RGB channel whose filters
+    it was given (utils.model.adapt_input_conv, slice by slice). A lone window got the sum
+    of the three filters, so it gets their average."""
+    per_slice = channels // slices
+    if per_slice == 1:
+        pairs = [(sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3)]
+    else:
+        pairs = [(IMAGENET_MEAN[j % 3], IMAGENET_STD[j % 3]) for j in range(per_slice)]
+    pairs = pairs * slices
+    return [m for m, _ in pairs], [s for _, s in pairs]
+
+
+def to_device_normalized(images: torch.Tensor, device: torch.device, slices: int = 1) -> torch.Tensor:
+    """uint8 NCHW batch of ``slices`` stacked slices -> normalised float on the device,
+    channels_last for the convs."""
     x = images.to(device, non_blocking=True).float().div_(255.0)
-    channels = x.shape[1]
-    mean = torch.tensor(IMAGENET_MEAN[:channels] if channels <= 3 else [0.45] * channels,
-                        device=device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_STD[:channels] if channels <= 3 else [0.225] * channels,
-                       device=device).view(1, -1, 1, 1)
+    mean, std = channel_stats(x.shape[1], slices)
+    mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=device).view(1, -1, 1, 1)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)

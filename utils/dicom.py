@@ -9,8 +9,11 @@ recognise goes to pydicom, which stays the reference.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
+import re
 import struct
 import threading
 import warnings
@@ -23,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 
+from utils.atomic import atomic_write
 # Windows as (center, width) in Hounsfield units.
 BRAIN = (40.0, 80.0)
 SUBDURAL = (80.0, 200.0)
@@ -36,6 +40,13 @@ NAMED_WINDOWS = {"brain": BRAIN, "subdural": SUBDURAL, "soft_tissue": SOFT_TISSU
 # RSNA files with 12 stored bits, unsigned pixels and an intercept near 0 hold HU with
 # negative values wrapped modulo 4096; -100 separates them from the usual -1024/-1000.
 WRAP_INTERCEPT_THRESHOLD = -100.0
+MAX_WINDOWS = 8  # the packed look-up table holds up to 8 channels in one 64-bit word
+MAX_SIDE = 4096  # rows or columns; CT slices are 512, the largest detectors 2048 or so
+
+
+def wraps_12bit(bits_stored: int, pixel_representation: int, intercept: float) -> bool:
+    """The RSNA 12-bit wrap: the one place this rule of the data is written."""
+    return bits_stored == 12 and pixel_representation == 0 and intercept > WRAP_INTERCEPT_THRESHOLD
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -79,8 +90,7 @@ class Header:
 
     @property
     def wrapped_12bit(self) -> bool:
-        return (self.bits_stored == 12 and self.pixel_representation == 0
-                and self.rescale_intercept > WRAP_INTERCEPT_THRESHOLD)
+        return wraps_12bit(self.bits_stored, self.pixel_representation, self.rescale_intercept)
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,12 +119,14 @@ def parse_windows(spec: str) -> tuple:
         if part in NAMED_WINDOWS:
             out.append(NAMED_WINDOWS[part])
         elif "/" in part:
-            center, width = part.split("/", 1)
-            out.append((float(center), float(width)))
+            center, width = map(float, part.split("/", 1))
+            if not (math.isfinite(center) and math.isfinite(width) and width >= 0):
+                raise ValueError(f"window {part!r}: the center must be finite and the width >= 0")
+            out.append((center, width))
         else:
             raise ValueError(f"unknown window {part!r}: use {sorted(NAMED_WINDOWS)} or CENTER/WIDTH")
-    if not out:
-        raise ValueError("no window given")
+    if not out or len(out) > MAX_WINDOWS:
+        raise ValueError(f"give 1 to {MAX_WINDOWS} windows, got {len(out)}")
     return tuple(out)
 
 
@@ -132,6 +144,9 @@ _US_NAMES = {(0x0028, 0x0002): "SamplesPerPixel", (0x0028, 0x0010): "Rows",
              (0x0028, 0x0101): "BitsStored", (0x0028, 0x0103): "PixelRepresentation"}
 _LONG_VR = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT",
             b"SV", b"UV"}
+_SHORT_VR = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
+             b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+_VR_NAMES = {vr.decode() for vr in _LONG_VR | _SHORT_VR}
 _PIXEL_DATA = (0x7FE0, 0x0010)
 _UNDEFINED = 0xFFFFFFFF
 
@@ -169,10 +184,10 @@ def _parse_simple(buf) -> tuple[dict, str, int, int]:
                     break
                 length, = _U32(buf, pos + 8)
                 pos += 12
-            elif 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
+            elif vr in _SHORT_VR:
                 pos += 8
             else:
-                raise _NotSimple
+                raise _NotSimple  # not a VR of the standard: pydicom decides what it is
         else:
             group, elem, length = _IMPLICIT_ELEMENT(buf, pos)
             pos += 8
@@ -201,74 +216,180 @@ def _parse_simple(buf) -> tuple[dict, str, int, int]:
     raise ValueError("file ends before the pixel data")
 
 
-def _first_float(text, default=float("nan")) -> float:
-    if text is None or text == "":
-        return default
-    return float(str(text).split("\\")[0])
+class _DamagedElement(Exception):
+    """An element pydicom read whose bytes cannot be what the standard allows."""
 
 
-def _header_from_values(path: Path, v: dict, syntax: str) -> Header:
-    """Build a Header from tag values given as DICOM text (our reader or pydicom's)."""
-    try:
-        position = v.get("ImagePositionPatient") or ""
-        parts = position.split("\\")
-        window_center = v.get("WindowCenter") or ""
-        return Header(
-            image_id=path.stem,
-            patient_id=v.get("PatientID") or "",
-            study_uid=v.get("StudyInstanceUID") or "",
-            series_uid=v.get("SeriesInstanceUID") or "",
-            z=float(parts[2]) if len(parts) == 3 and parts[2] else float("nan"),
-            rows=int(v["Rows"]), columns=int(v["Columns"]),
-            samples_per_pixel=int(v.get("SamplesPerPixel", 1)),
-            photometric=v.get("PhotometricInterpretation") or "MONOCHROME2",
-            bits_allocated=int(v["BitsAllocated"]), bits_stored=int(v["BitsStored"]),
-            pixel_representation=int(v["PixelRepresentation"]),
-            rescale_intercept=_first_float(v.get("RescaleIntercept"), 0.0),
-            rescale_slope=_first_float(v.get("RescaleSlope"), 1.0),
-            window_center=_first_float(window_center),
-            window_width=_first_float(v.get("WindowWidth")),
-            multi_window="\\" in window_center,
-            pixel_spacing=_first_float(v.get("PixelSpacing")),
-            transfer_syntax=syntax,
-        )
-    except KeyError as missing:
-        raise DicomError(path, f"missing required tag {missing.args[0]}") from None
-    except ValueError as err:
-        raise DicomError(path, f"unreadable header value ({err})") from None
-
-
-def _pydicom_text(ds, name: str):
-    if name not in ds:
+def _pydicom_text(ds, tag: tuple[int, int]):
+    """A tag's value as DICOM text, as our own reader gives it. Text is taken from the raw
+    bytes: the values we read are ASCII by definition, and a damaged character set would
+    send pydicom's decoder through thousands of escape sequences."""
+    if tag not in ds:
         return None
-    value = ds[name].value
+    raw = ds.get_item(tag)
+    if raw.VR is not None and raw.VR not in _VR_NAMES:  # None: implicit VR
+        raise _DamagedElement(f"its VR {raw.VR!r} is not a DICOM VR")
+    if isinstance(raw.value, bytes) and tag in _TEXT:
+        return raw.value.decode("latin-1").strip("\x00 ")
+    value = ds[tag].value
     if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
         return "\\".join(str(x) for x in value)
     return str(value)
 
 
-def _read_pydicom(path: Path, stop_before_pixels: bool):
+def _number(path: Path, v: dict, name: str, default: float = float("nan")) -> float:
+    """The first value of a numeric tag given as DICOM text; ``default`` when absent."""
+    text = v.get(name)
+    if text is None or str(text).strip() == "":
+        return default
+    first = str(text).split("\\")[0].strip()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_UI_WARNING)
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-            syntax = str(ds.file_meta.TransferSyntaxUID)
-            values = {name: _pydicom_text(ds, name) for name in (*_TEXT.values(), *_US_NAMES.values())}
-    except (pydicom.errors.InvalidDicomError, EOFError) as err:
-        raise DicomError(path, f"not a DICOM file ({err})") from None
-    except (OSError, AttributeError, ValueError, KeyError, struct.error) as err:
-        raise DicomError(path, f"unreadable DICOM ({type(err).__name__}: {err})") from None
-    values = {k: v for k, v in values.items() if v is not None}
-    return ds, _header_from_values(path, values, syntax)
+        value = float(first)
+    except ValueError:
+        raise DicomError(path, f"{name} {first[:40]!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DicomError(path, f"{name} {first[:40]!r} is not a finite number")
+    return value
 
 
-def _check_geometry(path: Path, h: Header) -> None:
-    if h.rows <= 0 or h.columns <= 0:
-        raise DicomError(path, f"image size {h.rows}x{h.columns} is empty")
+def _whole(path: Path, v: dict, name: str, default: int | None = None) -> int:
+    text = v.get(name)
+    if text is None or str(text).strip() == "":
+        if default is None:
+            raise DicomError(path, f"missing required tag {name}")
+        return default
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise DicomError(path, f"{name} {str(text)[:40]!r} is not a whole number") from None
+
+
+def _slice_z(path: Path, position: str) -> float:
+    """ImagePositionPatient's z; NaN when the tag is absent, an error when it is damaged."""
+    if not position:
+        return float("nan")
+    parts = position.split("\\")
+    try:
+        z = float(parts[2]) if len(parts) == 3 else float("nan")
+    except ValueError:
+        z = float("inf")
+    if len(parts) != 3 or not math.isfinite(z):
+        raise DicomError(path, f"header element (0020,0032) ImagePositionPatient {position[:60]!r} "
+                               f"is damaged (expected three finite numbers)")
+    return z
+
+
+def _header_from_values(path: Path, v: dict, syntax: str) -> Header:
+    """Build and check a Header from tag values given as DICOM text (ours or pydicom's)."""
+    window_center = v.get("WindowCenter") or ""
+    h = Header(
+        image_id=path.stem,
+        patient_id=v.get("PatientID") or "",
+        study_uid=v.get("StudyInstanceUID") or "",
+        series_uid=v.get("SeriesInstanceUID") or "",
+        z=_slice_z(path, v.get("ImagePositionPatient") or ""),
+        rows=_whole(path, v, "Rows"), columns=_whole(path, v, "Columns"),
+        samples_per_pixel=_whole(path, v, "SamplesPerPixel", 1),
+        photometric=v.get("PhotometricInterpretation") or "MONOCHROME2",
+        bits_allocated=_whole(path, v, "BitsAllocated"), bits_stored=_whole(path, v, "BitsStored"),
+        pixel_representation=_whole(path, v, "PixelRepresentation"),
+        rescale_intercept=_number(path, v, "RescaleIntercept", 0.0),
+        rescale_slope=_number(path, v, "RescaleSlope", 1.0),
+        window_center=_number(path, v, "WindowCenter"),
+        window_width=_number(path, v, "WindowWidth"),
+        multi_window="\\" in window_center,
+        pixel_spacing=_number(path, v, "PixelSpacing"),
+        transfer_syntax=syntax,
+    )
+    _check_meaning(path, h)
+    return h
+
+
+def _check_meaning(path: Path, h: Header) -> None:
+    """Values that parse but cannot describe a CT slice we can read."""
     if h.samples_per_pixel != 1:
-        raise DicomError(path, f"{h.samples_per_pixel} samples per pixel; a CT slice has 1")
-    if h.bits_allocated not in (8, 16) or not 1 <= h.bits_stored <= h.bits_allocated:
-        raise DicomError(path, f"unsupported BitsAllocated {h.bits_allocated} / BitsStored {h.bits_stored}")
+        raise DicomError(path, f"{h.samples_per_pixel} samples per pixel (colour data): not a CT slice")
+    if not (1 <= h.rows <= MAX_SIDE and 1 <= h.columns <= MAX_SIDE):
+        raise DicomError(path, f"image size {h.rows}x{h.columns} is outside 1..{MAX_SIDE} pixels a side")
+    if h.bits_allocated not in (8, 16, 32):
+        raise DicomError(path, f"BitsAllocated {h.bits_allocated} is not 8, 16 or 32")
+    if not 1 <= h.bits_stored <= h.bits_allocated:
+        raise DicomError(path, f"BitsStored {h.bits_stored} does not fit in BitsAllocated {h.bits_allocated}")
+    if h.pixel_representation not in (0, 1):
+        raise DicomError(path, f"PixelRepresentation {h.pixel_representation} is not 0 or 1")
+    if h.rescale_slope == 0:
+        raise DicomError(path, "RescaleSlope is 0: every pixel would be the same value")
+
+
+_TAGS = {**_TEXT, **_US_NAMES}
+
+
+def _read_pydicom(path: Path, stop_before_pixels: bool):
+    """pydicom's reading of a file our parser leaves to it, with its failures named."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_UI_WARNING)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        except pydicom.errors.InvalidDicomError as err:
+            raise DicomError(path, f"not a DICOM file ({err})") from None
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        if not syntax:
+            raise DicomError(path, "the file meta group names no transfer syntax")
+        values = {}
+        for (group, elem), name in _TAGS.items():
+            try:  # pydicom converts an element's bytes only now, when it is asked for
+                values[name] = _pydicom_text(ds, (group, elem))
+            except Exception as err:  # noqa: BLE001 - any failure means this element is damaged
+                detail = str(err) if isinstance(err, _DamagedElement) else _first_line(err)
+                raise DicomError(path, f"header element ({group:04X},{elem:04X}) {name} is damaged "
+                                       f"({detail})") from None
+    values = {k: v for k, v in values.items() if v is not None}
+    return ds, _header_from_values(path, values, str(syntax))
+
+
+def _first_line(err: BaseException) -> str:
+    if isinstance(err, pydicom.errors.BytesLengthException):
+        return "its length is not a whole number of values of its type"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:160] if text else ''}"
+
+
+def _check_decodable(path: Path, syntax: str) -> None:
+    """The pixels of this transfer syntax can be decoded here (known, decoder installed)."""
+    if syntax in UNCOMPRESSED:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_UI_WARNING)  # a damaged UID is named below
+        try:
+            decoder = pydicom.pixels.get_decoder(syntax)
+        except NotImplementedError:
+            raise DicomError(path, f"unknown transfer syntax {syntax[:64]!r}") from None
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
+        raise DicomError(path, f"transfer syntax {pydicom.uid.UID(syntax).name} needs a decoder "
+                               f"that is not installed: {needs}")
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """The readers' contract: a correct result or DicomError naming the file and the reason.
+
+    A damaged file can make any parser raise anything; only running out of memory (and
+    Ctrl-C, which is not an Exception) passes through.
+    """
+    try:
+        yield
+    except (DicomError, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - see above
+        tag = _TAG_IN_MESSAGE.search(str(err))
+        if tag:  # pydicom names the element it could not convert
+            raise DicomError(path, f"header element ({tag[1].upper()},{tag[2].upper()}) is damaged "
+                                   f"({_first_line(err)})") from None
+        raise DicomError(path, f"unreadable DICOM ({_first_line(err)})") from None
+
+
+_TAG_IN_MESSAGE = re.compile(r"\(([0-9A-Fa-f]{4}), ?([0-9A-Fa-f]{4})\)")
 
 
 _HEAD_BYTES = 16384  # RSNA headers take about 1.2 kB; longer ones are read whole
@@ -299,23 +420,29 @@ def _read_head(path: Path, f, size: int) -> tuple[dict, str, int, int]:
         return _parse_simple(f.read())
 
 
-def _check_pixel_length(path: Path, h: Header, have: int) -> int:
-    """Check the geometry and that ``have`` bytes of pixel data hold the image; its size."""
-    _check_geometry(path, h)
-    need = h.rows * h.columns * (h.bits_allocated // 8)
+def _check_pixel_length(path: Path, h: Header, declared: int, available: int) -> int:
+    """Check that the pixel data element holds the header's image; the image's byte size."""
+    per_value = h.bits_allocated // 8
+    if declared % per_value:
+        raise DicomError(path, f"pixel data length {declared} is not a whole number of "
+                               f"{h.bits_allocated}-bit values")
+    need = h.rows * h.columns * per_value
+    have = min(declared, available)
     if have < need:
         raise DicomError(path, f"pixel data is short: {have} bytes, the header's "
                                f"{h.rows}x{h.columns}x{h.bits_allocated}-bit image needs {need}")
     return need
 
 
-def _read_raw(path) -> tuple[Header, np.ndarray]:
+_CODE_DTYPES = {8: np.dtype(np.uint8), 16: np.dtype("<u2"), 32: np.dtype("<u4")}
+
+
+def _read_raw(path: Path) -> tuple[Header, np.ndarray]:
     """The header and the stored values as raw unsigned codes for the look-up tables.
 
     The whole file is read with one call into a scratch buffer that the next call on
     this thread overwrites; the codes returned are a view of it.
     """
-    path = Path(path)
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
@@ -332,54 +459,66 @@ def _read_raw(path) -> tuple[Header, np.ndarray]:
     except _NotSimple:
         return _read_raw_pydicom(path)
     h = _header_from_values(path, values, syntax)
-    need = _check_pixel_length(path, h, min(length, got - offset))
+    need = _check_pixel_length(path, h, length, got - offset)
     codes = buf[offset:offset + need]
-    return h, codes.view(np.uint8 if h.bits_allocated == 8 else "<u2").reshape(h.rows, h.columns)
+    return h, codes.view(_CODE_DTYPES[h.bits_allocated]).reshape(h.rows, h.columns)
 
 
 def _read_raw_pydicom(path: Path) -> tuple[Header, np.ndarray]:
     ds, h = _read_pydicom(path, stop_before_pixels=False)
-    _check_geometry(path, h)
-    if "PixelData" not in ds:
+    _check_decodable(path, h.transfer_syntax)
+    if not ds.get("PixelData"):
         raise DicomError(path, "no pixel data")
-    if h.transfer_syntax not in UNCOMPRESSED and h.transfer_syntax != RLE_LOSSLESS:
-        decoder = pydicom.pixels.get_decoder(h.transfer_syntax)
-        if not decoder.is_available:
-            needs = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
-            raise DicomError(path, f"transfer syntax {ds.file_meta.TransferSyntaxUID.name} needs a "
-                                   f"decoder that is not installed: {needs}")
+    if not pydicom.uid.UID(h.transfer_syntax).is_compressed:
+        n = len(ds.PixelData)
+        _check_pixel_length(path, h, n, n)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_UI_WARNING)
             # raw=True: stored values without pydicom's sign/bit handling, which our LUT does
             arr = pydicom.pixels.pixel_array(ds, raw=True)
-    except Exception as err:  # decoders raise many types; all mean "pixels unusable"
-        raise DicomError(path, f"cannot decode pixel data ({type(err).__name__}: {err})") from None
+    except Exception as err:  # noqa: BLE001 - decoders raise many types; all mean "pixels unusable"
+        raise DicomError(path, f"cannot decode pixel data ({_first_line(err)})") from None
     if arr.shape != (h.rows, h.columns):
         raise DicomError(path, f"pixel data has shape {arr.shape}, header says {h.rows}x{h.columns}")
-    code_dtype = np.uint8 if h.bits_allocated == 8 else np.uint16
-    return h, arr.view(code_dtype) if arr.dtype.itemsize == np.dtype(code_dtype).itemsize \
+    code_dtype = _CODE_DTYPES[h.bits_allocated]
+    return h, arr.view(code_dtype) if arr.dtype.itemsize == code_dtype.itemsize \
         else arr.astype(code_dtype)
 
 
 # ---------------------------------------------------------------------------------------
 # Look-up tables from stored codes to HU and to windowed bytes.
 
-@functools.lru_cache(maxsize=256)
-def _hu_lut(bits_allocated: int, bits_stored: int, signed: bool, slope: float,
-            intercept: float) -> np.ndarray:
-    """HU for every possible stored code, masked and sign-extended as pydicom does."""
-    codes = np.arange(1 << bits_allocated, dtype=np.int64)
+def _stored_to_hu(codes: np.ndarray, bits_stored: int, signed: bool, slope: float,
+                  intercept: float) -> np.ndarray:
+    """HU of raw stored codes (int64), masked and sign-extended as pydicom does, with the
+    RSNA 12-bit wrap undone."""
     values = codes & ((1 << bits_stored) - 1)
     if signed:
         values = np.where(values >= 1 << (bits_stored - 1), values - (1 << bits_stored), values)
-    if bits_stored == 12 and not signed and intercept > WRAP_INTERCEPT_THRESHOLD:
+    if wraps_12bit(bits_stored, int(signed), intercept):
         values = values + 1000
         values = np.where(values >= 4096, values - 4096, values)
         intercept = -1000.0
-    hu = values.astype(np.float64) * slope + intercept
+    return values.astype(np.float64) * slope + intercept
+
+
+@functools.lru_cache(maxsize=256)
+def _hu_lut(bits_allocated: int, bits_stored: int, signed: bool, slope: float,
+            intercept: float) -> np.ndarray:
+    """HU for every possible stored code of 8 or 16 bits."""
+    hu = _stored_to_hu(np.arange(1 << bits_allocated, dtype=np.int64), bits_stored, signed,
+                       slope, intercept)
     hu.flags.writeable = False
     return hu
+
+
+def _hu(h: Header, raw: np.ndarray) -> np.ndarray:
+    """HU (float64) of a slice's raw codes. 32-bit codes are too many for a table."""
+    if h.bits_allocated == 32:
+        return _stored_to_hu(raw.astype(np.int64), h.bits_stored, h.pixel_representation == 1,
+                             h.rescale_slope, h.rescale_intercept)
+    return _hu_lut(*_lut_key(h))[raw]
 
 
 def _lut_key(h: Header) -> tuple:
@@ -393,6 +532,8 @@ def _resolve_windows(windows, h: Header, path) -> tuple:
         if w == HEADER:
             if not (np.isfinite(h.window_center) and np.isfinite(h.window_width)):
                 raise DicomError(path, "the header window was asked for but the file has none")
+            if h.window_width < 0:
+                raise DicomError(path, f"the header window's width {h.window_width:g} is negative")
             out.append((h.window_center, h.window_width))
         else:
             out.append((float(w[0]), float(w[1])))
@@ -419,35 +560,39 @@ def _packed_lut(lut_key: tuple, windows: tuple, invert: bool) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
-# Public readers.
+# Public readers: each returns a correct result or raises DicomError (see _reading).
 
 def read_header(path) -> Header:
-    """The header of one file, reading only as far as the pixel data where it can."""
+    """The header of one file, reading only as far as the pixel data where it can, and
+    checking that its pixels can be read (so a bad file is found at scan time)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            try:
-                values, syntax, offset, length = _read_head(path, f, size)
-            except ValueError as err:
-                raise DicomError(path, f"truncated file: {err}") from None
-            except _NotSimple:
-                values = None
-    except OSError as err:
-        raise DicomError(path, f"cannot read file ({err.strerror or err})") from None
-    if values is None:
-        h = _read_pydicom(path, stop_before_pixels=True)[1]
-        _check_geometry(path, h)
+    with _reading(path):
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                try:
+                    values, syntax, offset, length = _read_head(path, f, size)
+                except ValueError as err:
+                    raise DicomError(path, f"truncated file: {err}") from None
+                except _NotSimple:
+                    values = None
+        except OSError as err:
+            raise DicomError(path, f"cannot read file ({err.strerror or err})") from None
+        if values is None:
+            h = _read_pydicom(path, stop_before_pixels=True)[1]
+            _check_decodable(path, h.transfer_syntax)
+            return h
+        h = _header_from_values(path, values, syntax)
+        _check_pixel_length(path, h, length, size - offset)
         return h
-    h = _header_from_values(path, values, syntax)
-    _check_pixel_length(path, h, min(length, size - offset))
-    return h
 
 
 def read_hu(path) -> np.ndarray:
     """Hounsfield units (float32, H x W) after the rescale and the RSNA 12-bit fix."""
-    h, raw = _read_raw(path)
-    return _hu_lut(*_lut_key(h)).astype(np.float32)[raw]
+    path = Path(path)
+    with _reading(path):
+        h, raw = _read_raw(path)
+        return _hu(h, raw).astype(np.float32)
 
 
 def _square(img: np.ndarray) -> np.ndarray:
@@ -484,16 +629,29 @@ def read_windowed(path, windows=DEFAULT_WINDOWS, size: int | None = None) -> np.
     With ``size`` the image is padded to a square and resized to size x size. MONOCHROME1
     is inverted so that bright always means dense.
     """
-    h, raw = _read_raw(path)
-    windows = _resolve_windows(windows, h, path)
-    packed = _packed_lut(_lut_key(h), windows, h.photometric == "MONOCHROME1")
-    words = _scratch_array("words", raw.size * packed.itemsize).view(packed.dtype)
-    np.take(packed, raw.ravel(), out=words, mode="clip")  # codes are always in range
-    img = words.view(np.uint8).reshape(h.rows, h.columns, packed.itemsize)
-    if size is not None:
-        img = _resize(_square(img), int(size))
-    img = _first_channels(img, len(windows))
-    return img.copy() if np.shares_memory(img, words) else img  # never hand out scratch
+    path = Path(path)
+    with _reading(path):
+        h, raw = _read_raw(path)
+        windows = _resolve_windows(windows, h, path)
+        invert = h.photometric == "MONOCHROME1"
+        if h.bits_allocated == 32:
+            return _windowed_slow(_hu(h, raw), windows, invert, size)
+        packed = _packed_lut(_lut_key(h), windows, invert)
+        words = _scratch_array("words", raw.size * packed.itemsize).view(packed.dtype)
+        np.take(packed, raw.ravel(), out=words, mode="clip")  # codes are always in range
+        img = words.view(np.uint8).reshape(h.rows, h.columns, packed.itemsize)
+        if size is not None:
+            img = _resize(_square(img), int(size))
+        img = _first_channels(img, len(windows))
+        return img.copy() if np.shares_memory(img, words) else img  # never hand out scratch
+
+
+def _windowed_slow(hu: np.ndarray, windows: tuple, invert: bool, size: int | None) -> np.ndarray:
+    """read_windowed for codes too wide for a look-up table: window() channel by channel."""
+    img = np.stack([window(hu, center, width) for center, width in windows], axis=2)
+    if invert:
+        img = 255 - img
+    return img if size is None else _resize(_square(img), int(size))
 
 
 def _first_channels(img: np.ndarray, n: int) -> np.ndarray:
@@ -569,10 +727,8 @@ def scan_headers(paths, workers: int = 0, cache: str | Path | None = None,
     table = pd.DataFrame(rows, columns=["path", "file_size", "mtime_ns", "error", *HEADER_COLUMNS])
     order = {p: i for i, p in enumerate(paths)}
     table = table.sort_values("path", key=lambda s: s.map(order)).reset_index(drop=True)
-    if cache is not None:
-        tmp = Path(str(cache) + ".tmp")
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, cache)
+    if cache is not None:  # two runs on the same data may write it at once: atomic_write
+        atomic_write(cache, lambda tmp: table.to_parquet(tmp, index=False))
     bad = table.loc[table["error"] != "", ["path", "error"]].rename(columns={"error": "reason"})
     good = table.loc[table["error"] == "", ["path", *HEADER_COLUMNS]].reset_index(drop=True)
     # Unreadable rows held None in every column; the readable ones get their real types back.

@@ -6,6 +6,8 @@ refused instead of executed.
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 
@@ -17,6 +19,7 @@ NUM_CLASSES = 6
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 # Where the usual files are named differently from the arch (the WSL weights).
 _EXTRA_NAMES = {"resnext101_32x8d": ("ig_resnext101_32x8*.pth",)}
+log = logging.getLogger(__name__)
 
 
 class WeightsError(Exception):
@@ -28,7 +31,7 @@ def available_archs() -> list[str]:
                   if n.startswith(("resnet", "resnext", "wide_resnet")))
 
 
-def create_model(arch: str, num_classes: int = NUM_CLASSES) -> nn.Module:
+def create_model(arch: str) -> nn.Module:
     """An untrained torchvision ResNet/ResNeXt with the usual 1000-class head."""
     if arch not in available_archs():
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(available_archs())}")
@@ -87,10 +90,14 @@ def load_pretrained(model: nn.Module, path, strict: bool = True) -> tuple[list, 
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
     unexpected = list(result.unexpected_keys)
-    if strict and (missing or unexpected):
-        raise WeightsError(f"{path}: {len(missing)} missing keys (first: {missing[:3]}), "
-                           f"{len(unexpected)} unexpected keys (first: {unexpected[:3]}); "
-                           f"pass --weights-strict false to load anyway")
+    if not (missing or unexpected):
+        return missing, unexpected
+    keys = (f"{len(missing)} missing keys (first: {', '.join(missing[:3]) or '-'}), "
+            f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3]) or '-'})")
+    if strict:
+        raise WeightsError(f"{path}: {keys}; pass --weights-strict false to load anyway")
+    log.warning(f"Weights {path}: {keys}; the rest loaded (--weights-strict false), the "
+                f"missing ones keep their random initialisation")
     return missing, unexpected
 
 
@@ -110,48 +117,61 @@ def find_weights(arch: str, search_dirs=None) -> Path | None:
     return None
 
 
-def widen_input(model: nn.Module, in_channels: int, pretrained: bool = True) -> nn.Module:
-    """Take ``in_channels`` instead of 3: a stack of slices, three windows each, with the
-    slice being classified in the middle (as utils.data.SliceDataset stacks them).
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """RGB filters (out, 3, k, k) for ``in_channels`` inputs, the way timm adapts them: one
+    channel gets their sum; N channels get them in turn, repeated, scaled by 3/N, so that
+    an image repeated on every channel gives the same response as on three."""
+    rgb = weight.shape[1]
+    if in_channels == rgb:
+        return weight.clone()
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = math.ceil(in_channels / rgb)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (rgb / in_channels)
 
-    Pretrained: the first conv's filters go to the middle slice's three channels and the
-    neighbours' start at zero, so training starts from exactly the single-slice network,
-    whatever the neighbours show, and learns what they add. (Spreading the filters over
-    all slices instead would show the network their average at first: a thin bleed on
-    one slice at a third of its contrast.)
-    From scratch there is no network to keep: the random filters are repeated over the
-    slices and divided by their number, so it starts on their average, a less noisy
-    image, and learns to tell them apart. On the demo that trained better than filters
-    drawn independently for each slice (BENCHMARKS.md, "Slice context").
+
+def adapt_input(model: nn.Module, in_channels: int, slices: int = 1,
+                pretrained: bool = True) -> nn.Module:
+    """Take ``in_channels`` inputs: ``slices`` neighbouring slices (the one classified in
+    the middle, as utils.data.SliceDataset stacks them) of in_channels / slices windows.
+
+    Each slice's windows get the first conv's filters through adapt_input_conv.
+    Pretrained, with several slices: the filters go to the middle slice and the neighbours'
+    start at zero, so training starts from exactly the single-slice network, whatever the
+    neighbours show, and learns what they add. (Spreading the filters over all slices
+    would show the network their average at first: a thin bleed on one slice at a third
+    of its contrast.)
+    From scratch there is no network to keep: the random filters are spread over all the
+    channels, so it starts on the slices' average, a less noisy image, and learns to tell
+    them apart. On the demo that trained better than filters drawn independently for each
+    slice (BENCHMARKS.md, "Slice context").
     """
     old = model.conv1
-    if in_channels == old.in_channels:
+    if in_channels == old.in_channels and slices == 1:
         return model
-    groups, extra = divmod(in_channels, old.in_channels)
-    if pretrained and (extra or groups % 2 == 0):
-        raise ValueError(f"in_channels must be an odd number of groups of {old.in_channels} "
-                         f"(a middle slice and its neighbours), got {in_channels}")
+    per_slice, extra = divmod(in_channels, slices)
+    if extra or slices % 2 == 0:
+        raise ValueError(f"in_channels must be an odd number of slices of equal width "
+                         f"(a middle slice and its neighbours), got {in_channels} over {slices}")
     new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
                     bias=old.bias is not None)
     with torch.no_grad():
-        if pretrained:
+        if pretrained and slices > 1:
             new.weight.zero_()
-            middle = groups // 2 * old.in_channels
-            new.weight[:, middle:middle + old.in_channels] = old.weight
-            if old.bias is not None:
-                new.bias.copy_(old.bias)
+            middle = slices // 2 * per_slice
+            new.weight[:, middle:middle + per_slice] = adapt_input_conv(old.weight, per_slice)
         else:
-            repeated = old.weight.repeat(1, groups + 1, 1, 1)[:, :in_channels]
-            new.weight.copy_(repeated * old.in_channels / in_channels)
-            if old.bias is not None:
-                new.bias.copy_(old.bias)
+            new.weight.copy_(adapt_input_conv(old.weight, in_channels))
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
     model.conv1 = new
     return model
 
 
-def build_model(arch: str, weights=None, strict: bool = True, in_channels: int = 3) -> nn.Module:
+def build_model(arch: str, weights=None, strict: bool = True, in_channels: int = 3,
+                slices: int = 1) -> nn.Module:
     """The classifier for the task: ``weights`` a local file or None for random init."""
     model = create_model(arch)
     if weights is not None:
         load_pretrained(model, weights, strict=strict)
-    return replace_head(widen_input(model, in_channels, pretrained=weights is not None))
+    return replace_head(adapt_input(model, in_channels, slices, pretrained=weights is not None))

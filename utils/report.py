@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from utils.dicom import (DEFAULT_WINDOWS, EXPLICIT_LE, HEADER, IMPLICIT_LE, NAMED_WINDOWS, RLE_LOSSLESS,
-                         WRAP_INTERCEPT_THRESHOLD, DicomError, parse_windows, read_windowed)
+                         DicomError, parse_windows, read_windowed, wraps_12bit)
 from utils.labels import ANY, LABELS, SUBTYPES, check_label_table, label_report
 
 REPORT_DIR = "report"
@@ -184,9 +184,7 @@ def _windows_kind(multi_window, window_center) -> str:
 
 
 def _wrap(bits_stored, pixel_representation, rescale_intercept) -> str:
-    # utils.dicom's Header.wrapped_12bit, on the table's columns.
-    wrapped = (int(bits_stored) == 12 and int(pixel_representation) == 0
-               and rescale_intercept > WRAP_INTERCEPT_THRESHOLD)
+    wrapped = wraps_12bit(int(bits_stored), int(pixel_representation), rescale_intercept)
     return "yes" if wrapped else "no"
 
 
