@@ -121,18 +121,18 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     for name, kind in types.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"(default: {getattr(Config, name)})")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out-dir")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--context-windows", action="store_true",
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out-dir")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a finished run in --out-dir")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--context-windows", action="store_true", default=None,
                    help="with --context 1: all windows of the slices below, at and above")
-    p.add_argument("--refine", action="store_true",
+    p.add_argument("--refine", action="store_true", default=None,
                    help="refine each series' predictions with a small sequence model")
-    p.add_argument("--predict-only", action="store_true",
+    p.add_argument("--predict-only", action="store_true", default=None,
                    help="make a submission from --checkpoint without training")
     p.add_argument("--check-submission", metavar="PATH", default=None,
                    help="only check a submission file against the sample submission, then exit")
-    p.add_argument("--report", action="store_true",
+    p.add_argument("--report", action="store_true", default=None,
                    help="only (re)write the visual report of the run in --out-dir, then exit")
     p.add_argument("--export-kaggle", metavar="DIR", default=None,
                    help="only write kernel.ipynb, kernel_bundle.py and kernel-metadata.json to DIR")
@@ -140,7 +140,7 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     p.add_argument("--kaggle-weights-dataset", metavar="USER/SLUG", default=None,
                    help="the Kaggle dataset holding the pretrained weights, attached to the export")
     args = p.parse_args(argv)  # an unknown option exits with usage and code 2
-    given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
+    given = {k: v for k, v in vars(args).items() if v is not None}  # flags default to None too
     modes = {k: given.pop(k, None) for k in
              ("check_submission", "export_kaggle", "kaggle_id", "kaggle_weights_dataset", "report")}
     cfg = Config()
@@ -247,8 +247,12 @@ def prepare_out_dir(cfg: Config) -> Path:
         raise UserError(f"{out} already holds a finished run ({', '.join(finished)}); pass "
                         f"--resume to continue it, --overwrite to replace it, or another --out-dir")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if cfg.resume and not (out / "checkpoints" / "last.pt").is_file():
-        adopt_previous_session(out, KAGGLE_INPUT)
+    if cfg.resume:
+        for unfinished in (out / "checkpoints").glob("*.tmp"):  # a write the last run did not finish
+            unfinished.unlink()
+            log(f"Removed {unfinished}, a checkpoint the interrupted run did not finish writing")
+        if not (out / "checkpoints" / "last.pt").is_file():
+            adopt_previous_session(out, KAGGLE_INPUT)
     return out
 
 

@@ -45,7 +45,7 @@ def cli(*args) -> int:
     return kernel.cli([str(a) for a in args])
 
 
-def start_kernel(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def start_kernel(*args, env=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.Popen([sys.executable, str(ROOT / "kernel.py"), *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

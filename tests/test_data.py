@@ -60,6 +60,33 @@ def test_normalisation_on_device():
         assert x[0, c, 0, 1].item() == pytest.approx((1 - IMAGENET_MEAN[c]) / IMAGENET_STD[c], rel=1e-5)
 
 
+def test_each_slice_gets_the_statistics_its_filters_were_trained_with():
+    from utils.data import channel_stats
+    mean, std = channel_stats(9, slices=3)  # three slices of brain, subdural, soft tissue
+    assert mean == list(IMAGENET_MEAN) * 3 and std == list(IMAGENET_STD) * 3
+    assert channel_stats(3) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
+    one = channel_stats(1)  # the summed filters: their average
+    assert one == ([pytest.approx(sum(IMAGENET_MEAN) / 3)], [pytest.approx(sum(IMAGENET_STD) / 3)])
+    assert channel_stats(5)[0] == [*IMAGENET_MEAN, *IMAGENET_MEAN[:2]]
+
+
+def test_pretrained_context_network_starts_as_the_single_slice_one():
+    """With its neighbours' filters at zero and every slice normalised like the middle one,
+    the 9-channel network gives the 3-channel network's output on the middle slice."""
+    import copy
+
+    from utils.model import adapt_input, create_model
+    torch.manual_seed(0)
+    plain = create_model("resnet18").eval()
+    wide = adapt_input(copy.deepcopy(plain), 9, slices=3).eval()
+    images = torch.randint(0, 256, (2, 9, 32, 32), dtype=torch.uint8)
+    x9 = to_device_normalized(images, torch.device("cpu"), slices=3)
+    x3 = to_device_normalized(images[:, 3:6].contiguous(), torch.device("cpu"))
+    assert torch.allclose(x9[:, 3:6], x3)
+    with torch.no_grad():
+        assert torch.allclose(wide(x9), plain(x3), atol=1e-4)
+
+
 def test_neighbour_channels_are_below_slice_above_and_share_one_augmentation(tmp_path):
     # Three slices of one series, each a distinct constant in the brain window (40, 80):
     # HU 10, 40, 70 -> 64, 159, 255 after windowing (stored = HU + 1024).

@@ -75,7 +75,17 @@ def test_export_is_generated_from_the_sources():
             assert module.read_text() in bundle, module.name  # verbatim: it cannot drift
     kernel_body = (ROOT / "kernel.py").read_text().split("def load_labels", 1)[1].split("\n\n\n")[0]
     assert kernel_body in bundle
-    assert json.dumps(build_notebook(ROOT)) == json.dumps(build_notebook(ROOT))  # deterministic
+
+
+def test_export_is_the_same_from_any_process():
+    # Another process with another hash seed: set and dict orders that leak into the
+    # notebook would differ there.
+    code = "import json; from utils.export import build_notebook; print(json.dumps(build_notebook()))"
+    env = dict(_clean_env(), PYTHONHASHSEED="12345", PYTHONPATH=str(ROOT))
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                           env=env, timeout=120)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert other.stdout.strip() == json.dumps(build_notebook(ROOT))
 
 
 def test_bundle_and_notebook_give_kernel_py_s_submission(export, tmp_path):

@@ -126,20 +126,25 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
 
 
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
+    from utils.atomic import HOLD_ENV
     out = tmp_path / "out"
-    ckpt, tmp = out / "checkpoints" / "last.pt", out / "checkpoints" / "last.pt.tmp"
-    proc = start_kernel("--out-dir", out, *RESUMABLE, "--workers", "0")
-    wait_for_checkpoint(proc, ckpt, epoch=0, batch=1)
-    while proc.poll() is None and not tmp.exists():  # the next write has begun
-        time.sleep(0.001)
+    folder = out / "checkpoints"
+    # a checkpoint after every step: the third write stops before its rename, and is killed
+    proc = start_kernel("--out-dir", out, *RESUMABLE, "--workers", "0", env={HOLD_ENV: "last.pt:3"})
+    deadline = time.monotonic() + 300
+    while not (folder / "last.pt.held").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    state = torch.load(ckpt, weights_only=True)  # the previous checkpoint, whole
-    assert state["position"]["batch"] >= 1
+    assert torch.load(folder / "last.pt", weights_only=True)["position"]["batch"] == 2  # whole
+    unfinished = list(folder.glob("*.tmp"))
+    assert len(unfinished) == 1 and torch.load(unfinished[0], weights_only=True)["position"]["batch"] == 3
     resumed = run_kernel("--out-dir", out, *RESUMABLE, "--workers", "0", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming at epoch 1, batch 2" in resumed.stdout
     assert json.loads((out / "metrics.json").read_text())["best_epoch"] in (1, 2)
-    assert not tmp.exists()
+    assert not list(folder.glob("*.tmp"))  # the killed run's temporary file is cleared
 
 
 # --- 3. nothing overwritten ---------------------------------------------------------------
@@ -244,6 +249,21 @@ def test_weights_of_the_wrong_architecture(data, tmp_path, capsys):
     torch.save(torchvision.models.resnet50().state_dict(), wrong)
     assert cli("--data-dir", data, "--out-dir", tmp_path / "out", *REAL_MODE[:-2], "--weights", wrong) == 2
     assert "right --arch" in capsys.readouterr().err
+
+
+def test_two_windows_with_partial_pretrained_weights_run_and_say_what_was_left_out(data, tmp_path):
+    import torchvision
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items()
+             if not k.startswith("layer4.1.")}
+    weights = tmp_path / "resnet18-partial.pth"
+    torch.save(state, weights)
+    out = tmp_path / "out"
+    result = run_kernel("--data-dir", data, "--out-dir", out, *REAL_MODE[:-2], "--weights", weights,
+                        "--weights-strict", "false", "--windows", "brain,subdural")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "missing keys (first: layer4.1." in result.stdout and "0 unexpected keys" in result.stdout
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert best["conv1.weight"].shape[1] == 2
 
 
 def test_data_dir_without_sample_submission(data, tmp_path, capsys):

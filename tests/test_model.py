@@ -65,6 +65,47 @@ def test_missing_keys_fail_unless_not_strict(tmp_path, imagenet_file):
     assert missing and all(k.startswith("layer4.") for k in missing) and unexpected == []
 
 
+def test_not_strict_loading_says_what_it_left_out(tmp_path, imagenet_file, caplog):
+    _, state = imagenet_file
+    partial = {k: v for k, v in state.items() if not k.startswith("layer4.")}
+    partial["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "partial.pth"
+    torch.save(partial, path)
+    with caplog.at_level("WARNING", logger="utils.model"):
+        missing, _ = load_pretrained(create_model("resnet18"), path, strict=False)
+    message = caplog.text
+    assert len(missing) > 20 and f"{len(missing)} missing keys (first: {missing[0]}" in message
+    assert "1 unexpected keys (first: extra.weight)" in message and str(path) in message
+
+
+def test_adapt_input_conv_follows_timm_rule():
+    from utils.model import adapt_input_conv
+    w = torch.randn(4, 3, 5, 5)
+    assert torch.equal(adapt_input_conv(w, 3), w)
+    assert torch.allclose(adapt_input_conv(w, 1), w[:, :1] + w[:, 1:2] + w[:, 2:])
+    five = adapt_input_conv(w, 5)
+    assert torch.allclose(five, torch.cat([w, w[:, :2]], dim=1) * 3 / 5)
+    # an image repeated on every channel gives the response it gives on three
+    x = torch.randn(1, 1, 9, 9)
+    conv = torch.nn.functional.conv2d
+    for n in (1, 6, 9):
+        assert torch.allclose(conv(x.expand(1, n, 9, 9), adapt_input_conv(w, n)),
+                              conv(x.expand(1, 3, 9, 9), w), atol=1e-5)
+
+
+@pytest.mark.parametrize("channels,slices", [(1, 1), (2, 1), (5, 1), (6, 3), (3, 3)])
+def test_pretrained_weights_take_any_number_of_windows(imagenet_file, channels, slices):
+    from utils.model import adapt_input_conv
+    path, state = imagenet_file
+    model = build_model("resnet18", path, in_channels=channels, slices=slices)
+    per_slice = channels // slices
+    w = model.conv1.weight
+    assert w.shape[1] == channels and model.eval()(torch.zeros(1, channels, 32, 32)).shape == (1, 6)
+    middle = slices // 2 * per_slice
+    assert torch.allclose(w[:, middle:middle + per_slice], adapt_input_conv(state["conv1.weight"], per_slice))
+    assert not w[:, :middle].any() and not w[:, middle + per_slice:].any()  # neighbours start at 0
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("this code ran",))

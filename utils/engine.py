@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from utils.atomic import atomic_write
 from utils.metrics import CLASS_WEIGHTS
 from utils.model import clean_state_dict
 
@@ -179,14 +180,7 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a crash (or a full disk) leaves the previous file as it was."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def model_state(model: torch.nn.Module) -> dict:

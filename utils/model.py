@@ -119,8 +119,9 @@ def find_weights(arch: str, search_dirs=None) -> Path | None:
 
 def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     """RGB filters (out, 3, k, k) for ``in_channels`` inputs, the way timm adapts them: one
-    channel gets their sum; N channels get them in turn, repeated, scaled by 3/N, so that
-    an image repeated on every channel gives the same response as on three."""
+    channel gets their sum; N channels get them in turn, repeated, scaled by 3/N. An image
+    repeated on every channel then gives the response it gives on three (exactly for 1 and
+    multiples of 3, in scale for the rest)."""
     rgb = weight.shape[1]
     if in_channels == rgb:
         return weight.clone()
