@@ -36,16 +36,18 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import data as data_utils
-from utils.context import RefinerResult, fit_refiner, logit, neighbour_paths, order_slices, refine
+from utils.atomic import atomic_write
 from utils.demo import make_demo_dataset
 from utils.dicom import parse_windows, scan_headers
-from utils.engine import (Dist, ResumableSampler, barrier, gather_lists, gather_rows, init_distributed,
-                          load_checkpoint, model_state, roc_auc, save_checkpoint, warmup_cosine,
-                          weighted_bce)
+from utils.engine import (CheckpointMismatch, Checkpoints, Dist, ResumableSampler, barrier, gather_lists,
+                          gather_rows, init_distributed, load_checkpoint, model_state, roc_auc,
+                          warmup_cosine, weighted_bce)
 from utils.labels import LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels
 from utils.metrics import per_class_log_loss, prior_probabilities, weighted_log_loss
 from utils.model import WeightsError, build_model, find_weights
+from utils.refiner import RefinerResult, fit_refiner, logit, refine
 from utils.report import write_report
+from utils.slices import neighbour_paths, order_slices
 from utils.split import (fold_table, format_fold_table, kfold_by_patient, resolve_groups,
                          split_by_patient)
 from utils.submission import (SubmissionError, build_submission, check_submission_file,
@@ -56,8 +58,7 @@ KAGGLE_INPUT, KAGGLE_WORKING = Path("/kaggle/input"), Path("/kaggle/working")
 EXIT_USAGE = 2  # a user mistake: bad option, bad data folder, bad weights
 
 
-# ---------------------------------------------------------------------------------------
-# Settings: plain typed values; the command line overrides them; saved as config.json.
+# %% Settings: plain typed values; the command line overrides them; saved as config.json.
 
 @dataclass
 class Config:
@@ -107,9 +108,7 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def parse_args(argv=None) -> tuple[Config, dict]:
-    """The resolved settings, and the options that run something else than training
-    (--check-submission, --export-kaggle and its --kaggle-* options)."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=DESCRIPTION, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     types = {"data_dir": str, "out_dir": str, "epochs": int, "arch": str, "weights": str,
@@ -121,56 +120,61 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     for name, kind in types.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"(default: {getattr(Config, name)})")
-    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out-dir")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace a finished run in --out-dir")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--context-windows", action="store_true", default=None,
-                   help="with --context 1: all windows of the slices below, at and above")
-    p.add_argument("--refine", action="store_true", default=None,
-                   help="refine each series' predictions with a small sequence model")
-    p.add_argument("--predict-only", action="store_true", default=None,
-                   help="make a submission from --checkpoint without training")
+    # Flags default to None, like the options above: only what was given overrides Config.
+    flags = {"resume": "continue the run in --out-dir",
+             "overwrite": "replace a finished run in --out-dir",
+             "compile": "torch.compile the model",
+             "context_windows": "with --context 1: all windows of the slices below, at and above",
+             "refine": "refine each series' predictions with a small sequence model",
+             "predict_only": "make a submission from --checkpoint without training",
+             "report": "only (re)write the visual report of the run in --out-dir, then exit"}
+    for name, text in flags.items():
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=text)
     p.add_argument("--check-submission", metavar="PATH", default=None,
                    help="only check a submission file against the sample submission, then exit")
-    p.add_argument("--report", action="store_true", default=None,
-                   help="only (re)write the visual report of the run in --out-dir, then exit")
     p.add_argument("--export-kaggle", metavar="DIR", default=None,
                    help="only write kernel.ipynb, kernel_bundle.py and kernel-metadata.json to DIR")
     p.add_argument("--kaggle-id", metavar="USER/SLUG", default=None, help="the exported kernel's id")
     p.add_argument("--kaggle-weights-dataset", metavar="USER/SLUG", default=None,
                    help="the Kaggle dataset holding the pretrained weights, attached to the export")
+    return p
+
+
+def _problems(cfg: Config) -> list[str]:
+    """What is wrong with the settings, in the words of the options."""
+    problems = [f"--{k.replace('_', '-')} must be positive" for k in
+                ("epochs", "image_size", "batch_size", "demo_patients") if getattr(cfg, k) <= 0]
+    checks = [(cfg.workers < 0, "--workers must be >= 0"),
+              (cfg.context not in (0, 1), "--context must be 0 or 1"),
+              (cfg.context_windows and not cfg.context, "--context-windows needs --context 1"),
+              (cfg.accum < 1, "--accum must be >= 1"),
+              (cfg.ckpt_minutes < 0, "--ckpt-minutes must be >= 0"),
+              (cfg.predict_only and not cfg.checkpoint, "--predict-only needs --checkpoint PATH"),
+              (not 0 < cfg.val_frac < 1, "--val-frac must be between 0 and 1"),
+              (cfg.folds == 1 or cfg.folds < 0, "--folds must be 0 (a single --val-frac split) or at least 2"),
+              (cfg.folds >= 2 and not 0 <= cfg.fold < cfg.folds,
+               f"--fold must be between 0 and {cfg.folds - 1}")]
+    problems += [text for failed, text in checks if failed]
+    try:
+        parse_windows(cfg.windows)
+    except ValueError as err:
+        problems.append(f"--windows: {err}")
+    return problems
+
+
+def parse_args(argv=None) -> tuple[Config, dict]:
+    """The resolved settings, and the options that run something else than training
+    (--check-submission, --report, --export-kaggle and its --kaggle-* options)."""
+    p = _parser()
     args = p.parse_args(argv)  # an unknown option exits with usage and code 2
-    given = {k: v for k, v in vars(args).items() if v is not None}  # flags default to None too
+    given = {k: v for k, v in vars(args).items() if v is not None}
     modes = {k: given.pop(k, None) for k in
              ("check_submission", "export_kaggle", "kaggle_id", "kaggle_weights_dataset", "report")}
     cfg = Config()
     if given.get("data_dir") is None and find_kaggle_data() is None:
         cfg = dataclasses.replace(cfg, demo=True, **DEMO_PRESET)
     cfg = dataclasses.replace(cfg, **given)
-    problems = [f"--{k.replace('_', '-')} must be positive" for k in
-                ("epochs", "image_size", "batch_size", "demo_patients") if getattr(cfg, k) <= 0]
-    if cfg.workers < 0:
-        problems.append("--workers must be >= 0")
-    if cfg.context not in (0, 1):
-        problems.append("--context must be 0 or 1")
-    if cfg.context_windows and not cfg.context:
-        problems.append("--context-windows needs --context 1")
-    if cfg.accum < 1:
-        problems.append("--accum must be >= 1")
-    if cfg.ckpt_minutes < 0:
-        problems.append("--ckpt-minutes must be >= 0")
-    if cfg.predict_only and not cfg.checkpoint:
-        problems.append("--predict-only needs --checkpoint PATH")
-    if not 0 < cfg.val_frac < 1:
-        problems.append("--val-frac must be between 0 and 1")
-    if cfg.folds == 1 or cfg.folds < 0:
-        problems.append("--folds must be 0 (a single --val-frac split) or at least 2")
-    if cfg.folds >= 2 and not 0 <= cfg.fold < cfg.folds:
-        problems.append(f"--fold must be between 0 and {cfg.folds - 1}")
-    try:
-        parse_windows(cfg.windows)
-    except ValueError as err:
-        problems.append(f"--windows: {err}")
+    problems = _problems(cfg)
     if problems:
         p.error("; ".join(problems))
     return cfg, modes
@@ -193,16 +197,43 @@ def writing(path: Path):
         raise OutputError(f"could not write {path}: {err.strerror or err}") from err
 
 
-_MAIN_PROCESS = [True]  # under torchrun only rank 0 prints; set once in main()
+class _StdoutHandler(logging.StreamHandler):
+    """Log lines go to whatever sys.stdout is at the time (a notebook or a test swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _to_stdout(name: str) -> logging.Logger:
+    logger = logging.getLogger(name)
+    if not any(type(h).__name__ == "_StdoutHandler" for h in logger.handlers):  # cells re-run
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+LOG = _to_stdout("kernel")
 
 
 def log(*parts) -> None:
-    if _MAIN_PROCESS[0]:
-        print(*parts, flush=True)
+    LOG.info(" ".join(map(str, parts)))
 
 
-# ---------------------------------------------------------------------------------------
-# Data folder and output folder.
+def setup_logging(d: Dist) -> None:
+    """Under torchrun rank 0 alone prints: ours and our helpers' messages (utils.*, which
+    log what they drop or fill); other libraries' loggers stay as they are."""
+    for name in ("kernel", "utils"):
+        _to_stdout(name).setLevel(logging.INFO if d.main else logging.ERROR)
+
+
+# %% Data folder and output folder.
 
 DATA_LAYOUT = ("stage_2_train.csv", "stage_2_sample_submission.csv", "stage_2_train", "stage_2_test")
 
@@ -267,34 +298,24 @@ def adopt_previous_session(out: Path, inputs: Path) -> Path | None:
     previous = found[-1].parent.parent
     for name in ("checkpoints/last.pt", "checkpoints/best.pt", "history.csv"):
         if (previous / name).is_file():
-            tmp = out / (name + ".tmp")
-            shutil.copyfile(previous / name, tmp)
-            os.replace(tmp, out / name)
+            write_file(out / name, lambda tmp, name=name: shutil.copyfile(previous / name, tmp))
     log(f"Resuming from the previous session's checkpoint in {previous}")
     return previous
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then rename into place; a failure leaves the previous file intact.
-    Under torchrun only rank 0 writes."""
-    if not _MAIN_PROCESS[0]:
-        return
-    tmp = path.with_name(path.name + ".tmp")
+def write_file(path: Path, write) -> None:
+    """An output through utils.atomic.atomic_write; failing to write it is an OutputError.
+    Only rank 0 writes: every caller under torchrun checks."""
     with writing(path):
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(path, write)
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    write_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 def write_csv(path: Path, df: pd.DataFrame, **kwargs) -> None:
-    atomic_write(path, lambda tmp: df.to_csv(tmp, **kwargs))
+    write_file(path, lambda tmp: df.to_csv(tmp, **kwargs))
 
 
 def record_bad_files(out_dir: Path, paths, reason: str) -> None:
@@ -308,19 +329,18 @@ def record_bad_files(out_dir: Path, paths, reason: str) -> None:
         write_csv(out_dir / "bad_files.csv", pd.concat([table, rows], ignore_index=True), index=False)
 
 
-# ---------------------------------------------------------------------------------------
-# Stage 1: labels.
+# %% Stage 1: labels.
 
-def load_labels(data_dir: Path, out_dir: Path) -> pd.DataFrame:
+def load_labels(data_dir: Path, out_dir: Path, d: Dist) -> pd.DataFrame:
     labels = read_labels(data_dir / "stage_2_train.csv")
     report = label_report(labels)
-    write_csv(out_dir / "label_report.csv", report, index=False)
+    if d.main:
+        write_csv(out_dir / "label_report.csv", report, index=False)
     log(format_label_report(report))
     return labels
 
 
-# ---------------------------------------------------------------------------------------
-# Stage 2: DICOM headers (no pixels) for patient, series, position and pixel attributes.
+# %% Stage 2: DICOM headers (no pixels) for patient, series, position and pixel attributes.
 
 def header_cache(cfg: Config, out_dir: Path, data_dir: Path, split: str) -> Path:
     """Where the header scan is cached: beside the run folders, so the next run reuses it.
@@ -354,7 +374,7 @@ def scan_data(data_dir: Path, ids_by_split: dict[str, list[str]], cfg: Config, o
         cache = header_cache(cfg, out_dir, data_dir, split)
         if not d.main:
             barrier(d)
-        headers, bad = scan_headers(present, workers=cfg.workers, cache=cache)
+        headers, bad = scan_headers(present, workers=cfg.workers, cache=cache, update_cache=d.main)
         if d.main:
             barrier(d)
         log(f"Headers ({split}): {len(headers)} readable, {len(bad)} unreadable, "
@@ -362,7 +382,8 @@ def scan_data(data_dir: Path, ids_by_split: dict[str, list[str]], cfg: Config, o
         bad_rows += bad.to_dict("records")
         frames[split] = headers.set_index("image_id")
     bad_files = pd.DataFrame(bad_rows, columns=["path", "reason"])
-    write_csv(out_dir / "bad_files.csv", bad_files, index=False)
+    if d.main:
+        write_csv(out_dir / "bad_files.csv", bad_files, index=False)
     for row in bad_files.itertuples():
         log(f"  unreadable: {row.path}: {row.reason}")
     barrier(d)
@@ -383,10 +404,9 @@ def add_slice_order(headers: pd.DataFrame, split: str) -> pd.DataFrame:
                           below=near.loc[headers.index, -1], above=near.loc[headers.index, 1])
 
 
-# ---------------------------------------------------------------------------------------
-# Stage 3: validation split by patient, stratified over all six labels.
+# %% Stage 3: validation split by patient, stratified over all six labels.
 
-def make_split(labels: pd.DataFrame, headers: pd.DataFrame, cfg: Config, out_dir: Path):
+def make_split(labels: pd.DataFrame, headers: pd.DataFrame, cfg: Config, out_dir: Path, d: Dist):
     usable = labels.loc[labels.index.isin(headers.index)]
     h = headers.loc[usable.index]
     groups, n_study, n_image = resolve_groups(h["patient_id"].to_numpy(), h["study_uid"].to_numpy(),
@@ -407,13 +427,13 @@ def make_split(labels: pd.DataFrame, headers: pd.DataFrame, cfg: Config, out_dir
         table = fold_table(y, groups, val, LABELS)
         log("Split by patient:")
     split["is_val"] = val
-    write_csv(out_dir / "split.csv", split, index=False)
+    if d.main:
+        write_csv(out_dir / "split.csv", split, index=False)
     log(format_fold_table(table))
     return usable.loc[~val], usable.loc[val]
 
 
-# ---------------------------------------------------------------------------------------
-# Stage 4: training. Device, precision and processes are decided once, here.
+# %% Stage 4: training. Device, precision and processes are decided once, here.
 
 @dataclass
 class Runtime:
@@ -527,153 +547,206 @@ def _agree(rt: Runtime, flag: bool) -> bool:
     return bool(t.item())
 
 
-def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd.DataFrame,
-          out_dir: Path, rt: Runtime):
-    """Fine-tune for cfg.epochs; returns the best model, its validation predictions, epoch."""
-    d, main_rank = rt.dist, rt.dist.main
+@dataclass
+class Training:
+    """One training run as it goes: the model, its optimiser, where it stands. The state
+    of a run that ``last.pt`` holds, and that a fold loop creates once per fold."""
+    model: torch.nn.Module   # the plain model: checkpoints and validation
+    net: torch.nn.Module     # what the loop calls: DDP and/or compiled around the model
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    data: data_utils.SliceDataset
+    sampler: ResumableSampler
+    prior: np.ndarray        # of the training labels: what an unreadable slice is given
+    ckpt: Checkpoints
+    pos: dict = dataclasses.field(default_factory=lambda: {
+        "epoch": 0, "batch": 0, "running": 0.0, "seen": 0, "best_loss": math.inf,
+        "best_epoch": 0, "unreadable": []})
+    history: list = dataclasses.field(default_factory=list)
+    best_val_probs: np.ndarray | None = None
+
+    def state(self) -> dict:
+        """What last.pt holds (Checkpoints adds the settings)."""
+        return {"model": model_state(self.model), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "torch_rng": torch.get_rng_state(), "position": dict(self.pos),
+                "prior": torch.from_numpy(self.prior),
+                "best_val_probs": None if self.best_val_probs is None
+                else torch.from_numpy(self.best_val_probs)}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.pos.update(state["position"])
+        if state.get("best_val_probs") is not None:
+            self.best_val_probs = state["best_val_probs"].numpy()
+
+
+def start_training(cfg: Config, train_df: pd.DataFrame, headers: pd.DataFrame, out_dir: Path,
+                   rt: Runtime) -> Training:
+    """The model, its optimiser and data for cfg; resumed from last.pt under --resume."""
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
+    channels, slices = input_layout(cfg)
     try:
-        channels, slices = input_layout(cfg)
         model = build_model(cfg.arch, resolve_weights(cfg), strict=cfg.weights_strict,
                             in_channels=channels, slices=slices)
     except WeightsError as err:
         raise UserError(str(err)) from None
     model = model.to(rt.device).to(memory_format=torch.channels_last)
     net = model
-    if d.enabled:
+    if rt.dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.local_rank] if rt.device.type == "cuda" else None)
+            model, device_ids=[rt.dist.local_rank] if rt.device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    train_ds = slice_dataset(headers.loc[train_df.index], cfg, train_df.to_numpy(),
-                             data_utils.train_transform())
-    sampler = ResumableSampler(len(train_ds), cfg.batch_size, cfg.seed, rank=d.rank, world=d.world,
-                               drop_last=len(train_ds) > cfg.batch_size * d.world)
-    batches = sampler.batches_per_epoch()
-    steps_per_epoch = math.ceil(batches / cfg.accum)
+    data = slice_dataset(headers.loc[train_df.index], cfg, train_df.to_numpy(), data_utils.train_transform())
+    d = rt.dist
+    sampler = ResumableSampler(len(data), cfg.batch_size, cfg.seed, rank=d.rank, world=d.world,
+                               drop_last=len(data) > cfg.batch_size * d.world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.epochs * steps_per_epoch))
+    steps = cfg.epochs * math.ceil(sampler.batches_per_epoch() / cfg.accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
-    ckpt_dir = out_dir / "checkpoints"
-    prior = prior_probabilities(train_df.to_numpy())
-    pos = {"epoch": 0, "batch": 0, "running": 0.0, "seen": 0, "best_loss": math.inf,
-           "best_epoch": 0, "unreadable": []}
-    best_val_probs, history = None, []
-    if cfg.resume and (ckpt_dir / "last.pt").is_file():
-        state = load_checkpoint(ckpt_dir / "last.pt")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        pos.update(state["position"])
-        if state.get("best_val_probs") is not None:
-            best_val_probs = state["best_val_probs"].numpy()
+    run = Training(model, net, optimizer, scheduler, scaler, data, sampler,
+                   prior_probabilities(train_df.to_numpy()),
+                   Checkpoints(out_dir / "checkpoints", dataclasses.asdict(cfg)))
+    state = run.ckpt.resumable() if cfg.resume else None
+    if state is not None:
+        run.restore(state)
         if (out_dir / "history.csv").is_file():
-            history = [r for r in pd.read_csv(out_dir / "history.csv").to_dict("records")
-                       if r["epoch"] <= pos["epoch"]]
-        log(f"Resuming at epoch {pos['epoch'] + 1}, batch {pos['batch']} of {batches}, "
-            f"from {ckpt_dir / 'last.pt'}")
+            run.history = [r for r in pd.read_csv(out_dir / "history.csv").to_dict("records")
+                           if r["epoch"] <= run.pos["epoch"]]
+        log(f"Resuming at epoch {run.pos['epoch'] + 1}, batch {run.pos['batch']} of "
+            f"{sampler.batches_per_epoch()}, from {run.ckpt.last}")
+    return run
 
-    def save_last():
-        if main_rank:
-            with writing(ckpt_dir / "last.pt"):
-                save_checkpoint(ckpt_dir / "last.pt", {
-                    "model": model_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "torch_rng": torch.get_rng_state(), "position": dict(pos),
-                    "config": dataclasses.asdict(cfg), "prior": torch.from_numpy(prior),
-                    "best_val_probs": None if best_val_probs is None else torch.from_numpy(best_val_probs)})
-        barrier(d)
 
-    val_paths = headers.loc[val_df.index, "path"].tolist()
-    y_val = val_df.to_numpy()
-    last_save = time.monotonic()
-    with _StopRequest() as stop:
-        while pos["epoch"] < cfg.epochs:
-            epoch = pos["epoch"]
-            train_ds.epoch = epoch
-            sampler.set_epoch(epoch, pos["batch"])
-            loader = data_utils.make_loader(train_ds, cfg.batch_size, workers=cfg.workers, sampler=sampler)
-            net.train()
-            t0, seen_now = time.perf_counter(), 0
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=pos["batch"],
-                       total=batches, mininterval=2, disable=not main_rank)
-            for images, target, index, ok in bar:
-                pos["unreadable"] += [train_ds.paths[i] for i in index[~ok].tolist()]
-                x = data_utils.to_device_normalized(images, rt.device, input_layout(cfg)[1])
-                target, mask = target.to(rt.device), ok.to(rt.device, torch.float32)
-                with rt.autocast():
-                    logits = net(x)
-                loss = weighted_bce(logits, target, mask)
-                if _agree(rt, not torch.isfinite(loss).item()):
-                    raise TrainingStopped(
-                        f"the training loss became {loss.item()} at epoch {epoch + 1}, batch "
-                        f"{pos['batch'] + 1}; the last good checkpoint, {ckpt_dir / 'last.pt'}, is "
-                        f"kept. Lower --lr (now {cfg.lr}) and continue with --resume.")
-                (scaler.scale(loss / cfg.accum) if scaler else loss / cfg.accum).backward()
-                pos["batch"] += 1
-                pos["running"] += loss.item() * len(images)
-                pos["seen"] += len(images)
-                seen_now += len(images)
-                if pos["batch"] % cfg.accum and pos["batch"] < batches:
-                    continue  # accumulate: the step comes after --accum batches
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                bar.set_postfix(loss=f"{pos['running'] / pos['seen']:.4f}",
-                                img_s=f"{seen_now * d.world / (time.perf_counter() - t0):.1f}")
-                if _agree(rt, stop.requested):
-                    save_last()
-                    raise TrainingStopped(
-                        f"interrupted at epoch {epoch + 1}, batch {pos['batch']}; checkpoint saved to "
-                        f"{ckpt_dir / 'last.pt'}. Continue with the same command plus --resume.")
-                if pos["batch"] < batches and time.monotonic() - last_save >= cfg.ckpt_minutes * 60:
-                    save_last()
-                    last_save = time.monotonic()
-            bar.close()
+def save_last(run: Training, rt: Runtime) -> None:
+    if rt.dist.main:
+        with writing(run.ckpt.last):
+            run.ckpt.save(run.ckpt.last, run.state())
+    barrier(rt.dist)
 
-            # the plain model: DDP's forward is a collective, and the ranks' shares of the
-            # validation set may differ by one batch
-            val_probs, val_ok = predict(model, headers.loc[val_df.index], cfg, rt, "validate")
-            val_probs[~val_ok] = prior
-            unreadable = gather_lists(d, pos["unreadable"]) + [p for p, ok in zip(val_paths, val_ok) if not ok]
-            if unreadable and main_rank:
-                record_bad_files(out_dir, unreadable,
-                                 "pixel data could not be decoded; left out of training, prior in validation")
-            val_loss = weighted_log_loss(y_val, val_probs)
-            row = {"epoch": epoch + 1, "train_loss": pos["running"] / max(pos["seen"], 1),
-                   "val_loss": val_loss, "lr": scheduler.get_last_lr()[0],
-                   "seconds": time.perf_counter() - t0}
-            row.update({f"val_loss_{k}": v for k, v in per_class_log_loss(y_val, val_probs).items()})
-            row.update({f"val_auc_{k}": roc_auc(y_val[:, j], val_probs[:, j]) for j, k in enumerate(LABELS)})
-            history.append(row)
-            log(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, validation weighted log "
-                f"loss {val_loss:.4f} ({row['seconds']:.0f}s)")
-            if val_loss < pos["best_loss"]:
-                pos["best_loss"], pos["best_epoch"], best_val_probs = val_loss, epoch + 1, val_probs
-                if main_rank:
-                    with writing(ckpt_dir / "best.pt"):
-                        save_checkpoint(ckpt_dir / "best.pt", {
-                        "model": model_state(model), "epoch": epoch + 1, "val_loss": val_loss,
-                        "config": dataclasses.asdict(cfg), "prior": torch.from_numpy(prior)})
-            if main_rank:
-                write_csv(out_dir / "history.csv", pd.DataFrame(history), index=False)
-            pos.update(epoch=epoch + 1, batch=0, running=0.0, seen=0, unreadable=[])
-            save_last()
+
+def training_step(run: Training, cfg: Config, rt: Runtime, images, target, ok) -> bool:
+    """Forward and backward on one batch; an optimiser step after every --accum batches.
+    True when a step was taken."""
+    pos = run.pos
+    x = data_utils.to_device_normalized(images, rt.device, input_layout(cfg)[1])
+    target, mask = target.to(rt.device), ok.to(rt.device, torch.float32)
+    with rt.autocast():
+        logits = run.net(x)
+    loss = weighted_bce(logits, target, mask)
+    if _agree(rt, not torch.isfinite(loss).item()):
+        raise TrainingStopped(
+            f"the training loss became {loss.item()} at epoch {pos['epoch'] + 1}, batch "
+            f"{pos['batch'] + 1}; the last good checkpoint, {run.ckpt.last}, is kept. "
+            f"Lower --lr (now {cfg.lr}) and continue with --resume.")
+    (run.scaler.scale(loss / cfg.accum) if run.scaler else loss / cfg.accum).backward()
+    pos["batch"] += 1
+    pos["running"] += loss.item() * len(images)
+    pos["seen"] += len(images)
+    if pos["batch"] % cfg.accum and pos["batch"] < run.sampler.batches_per_epoch():
+        return False  # accumulate: the step comes after --accum batches
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return True
+
+
+def train_one_epoch(run: Training, cfg: Config, rt: Runtime, stop: _StopRequest) -> None:
+    """The rest of the current epoch, from pos["batch"]. Checkpoints every --ckpt-minutes,
+    and on Ctrl-C before stopping."""
+    pos, epoch, batches = run.pos, run.pos["epoch"], run.sampler.batches_per_epoch()
+    run.data.epoch = epoch
+    run.sampler.set_epoch(epoch, pos["batch"])
+    loader = data_utils.make_loader(run.data, cfg.batch_size, workers=cfg.workers, sampler=run.sampler)
+    run.net.train()
+    t0, seen_now, last_save = time.perf_counter(), 0, time.monotonic()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=pos["batch"],
+               total=batches, mininterval=2, disable=not rt.dist.main)
+    for images, target, index, ok in bar:
+        pos["unreadable"] += [run.data.paths[i] for i in index[~ok].tolist()]
+        seen_now += len(images)
+        if not training_step(run, cfg, rt, images, target, ok):
+            continue
+        bar.set_postfix(loss=f"{pos['running'] / pos['seen']:.4f}",
+                        img_s=f"{seen_now * rt.dist.world / (time.perf_counter() - t0):.1f}")
+        if _agree(rt, stop.requested):
+            save_last(run, rt)
+            raise TrainingStopped(
+                f"interrupted at epoch {epoch + 1}, batch {pos['batch']}; checkpoint saved to "
+                f"{run.ckpt.last}. Continue with the same command plus --resume.")
+        if pos["batch"] < batches and time.monotonic() - last_save >= cfg.ckpt_minutes * 60:
+            save_last(run, rt)
             last_save = time.monotonic()
-    model.load_state_dict(load_checkpoint(ckpt_dir / "best.pt")["model"])
-    return model, best_val_probs, pos["best_epoch"]
+    bar.close()
 
 
-# ---------------------------------------------------------------------------------------
-# Stage 5: validation against the constant prior.
+def validate(run: Training, cfg: Config, rt: Runtime, val_df: pd.DataFrame, headers: pd.DataFrame,
+             out_dir: Path, started: float) -> tuple[np.ndarray, dict]:
+    """Validation probabilities (the prior where unreadable) and the epoch's history row
+    (its seconds counted from ``started``, training and validation)."""
+    # the plain model: DDP's forward is a collective, and the ranks' shares of the
+    # validation set may differ by one batch
+    val_probs, val_ok = predict(run.model, headers.loc[val_df.index], cfg, rt, "validate")
+    val_probs[~val_ok] = run.prior
+    val_paths = headers.loc[val_df.index, "path"].tolist()
+    unreadable = gather_lists(rt.dist, run.pos["unreadable"]) + [p for p, ok in zip(val_paths, val_ok) if not ok]
+    if unreadable and rt.dist.main:
+        record_bad_files(out_dir, unreadable,
+                         "pixel data could not be decoded; left out of training, prior in validation")
+    y_val = val_df.to_numpy()
+    row = {"epoch": run.pos["epoch"] + 1, "train_loss": run.pos["running"] / max(run.pos["seen"], 1),
+           "val_loss": weighted_log_loss(y_val, val_probs), "lr": run.scheduler.get_last_lr()[0],
+           "seconds": time.perf_counter() - started}
+    row.update({f"val_loss_{k}": v for k, v in per_class_log_loss(y_val, val_probs).items()})
+    row.update({f"val_auc_{k}": roc_auc(y_val[:, j], val_probs[:, j]) for j, k in enumerate(LABELS)})
+    return val_probs, row
+
+
+def end_epoch(run: Training, rt: Runtime, val_probs: np.ndarray, row: dict, out_dir: Path) -> None:
+    """Keep the best model, write the history, checkpoint the position after the epoch."""
+    run.history.append(row)
+    log(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, validation weighted log "
+        f"loss {row['val_loss']:.4f} ({row['seconds']:.0f}s)")
+    if row["val_loss"] < run.pos["best_loss"]:
+        run.pos["best_loss"], run.pos["best_epoch"], run.best_val_probs = row["val_loss"], row["epoch"], val_probs
+        if rt.dist.main:
+            with writing(run.ckpt.best):
+                run.ckpt.save(run.ckpt.best, {"model": model_state(run.model), "epoch": row["epoch"],
+                                              "val_loss": row["val_loss"], "prior": torch.from_numpy(run.prior)})
+    if rt.dist.main:
+        write_csv(out_dir / "history.csv", pd.DataFrame(run.history), index=False)
+    run.pos.update(epoch=row["epoch"], batch=0, running=0.0, seen=0, unreadable=[])
+    save_last(run, rt)
+
+
+def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd.DataFrame,
+          out_dir: Path, rt: Runtime):
+    """Fine-tune for cfg.epochs; returns the best model, its validation predictions, epoch."""
+    run = start_training(cfg, train_df, headers, out_dir, rt)
+    with _StopRequest() as stop:
+        while run.pos["epoch"] < cfg.epochs:
+            started = time.perf_counter()
+            train_one_epoch(run, cfg, rt, stop)
+            val_probs, row = validate(run, cfg, rt, val_df, headers, out_dir, started)
+            end_epoch(run, rt, val_probs, row, out_dir)
+    run.model.load_state_dict(load_checkpoint(run.ckpt.best)["model"])
+    return run.model, run.best_val_probs, run.pos["best_epoch"]
+
+
+# %% Stage 5: validation against the constant prior.
 
 def evaluate(train_df: pd.DataFrame, val_df: pd.DataFrame, val_probs: np.ndarray,
              out_dir: Path) -> dict:
@@ -721,8 +794,7 @@ def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.
     return result, result.oof_probs, after
 
 
-# ---------------------------------------------------------------------------------------
-# Stage 6: predict the test set and write a checked submission.
+# %% Stage 6: predict the test set and write a checked submission.
 
 def predict_and_submit(model, cfg: Config, data_dir: Path, test_ids: list[str],
                        test_headers: pd.DataFrame, prior: np.ndarray, out_dir: Path, rt: Runtime,
@@ -820,8 +892,7 @@ def export_notebook(modes: dict) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------
-# Run: the stages in order; --predict-only and the checks above are the other ways in.
+# %% Run: the stages in order; --predict-only and the checks above are the other ways in.
 
 def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path) -> dict:
     """--predict-only: a submission from a saved model, with the settings it was trained with."""
@@ -846,28 +917,9 @@ def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path) -> dic
                               state["prior"].numpy(), out_dir, rt)
 
 
-class _StdoutHandler(logging.StreamHandler):
-    """Log lines go to whatever sys.stdout is at the time (a notebook or a test swaps it)."""
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
 def main(argv=None) -> int:
     d = init_distributed()
-    _MAIN_PROCESS[0] = d.main
-    # Our helpers log what they drop or fill; other libraries' loggers stay as they are.
-    ours = logging.getLogger("utils")
-    if not ours.handlers and d.main:
-        handler = _StdoutHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        ours.addHandler(handler)
-        ours.setLevel(logging.INFO)
+    setup_logging(d)
     cfg, modes = parse_args(argv)
     if modes["check_submission"] is not None:
         return check_submission(modes["check_submission"], cfg)
@@ -880,27 +932,39 @@ def main(argv=None) -> int:
     out_dir = share(d, prepare_out_dir(cfg) if d.main else None)
     data_dir = share(d, resolve_data_dir(cfg, out_dir) if d.main else None)
     cfg = dataclasses.replace(cfg, data_dir=str(data_dir), out_dir=str(out_dir))
+    if cfg.resume and not cfg.predict_only:  # refused before anything of the run is rewritten
+        Checkpoints(out_dir / "checkpoints", dataclasses.asdict(cfg)).resumable()
     if d.main:
         write_json(out_dir / "config.json", dataclasses.asdict(cfg))
     log(f"Run: {out_dir} (data: {data_dir}{', synthetic demo' if cfg.demo else ''}"
         f"{f', {d.world} processes' if d.enabled else ''})")
     if cfg.predict_only:
-        metrics = predict_only(cfg, rt, out_dir, data_dir)
+        predict_only(cfg, rt, out_dir, data_dir)
         log(f"Done in {time.perf_counter() - started:.0f}s: {out_dir / 'submission.csv'}")
-        return 0
+    else:
+        run_pipeline(cfg, rt, out_dir, data_dir, started)
+    barrier(d)
+    return 0
 
-    labels = load_labels(data_dir, out_dir)
+
+def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: float) -> None:
+    """Labels -> headers -> split -> train -> (refine) -> submission -> metrics and report."""
+    d = rt.dist
+    labels = load_labels(data_dir, out_dir, d)
     test_ids = list(read_sample_submission(data_dir / "stage_2_sample_submission.csv").image_ids)
     headers = scan_data(data_dir, {"train": list(labels.index), "test": test_ids}, cfg, out_dir, d)
     train_headers, test_headers = headers["train"], headers["test"]
     if cfg.context or cfg.refine:
         train_headers = add_slice_order(train_headers, "train")
         test_headers = add_slice_order(test_headers, "test")
-    train_df, val_df = make_split(labels, train_headers, cfg, out_dir)
+    train_df, val_df = make_split(labels, train_headers, cfg, out_dir, d)
     model, val_probs, best_epoch = train(cfg, train_df, val_df, train_headers, out_dir, rt)
-    refiner, unrefined_val_probs, refined_loss = None, val_probs, float("nan")
+    refiner, refine_metrics = None, {}
     if cfg.refine:
-        refiner, val_probs, refined_loss = fit_series_refiner(val_df, val_probs, train_headers, cfg)
+        refiner, refined_probs, refined_loss = fit_series_refiner(val_df, val_probs, train_headers, cfg)
+        refine_metrics = dict(refiner_used=refiner is not None, val_weighted_log_loss_refined_oof=refined_loss,
+                              val_weighted_log_loss_unrefined=weighted_log_loss(val_df.to_numpy(), val_probs))
+        val_probs = refined_probs
     if d.enabled:
         digest = hashlib.sha1(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
         print(f"rank {d.rank} of {d.world}: final weights sha1 {digest.hexdigest()}", flush=True)
@@ -908,21 +972,12 @@ def main(argv=None) -> int:
     test_metrics = predict_and_submit(model, cfg, data_dir, test_ids, test_headers, prior, out_dir,
                                       rt, refiner)
     if d.main:
-        metrics = evaluate(train_df, val_df, val_probs, out_dir)
-        metrics.update(test_metrics)
-        if cfg.refine:
-            metrics["refiner_used"] = refiner is not None
-            metrics["val_weighted_log_loss_refined_oof"] = refined_loss
-            metrics["val_weighted_log_loss_unrefined"] = weighted_log_loss(val_df.to_numpy(),
-                                                                           unrefined_val_probs)
-        n_bad = len(pd.read_csv(out_dir / "bad_files.csv"))
-        metrics.update(best_epoch=best_epoch, n_bad_files=n_bad, processes=d.world,
-                       seconds=round(time.perf_counter() - started, 1))
+        metrics = {**evaluate(train_df, val_df, val_probs, out_dir), **test_metrics, **refine_metrics}
+        metrics.update(best_epoch=best_epoch, n_bad_files=len(pd.read_csv(out_dir / "bad_files.csv")),
+                       processes=d.world, seconds=round(time.perf_counter() - started, 1))
         write_json(out_dir / "metrics.json", metrics)
         write_run_report(out_dir, labels, [train_headers, test_headers], cfg.windows)
         log(f"Done in {metrics['seconds']:.0f}s: outputs in {out_dir}")
-    barrier(d)
-    return 0
 
 
 def share(d: Dist, value):
@@ -943,7 +998,7 @@ def cli(argv=None) -> int:
     """main() with a user's mistake as one message and an exit code, not a traceback."""
     try:
         return main(argv)
-    except (UserError, LabelError, SubmissionError) as err:
+    except (UserError, LabelError, SubmissionError, CheckpointMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingStopped as err:

@@ -28,10 +28,11 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from kernel import DEMO_PRESET  # noqa: E402
-from utils.context import fit_refiner, logit, order_slices  # noqa: E402
 from utils.demo import make_demo_dataset  # noqa: E402
 from utils.dicom import scan_headers  # noqa: E402
 from utils.labels import LABELS  # noqa: E402
+from utils.refiner import fit_refiner, logit  # noqa: E402
+from utils.slices import order_slices  # noqa: E402
 
 VARIANTS = {  # key: (row name, kernel.py options)
     "baseline": ("baseline (one slice)", []),

@@ -99,3 +99,17 @@ def test_model_state_has_no_wrapper_prefixes():
     wrapped = Wrapper(model)
     assert unwrap(wrapped) is model
     assert list(model_state(wrapped)) == ["0.weight", "0.bias"]
+
+
+def test_checkpoints_resume_only_under_the_settings_they_were_made_with(tmp_path):
+    from utils.engine import CheckpointMismatch, Checkpoints
+    config = {"arch": "resnet18", "image_size": 64, "windows": "brain", "seed": 1, "lr": 1e-3}
+    ckpt = Checkpoints(tmp_path, config)
+    assert ckpt.resumable() is None  # nothing to resume yet
+    ckpt.save(ckpt.last, {"position": {"epoch": 1}})
+    state = Checkpoints(tmp_path, {**config, "lr": 1e-4}).resumable()  # a lower lr after a NaN
+    assert state["position"] == {"epoch": 1} and state["config"] == config
+    with pytest.raises(CheckpointMismatch, match="--image-size 64 .now 128.*--overwrite"):
+        Checkpoints(tmp_path, {**config, "image_size": 128}).resumable()
+    with pytest.raises(CheckpointMismatch, match="--arch resnet18, --seed 1 .now resnet50, 2"):
+        Checkpoints(tmp_path, {**config, "arch": "resnet50", "seed": 2}).resumable()

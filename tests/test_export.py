@@ -1,4 +1,5 @@
 """The Kaggle export: generated from the sources, and it runs to the same submission."""
+import ast
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import nbformat
 import pytest
 
 from utils.demo import make_demo_dataset
-from utils.export import build_bundle, build_notebook, export_kaggle, kernel_metadata
+from utils.export import STAGE_MARKER, build_bundle, build_notebook, export_kaggle, kernel_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 # with the slice-context options, so that they are shown to work through the export too
@@ -75,6 +76,28 @@ def test_export_is_generated_from_the_sources():
             assert module.read_text() in bundle, module.name  # verbatim: it cannot drift
     kernel_body = (ROOT / "kernel.py").read_text().split("def load_labels", 1)[1].split("\n\n\n")[0]
     assert kernel_body in bundle
+
+
+def _statements(source: str) -> list[str]:
+    return [ast.dump(node) for node in ast.parse(source).body]
+
+
+def test_every_statement_of_kernel_py_is_in_the_notebook_once_in_order():
+    # Stages are cut at "# %% " markers; a statement outside any stage, or a marker the
+    # export did not read, would be lost from the notebook or land twice.
+    tree = ast.parse((ROOT / "kernel.py").read_text())
+    body = [ast.dump(n) for n in tree.body[1:-1]  # without the docstring and __main__ block
+            if not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+    nb = build_notebook(ROOT)
+    code = [("".join(c["source"])) for c in nb["cells"] if c["cell_type"] == "code"]
+    first = next(i for i, c in enumerate(code) if not c.startswith(("_module(", "import sys\nimport types")))
+    pipeline = [s for c in code[first:-1] for s in _statements(c)]  # the last cell runs it
+    assert pipeline == body
+    titles = [line[len(STAGE_MARKER):].strip() for line in (ROOT / "kernel.py").read_text().splitlines()
+              if line.startswith(STAGE_MARKER)]
+    headings = [c["source"][0][3:].strip() for c in nb["cells"]
+                if c["cell_type"] == "markdown" and c["source"][0].startswith("## ")]
+    assert len(titles) >= 9 and headings[1:-1] == ["Imports", *titles]  # after "Helpers", before "Run"
 
 
 def test_export_is_the_same_from_any_process():

@@ -99,6 +99,15 @@ def test_resume_continues_a_finished_run_with_more_epochs(tiny_run, tmp_path):
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
 
 
+def test_resume_under_other_settings_is_refused_and_changes_nothing(tiny_run, capsys):
+    out, _ = tiny_run
+    config = (out / "config.json").read_text()
+    assert cli("--out-dir", out, *TINY[:-2], "--image-size", "48", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "--image-size 32 (now 48)" in err and "--overwrite" in err and "last.pt" in err
+    assert (out / "config.json").read_text() == config
+
+
 def test_unknown_option_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli("--epoch", "3", "--out-dir", tmp_path)
@@ -337,7 +346,8 @@ def test_a_refiner_that_wins_refines_the_submission(tmp_path, monkeypatch):
     # check that the submission is then exactly the refiner applied, series by series, to
     # the per-slice predictions of the same weights (--predict-only from its checkpoint).
     import kernel
-    from utils.context import fit_refiner, logit, order_slices, refine
+    from utils.refiner import fit_refiner, logit, refine
+    from utils.slices import order_slices
     from utils.dicom import scan_headers
 
     fitted = []

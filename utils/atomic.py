@@ -1,13 +1,14 @@
-"""Write a file so that a crash, a kill or a full disk never leaves half of it behind.
+"""Write a file (or a folder) so that a crash, a kill or a full disk never leaves half of it.
 
-Every output and cache goes through ``atomic_write``: the content goes to a temporary
-file with a unique name in the same folder (two runs writing the same cache never share
-it), is flushed to disk, then renamed over the old file in one step.
+Every output, cache, checkpoint and the demo dataset go through ``atomic_write``: the
+content goes to a temporary name, unique, in the same folder (two runs writing the same
+cache never share it), is flushed to disk, then renamed over the old one in one step.
 """
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -23,20 +24,28 @@ def temporary_name(path: Path) -> Path:
 
 
 def atomic_write(path, write) -> Path:
-    """``write(tmp)`` writes the content to the path it is given; then it replaces ``path``.
+    """``write(tmp)`` writes the content to the path it is given (a file, or a folder that
+    ``path`` must not already be); then it replaces ``path``.
 
-    On any failure the temporary file is removed and ``path`` is left as it was.
+    On any failure the temporary file is removed and ``path`` is left as it was. Under
+    torchrun only rank 0 may call it: the callers check, so that no write is skipped silently.
     """
     path = Path(path)
     tmp = temporary_name(path)
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_RDONLY)  # a file's data, or a folder's entries
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         _hold_if_asked(path)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
     return path
 

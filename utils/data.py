@@ -40,7 +40,7 @@ class SliceDataset(Dataset):
     epoch, and the same sample gets the same augmentation in any worker, in any run.
 
     With ``neighbours`` (the paths of the slices below and above each one, from
-    utils.context.neighbour_paths) the channels become neighbouring slices: with
+    utils.slices.neighbour_paths) the channels become neighbouring slices: with
     ``neighbour_windows`` False, the first window of the slice below, the slice, and the
     slice above (3 channels: pretrained weights apply unchanged); with it True, every
     window of each of the three (3 x windows channels).

@@ -8,17 +8,16 @@ from blood. The files carry the real dataset's header variants, so the demo exer
 same reading paths as the competition data:
 
 - 12 stored bits, unsigned, RescaleIntercept -1024, multi-valued windows ("00040\\00040");
-- 16 stored bits, signed, "-1024.000000", -2000 padding outside the field of view,
-  written with implicit VR like part of the test set;
+- 16 stored bits, signed, "-1024.000000", -2000 padding outside the field of view;
 - the 12-bit wrap: 12 stored bits, unsigned, RescaleIntercept 0, negative HU wrapped;
+- one patient in four (whatever its variant) written with implicit VR, like part of the
+  test set;
 - duplicated rows in the label CSV, one truncated training file and one test file
   whose pixel data is shorter than its header says.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from utils.atomic import atomic_write
 from utils.labels import LABELS, SUBTYPES
 
 AIR, BRAIN_HU, CSF_HU, BONE_HU, BLOOD_HU = -1000.0, 32.0, 5.0, 1200.0, 75.0
@@ -160,66 +160,72 @@ def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8
                       slices: tuple[int, int] = (10, 14), size: int = 128, seed: int = 0) -> Path:
     """Write the demo dataset under ``root`` (created; replaced atomically) and return it."""
     root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     mimic_rng = np.random.default_rng([seed, 1])  # its own stream: the rest is as without mimics
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
-    try:
-        label_rows, sample_rows, used = [], [], set()
-        for split, n_patients in (("train", n_train_patients), ("test", n_test_patients)):
-            folder = tmp / f"stage_2_{split}"
-            folder.mkdir()
-            for p in range(n_patients):
-                variant = VARIANTS[p % len(VARIANTS)]
-                patient, study, series = f"ID_{_hex(rng, 8)}", f"ID_{_hex(rng, 10)}", f"ID_{_hex(rng, 10)}"
-                n_slices = int(rng.integers(slices[0], slices[1] + 1))
-                lesions = _lesions_for(rng)
-                runs = {}
-                for name in lesions:
-                    length = int(rng.integers(3, max(4, n_slices // 2) + 1))
-                    start = int(rng.integers(1, n_slices - length))
-                    runs[name] = range(start, start + length)
-                mimics = _mimics_for(mimic_rng, n_slices)
-                z0 = float(rng.uniform(-50, 150))
-                for s in range(n_slices):
-                    image_id = f"ID_{_hex(rng, 9)}"
-                    while image_id in used:
-                        image_id = f"ID_{_hex(rng, 9)}"
-                    used.add(image_id)
-                    present = {k: v for k, v in lesions.items() if s in runs[k]}
-                    t = -0.7 + 1.4 * s / max(n_slices - 1, 1)
-                    write_slice(folder / f"{image_id}.dcm", _phantom(rng, size, t, present, mimics.get(s, ())),
-                                variant,
-                                image_id=image_id, patient_id=patient, study_uid=study,
-                                series_uid=series, z=z0 + 5.0 * s, implicit=(p % 4 == 3))
-                    y = [int(name in present) for name in SUBTYPES]
-                    y.append(int(any(y)))
-                    rows = [(f"{image_id}_{name}", v) for name, v in zip(LABELS, y)]
-                    (label_rows if split == "train" else sample_rows).append(rows)
-        train_files = sorted((tmp / "stage_2_train").glob("*.dcm"))
-        test_files = sorted((tmp / "stage_2_test").glob("*.dcm"))
-        # Faults the real data has: a truncated file, pixel data short of what the header says.
-        data = train_files[0].read_bytes()
-        train_files[0].write_bytes(data[:len(data) // 3])
-        data = test_files[0].read_bytes()
-        test_files[0].write_bytes(data[:-size * 4])
-        # The real label file repeats some images, identically.
-        label_rows += label_rows[:2]
-        with open(tmp / "stage_2_train.csv", "w", newline="") as f:
-            f.write("ID,Label\n")
-            f.writelines(f"{i},{v}\n" for rows in label_rows for i, v in rows)
-        with open(tmp / "stage_2_sample_submission.csv", "w", newline="") as f:
-            f.write("ID,Label\n")
-            f.writelines(f"{i},0.5\n" for rows in sample_rows for i, _ in rows)
+
+    def write(tmp: Path) -> None:
+        used: set[str] = set()
+        label_rows = _write_patients(tmp / "stage_2_train", n_train_patients, rng, mimic_rng, used, slices, size)
+        sample_rows = _write_patients(tmp / "stage_2_test", n_test_patients, rng, mimic_rng, used, slices, size)
+        _add_faults(tmp, size)
+        label_rows += label_rows[:2]  # the real label file repeats some images, identically
+        _write_csv(tmp / "stage_2_train.csv", [(i, v) for rows in label_rows for i, v in rows])
+        _write_csv(tmp / "stage_2_sample_submission.csv", [(i, 0.5) for rows in sample_rows for i, _ in rows])
         (tmp / "README.txt").write_text(
             "Synthetic RSNA-shaped demo data written by utils/demo.py; not real patients.\n")
         if root.exists():
             shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+    return atomic_write(root, write)
+
+
+def _write_patients(folder: Path, n_patients: int, rng, mimic_rng, used: set, slices: tuple[int, int],
+                    size: int) -> list[list[tuple[str, int]]]:
+    """Each patient's series of slices; per slice, its six (row ID, label) pairs."""
+    folder.mkdir(parents=True)
+    out = []
+    for p in range(n_patients):
+        variant = VARIANTS[p % len(VARIANTS)]
+        patient, study, series = f"ID_{_hex(rng, 8)}", f"ID_{_hex(rng, 10)}", f"ID_{_hex(rng, 10)}"
+        n_slices = int(rng.integers(slices[0], slices[1] + 1))
+        lesions = _lesions_for(rng)
+        runs = {}
+        for name in lesions:
+            length = int(rng.integers(3, max(4, n_slices // 2) + 1))
+            start = int(rng.integers(1, n_slices - length))
+            runs[name] = range(start, start + length)
+        mimics = _mimics_for(mimic_rng, n_slices)
+        z0 = float(rng.uniform(-50, 150))
+        for s in range(n_slices):
+            image_id = f"ID_{_hex(rng, 9)}"
+            while image_id in used:
+                image_id = f"ID_{_hex(rng, 9)}"
+            used.add(image_id)
+            present = {k: v for k, v in lesions.items() if s in runs[k]}
+            t = -0.7 + 1.4 * s / max(n_slices - 1, 1)
+            write_slice(folder / f"{image_id}.dcm", _phantom(rng, size, t, present, mimics.get(s, ())),
+                        variant, image_id=image_id, patient_id=patient, study_uid=study,
+                        series_uid=series, z=z0 + 5.0 * s, implicit=(p % 4 == 3))
+            y = [int(name in present) for name in SUBTYPES]
+            y.append(int(any(y)))
+            out.append([(f"{image_id}_{name}", v) for name, v in zip(LABELS, y)])
+    return out
+
+
+def _add_faults(root: Path, size: int) -> None:
+    """Faults the real data has: a truncated file, pixel data short of what the header says."""
+    train_file = sorted((root / "stage_2_train").glob("*.dcm"))[0]
+    data = train_file.read_bytes()
+    train_file.write_bytes(data[:len(data) // 3])
+    test_file = sorted((root / "stage_2_test").glob("*.dcm"))[0]
+    data = test_file.read_bytes()
+    test_file.write_bytes(data[:-size * 4])
+
+
+def _write_csv(path: Path, rows) -> None:
+    with open(path, "w", newline="") as f:
+        f.write("ID,Label\n")
+        f.writelines(f"{i},{v}\n" for i, v in rows)
 
 
 def write_plain_slices(folder, n: int, size: int = 512, seed: int = 0) -> list[Path]:

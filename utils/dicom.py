@@ -685,12 +685,13 @@ def _scan_chunk(paths: list[str]) -> list[tuple[str, dict | None, str]]:
 
 
 def scan_headers(paths, workers: int = 0, cache: str | Path | None = None,
-                 parallel_min: int = 2000):
+                 parallel_min: int = 2000, update_cache: bool = True):
     """Headers of many files -> (headers DataFrame, bad files DataFrame[path, reason]).
 
     Files are read in ``workers`` processes when there are at least ``parallel_min`` of
     them (below that, starting processes costs more than it saves). With ``cache`` (a parquet
-    file) rows of files whose size and modification time are unchanged are reused.
+    file) rows of files whose size and modification time are unchanged are reused, and the
+    cache is rewritten unless ``update_cache`` is False (torchrun's other ranks).
     """
     paths = [str(p) for p in paths]
     stats = {}
@@ -728,7 +729,7 @@ def scan_headers(paths, workers: int = 0, cache: str | Path | None = None,
     table = pd.DataFrame(rows, columns=["path", "file_size", "mtime_ns", "error", *HEADER_COLUMNS])
     order = {p: i for i, p in enumerate(paths)}
     table = table.sort_values("path", key=lambda s: s.map(order)).reset_index(drop=True)
-    if cache is not None:  # two runs on the same data may write it at once: atomic_write
+    if cache is not None and update_cache:  # two runs may write it at once: atomic_write
         atomic_write(cache, lambda tmp: table.to_parquet(tmp, index=False))
     bad = table.loc[table["error"] != "", ["path", "error"]].rename(columns={"error": "reason"})
     good = table.loc[table["error"] == "", ["path", *HEADER_COLUMNS]].reset_index(drop=True)

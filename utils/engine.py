@@ -183,6 +183,42 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint made with other settings than the run that would resume from it."""
+
+
+class Checkpoints:
+    """A run's ``last.pt`` (to resume from) and ``best.pt`` (its best validation epoch),
+    in the spirit of timm's CheckpointSaver: each is one dict, written atomically, holding
+    the run's settings; a resume under settings that shape the model, the data or the
+    order of the batches is refused instead of silently mixing two runs."""
+
+    SHAPING = ("arch", "image_size", "windows", "context", "context_windows", "batch_size",
+               "seed", "val_frac", "folds", "fold", "demo_patients")
+
+    def __init__(self, folder: Path, config: dict):
+        self.folder, self.config = Path(folder), config
+        self.last, self.best = self.folder / "last.pt", self.folder / "best.pt"
+
+    def save(self, path: Path, state: dict) -> None:
+        save_checkpoint(path, {**state, "config": self.config})
+
+    def resumable(self) -> dict | None:
+        """last.pt, when there is one; CheckpointMismatch when it was made differently."""
+        if not self.last.is_file():
+            return None
+        state = load_checkpoint(self.last)
+        saved = state.get("config", {})
+        changed = [k for k in self.SHAPING if k in saved and saved[k] != self.config.get(k)]
+        if changed:
+            raise CheckpointMismatch(
+                f"{self.last} was made with " + ", ".join(
+                    f"--{k.replace('_', '-')} {saved[k]}" for k in changed) + " (now " + ", ".join(
+                    f"{self.config.get(k)}" for k in changed) + "); resuming would mix two runs. "
+                "Resume with the same settings, or start again with --overwrite")
+        return state
+
+
 def model_state(model: torch.nn.Module) -> dict:
     """Weights without DDP / compile prefixes, so any checkpoint loads into a plain model."""
     return clean_state_dict(unwrap(model).state_dict())

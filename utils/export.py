@@ -3,21 +3,24 @@
 A Kaggle notebook runs with internet off and cannot import a local package, so the
 export inlines every ``utils`` module. Each one is executed as a real module
 (``sys.modules["utils.x"]``) from its verbatim source rather than pasted into one
-namespace: private helpers of different modules share names (``_examples``) and would
-silently replace each other. Everything is generated from the source files, so the export
-cannot drift from them; tests run both outputs against kernel.py.
+namespace: private helpers of different modules share names (``_write_csv`` in demo.py
+and submission.py, ``_number`` in dicom.py and report.py) and would silently replace each
+other. kernel.py's stages become cells at its ``# %% Title`` markers. Everything is
+generated from the source files, so the export cannot drift from them; tests run both
+outputs against kernel.py.
 """
 from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 from pathlib import Path
 
+from utils.atomic import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPETITION = "rsna-intracranial-hemorrhage-detection"
-_SECTION = "# " + "-" * 87  # the rule between the stages of kernel.py
+STAGE_MARKER = "# %% "  # starts a stage of kernel.py: one notebook cell under its title
 _INSTALLER = '''import sys
 import types
 
@@ -73,24 +76,31 @@ def _module_call(name: str, source: str) -> str:
 
 
 def _kernel_parts(root: Path) -> tuple[str, list[tuple[str, str]], str]:
-    """kernel.py as (docstring, [(section title, code)], the __main__ block)."""
+    """kernel.py as (docstring, [(stage title, code)], the __main__ block).
+
+    Stages are marked in kernel.py by ``# %% Title`` lines (the percent cell format that
+    Jupytext and VS Code read too); what precedes the first marker is the imports cell.
+    """
     source = (root / "kernel.py").read_text()
     tree = ast.parse(source)
     doc = ast.get_docstring(tree) or ""
-    body = source.split('"""', 2)[2].lstrip("\n")  # after the module docstring
-    body = body.replace("from __future__ import annotations\n", "", 1)
-    main_at = body.index('\nif __name__ == "__main__":')
-    body, main_block = body[:main_at], body[main_at:].strip() + "\n"
-    sections = []
-    for chunk in body.split(_SECTION + "\n"):
-        lines = chunk.strip("\n").splitlines()
-        title = []
-        while lines and lines[0].startswith("# "):
-            title.append(lines.pop(0)[2:])
-        code = "\n".join(lines).strip("\n")
-        if code:
-            sections.append((" ".join(title) or "Imports", code + "\n"))
-    return doc, sections, main_block
+    guard = tree.body[-1]
+    if not (isinstance(guard, ast.If) and ast.unparse(guard.test) == "__name__ == '__main__'"):
+        raise ValueError("kernel.py must end with its `if __name__ == \"__main__\":` block")
+    lines = source.splitlines(keepends=True)
+    start = tree.body[0].end_lineno if doc else 0
+    body = [line for line in lines[start:guard.lineno - 1]
+            if line != "from __future__ import annotations\n"]
+    sections, title, code = [], "Imports", []
+    for line in body:
+        if line.startswith(STAGE_MARKER):
+            sections.append((title, "".join(code)))
+            title, code = line[len(STAGE_MARKER):].strip(), []
+        else:
+            code.append(line)
+    sections.append((title, "".join(code)))
+    parts = [(title, code.strip("\n") + "\n") for title, code in sections if code.strip()]
+    return doc, parts, "".join(lines[guard.lineno - 1:])
 
 
 def build_bundle(root: Path = ROOT) -> str:
@@ -103,7 +113,7 @@ def build_bundle(root: Path = ROOT) -> str:
     for name in _utils_modules(root):
         parts.append(_module_call(name, (root / "utils" / f"{name}.py").read_text()))
     for title, code in sections:
-        parts.append(f"\n\n# {'-' * 87}\n# {title}\n\n{code}")
+        parts.append(f"\n\n{STAGE_MARKER}{title}\n\n{code}")
     parts.append("\n\n" + main_block)
     return "".join(parts)
 
@@ -171,12 +181,6 @@ def kernel_metadata(kaggle_id: str, weights_dataset: str | None) -> dict:
             "competition_sources": [COMPETITION], "kernel_sources": []}
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def export_kaggle(out_dir, kaggle_id: str, weights_dataset: str | None = None,
                   root: Path = ROOT) -> list[Path]:
     """Write kernel.ipynb, kernel_bundle.py and kernel-metadata.json into ``out_dir``."""
@@ -187,5 +191,5 @@ def export_kaggle(out_dir, kaggle_id: str, weights_dataset: str | None = None,
              "kernel_bundle.py": build_bundle(root),
              "kernel-metadata.json": json.dumps(metadata, indent=2) + "\n"}
     for name, text in files.items():
-        _write(out_dir / name, text)
+        atomic_write(out_dir / name, lambda tmp, text=text: tmp.write_text(text))
     return [out_dir / name for name in files]

@@ -20,8 +20,6 @@ import html
 import io
 import json
 import math
-import os
-import secrets
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from os import PathLike
@@ -32,6 +30,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from utils.atomic import atomic_write
 from utils.dicom import (DEFAULT_WINDOWS, EXPLICIT_LE, HEADER, IMPLICIT_LE, NAMED_WINDOWS, RLE_LOSSLESS,
                          DicomError, parse_windows, read_windowed, wraps_12bit)
 from utils.labels import ANY, LABELS, SUBTYPES, check_label_table, label_report
@@ -70,18 +69,7 @@ _SYNTAX_NAMES = {EXPLICIT_LE: "explicit VR little endian", IMPLICIT_LE: "implici
 # Files: written whole or not at all.
 
 def _write_atomic(path: str | PathLike, data: bytes) -> Path:
-    path = Path(path)
-    # A unique name opened with "x" rather than mkstemp: mkstemp's 0600 mode would make the
-    # report unreadable to anyone else sharing the run folder.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _save_figure(fig: Figure, path: str | PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""Patient-grouped multilabel stratification: validation splits and k folds.
+"""Patient-grouped multilabel stratification: patient groups, validation splits, k folds.
 
 Slices of one patient are near copies of each other, so a validation set that shares
 patients with training overstates the score. Whole patients are therefore assigned to
@@ -14,11 +14,9 @@ does for groups. The algorithm is iterative stratification (Sechidis et al., 201
    of its labels and images from that fold's wants.
 4. Groups with no positive label go last, largest first, to the fold lacking most images.
 
-Departures from the paper, all measured with benchmarks/bench_split.py (752,803 synthetic
-images, ~19,000 patients, seeds 0-3; largest relative deviation of a fold's positive rate,
-mean/worst): the literal algorithm reaches 1.21/1.81 % over 5 folds and 1.81/2.42 % for a
-10 % validation split, with 14.4 % of the patients in it; this module 0.47/0.55 %,
-0.35/0.46 %, and 10.0 % of the patients.
+Departures from the paper, each measured with benchmarks/bench_split.py against the
+literal algorithm (this module's figures and targets: BENCHMARKS.md, "Patient-grouped
+split"):
 - "Lacks" is measured as a share of the fold's own target, and a group is scored by what
   the fold would lack with half the group placed: (want - count / 2) / target. With
   equal folds the first changes nothing; for a 90/10 split, raw counts fill the training
@@ -36,9 +34,12 @@ Determinism: the only randomness is `np.random.default_rng(seed).random`, drawn 
 groups are coded in sorted order (so row order does not matter), sorts are stable and no
 result depends on dict/set iteration or hash order. Counts are integers, each fold's want
 is one float product minus integers, and the few float sums run row by row in a fixed
-order, so the result does not depend on the machine's summation order or SIMD width. The same seed gives
-the same folds on any machine with the same numpy release (numpy keeps the `random()`
-stream of its bit generators stable).
+order, so the result does not depend on the machine's summation order or SIMD width. The
+same seed gives the same folds on any machine with the same numpy release (numpy keeps
+the `random()` stream of its bit generators stable).
+
+Groups: resolve_groups gives each image its patient, through fill_missing_keys, the one
+rule for an ID that headers lack (utils.slices uses it for series keys too).
 """
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ import pandas as pd
 
 from utils.labels import LABELS
 
-# Fallback groups are prefixed so that a StudyInstanceUID or image ID can never merge, by
-# an accidental equal string, with a real patient's group.
+# Fallback keys are prefixed so that a StudyInstanceUID or image ID can never merge, by an
+# accidental equal string, with a real key (a PatientID here, a SeriesInstanceUID in
+# utils.slices, which uses the same rule).
 STUDY_PREFIX = "study:"
 IMAGE_PREFIX = "image:"
 
@@ -59,13 +61,55 @@ IMAGE_PREFIX = "image:"
 # --------------------------------------------------------------------------- groups
 
 
-def _missing(values: np.ndarray) -> np.ndarray:
-    """None, NaN, pandas NA or a blank string: headers store absent tags all three ways."""
-    values = np.asarray(values, dtype=object)
-    blank = np.fromiter(
-        (isinstance(v, str) and not v.strip() for v in values), dtype=bool, count=len(values)
-    )
-    return pd.isna(values) | blank
+def is_missing(values) -> np.ndarray:
+    """Where 1-D `values` hold no ID: None, NaN, pandas NA or a blank string, the ways
+    headers store an absent tag."""
+    # A Series stays as it is: its string ops run in Arrow, where a Python object per row
+    # costs seconds over the full dataset.
+    column = values if isinstance(values, pd.Series) else pd.Series(np.asarray(values, dtype=object))
+    text = column.astype("str").fillna("").str.strip()
+    return (column.isna() | (text == "")).to_numpy(dtype=bool)
+
+
+def _borrow(key: np.ndarray, parent: np.ndarray, lost: np.ndarray, prefix: str) -> np.ndarray:
+    """Rows `lost` (no key, known parent) join the one key their parent's other rows carry,
+    or get ``prefix + parent`` when it carries none or several. Returns the new keys."""
+    known = ~pd.isna(key) & ~pd.isna(parent)
+    pairs = pd.DataFrame({"parent": parent[known], "key": key[known]}).drop_duplicates()
+    n_keys = pairs.groupby("parent")["key"].transform("size").to_numpy()
+    # A parent with two keys has inconsistent headers; guessing one would be arbitrary.
+    single = pairs[n_keys == 1].set_index("parent")["key"]
+    borrowed = pd.Series(parent[lost], dtype=object).map(single).to_numpy(dtype=object)
+    own = pd.isna(borrowed)
+    borrowed[own] = [prefix + str(p) for p in parent[lost][own]]
+    return borrowed
+
+
+def fill_missing_keys(key: np.ndarray, parents: Sequence[tuple[np.ndarray, str]],
+                      image_ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """The fallback rule for an ID key that some rows lack (a patient group, a series).
+
+    `key` and each parent's IDs are object arrays of str, None where absent; `parents` are
+    (ids, prefix) pairs, tried in turn (a StudyInstanceUID, then a PatientID). A row
+    without a key whose parent has exactly one key on the rows carrying both joins that
+    key: a tag missing from one file must not cut a patient in two or a slice off from its
+    series. Otherwise the key is ``prefix + parent``; with no parent at all, the row is
+    alone, ``IMAGE_PREFIX + image ID``. Each parent sees the keys the ones before it filled.
+
+    Returns the filled keys (a new object array) and how many rows each parent, then the
+    image, gave a key.
+    """
+    key = np.array(key, dtype=object)
+    counts = []
+    for parent, prefix in parents:
+        lost = pd.isna(key) & ~pd.isna(parent)
+        counts.append(int(lost.sum()))
+        if lost.any():
+            key[lost] = _borrow(key, parent, lost, prefix)
+    alone = pd.isna(key)
+    counts.append(int(alone.sum()))
+    key[alone] = [IMAGE_PREFIX + str(i) for i in image_ids[alone]]
+    return key, counts
 
 
 def resolve_groups(
@@ -79,7 +123,8 @@ def resolve_groups(
     A row without PatientID whose study has exactly one known PatientID on other rows joins
     that patient (counted as a study fallback): a separate study group would put part of a
     patient on each side of the split, the very leak grouping exists to stop. Otherwise the
-    group is ``"study:<StudyInstanceUID>"``; without a study either, ``"image:<image id>"``.
+    group is ``"study:<StudyInstanceUID>"``; without a study either, ``"image:<image id>"``
+    (fill_missing_keys).
     """
     patient = np.asarray(patient_ids, dtype=object)
     study = np.asarray(study_ids, dtype=object)
@@ -95,34 +140,19 @@ def resolve_groups(
     if len(patient) == 0:
         raise ValueError("no images to group (empty input)")
 
-    no_patient, no_study, no_image = _missing(patient), _missing(study), _missing(image)
+    no_patient, no_study, no_image = is_missing(patient), is_missing(study), is_missing(image)
     if no_image.any():
         first = int(np.flatnonzero(no_image)[0])
         raise ValueError(
             f"{int(no_image.sum())} image IDs are missing (first at row {first}); "
             "every row needs an image ID as the last fallback group"
         )
-
-    groups = np.where(no_patient, "", patient).astype(str)
-    via_study = no_patient & ~no_study
-    if via_study.any():
-        both = ~no_patient & ~no_study
-        known = pd.DataFrame({"study": study[both].astype(str), "patient": groups[both]})
-        known = known.drop_duplicates()
-        n_patients = known.groupby("study")["patient"].transform("size")
-        # A study with two PatientIDs has inconsistent headers; guessing one would be arbitrary.
-        study_patient = known[n_patients.to_numpy() == 1].set_index("study")["patient"]
-        lost_study = study[via_study].astype(str)
-        borrowed = pd.Series(lost_study).map(study_patient).to_numpy(dtype=object)
-        own = pd.isna(borrowed)
-        borrowed[own] = np.char.add(STUDY_PREFIX, lost_study[own].astype(str))
-        groups = groups.astype(object)
-        groups[via_study] = borrowed
-    via_image = no_patient & no_study
-    if via_image.any():
-        groups = groups.astype(object)
-        groups[via_image] = np.char.add(IMAGE_PREFIX, image[via_image].astype(str))
-    return groups.astype(str), int(via_study.sum()), int(via_image.sum())
+    groups, (n_study, n_image) = fill_missing_keys(
+        np.where(no_patient, None, patient.astype(str)),
+        [(np.where(no_study, None, study.astype(str)), STUDY_PREFIX)],
+        image.astype(str),
+    )
+    return groups.astype(str), n_study, n_image
 
 
 # --------------------------------------------------------------------------- validation
@@ -159,16 +189,21 @@ def _group_codes(groups, n_rows: int) -> tuple[np.ndarray, int]:
         raise ValueError(f"groups has {len(array)} rows but labels has {n_rows}")
     if array.dtype.kind in "OUS" and (array == "").any():
         raise ValueError("groups contain empty strings; resolve them with resolve_groups")
-    try:
-        codes, uniques = pd.factorize(array, sort=True)
-    except TypeError as error:
-        raise ValueError(f"groups must be of one sortable type (str or int): {error}") from None
-    if (codes < 0).any():
-        raise ValueError(
-            f"groups contain {int((codes < 0).sum())} missing values (None/NaN); "
-            "resolve them with resolve_groups"
-        )
+    codes, uniques = sorted_codes(array, "groups", "; resolve them with resolve_groups")
     return codes, len(uniques)
+
+
+def sorted_codes(values, name: str, hint: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Codes 0..K-1 of 1-D `values` in sorted key order, and the K sorted keys: codes that
+    do not depend on row order. Mixed, unsortable types and missing values are errors
+    (`name` and `hint` go into the message)."""
+    try:
+        codes, uniques = pd.factorize(values, sort=True)
+    except TypeError as error:
+        raise ValueError(f"{name} must be of one sortable type (str or int): {error}") from None
+    if (codes < 0).any():
+        raise ValueError(f"{name} contain {int((codes < 0).sum())} missing values (None/NaN){hint}")
+    return codes, np.asarray(uniques)
 
 
 def _check_seed(seed) -> int:

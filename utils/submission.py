@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
-import tempfile
-from contextlib import suppress
 from os import PathLike
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -24,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from utils.atomic import atomic_write
 from utils.labels import (
     HEADER,
     LABELS,
@@ -170,23 +168,16 @@ def write_submission(submission: pd.DataFrame, path: str | PathLike, sample_path
     if problems:
         raise SubmissionError("submission not written:\n  " + "\n  ".join(problems))
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as raw:
             if path.suffix == ".gz":
                 # mtime=0 and no file name in the header: same table, same bytes.
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped:
                     _write_csv(submission, zipped)
             else:
                 _write_csv(submission, raw)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp's 0600 would surprise whoever copies the file
-        os.replace(tmp_name, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    atomic_write(path, write)
     logger.info("wrote %d rows to %s", len(submission), path)
     return path
 

@@ -1,35 +1,21 @@
-"""Neighbouring slices: ordering each series along z, and a per-series refiner of logits.
+"""A per-series refiner of per-slice logits: a residual 1-D convolution along z, fitted out of fold.
 
-A radiologist reads a slice with the ones above and below it, and every top-5 team of the
-competition gained ~0.006-0.008 weighted log loss that way. This module is the tested
-core of both ways the pipeline uses it:
+Every top-5 team of the competition gained ~0.006-0.008 weighted log loss by reading a
+slice with its neighbours. Here the per-slice model's logits, placed by utils.slices'
+order, are refined series by series:
 
-    from utils.context import order_slices, neighbour_paths, fit_refiner, refine
-    order = order_slices(headers)                       # series, position, prev_id, next_id
-    stacks = neighbour_paths(order, headers.set_index("image_id")["path"], radius=1)
+    from utils.refiner import fit_refiner, refine
     result = fit_refiner(val_logits, val_labels, order.loc[ids, "series"],
                          order.loc[ids, "position"], groups)     # out-of-fold, by patient
     test_probs = refine(result, test_logits, test_series, test_position)
 
-Ordering rules (`order_slices`):
-- The series key is SeriesInstanceUID. A row without one whose study (then patient) has
-  exactly one known series on other rows joins that series: the tag missing from one file
-  should not cut a slice off from its neighbours. Otherwise the key is "study:<uid>", then
-  "patient:<id>", and a row with no ID at all is a series of its own ("image:<id>").
-- Within a series, slices go by ImagePositionPatient z, lowest first; equal z is broken by
-  image ID (a deterministic, if arbitrary, choice) and counted.
-- A slice without a finite z is a one-slice series of its own ("image:<id>"): placing it
-  by any other rule (image ID, file order) would invent neighbours, and a slice whose
-  neighbours are itself is what the edge of every series already looks like.
-
-Refiner (`SeriesRefiner`, `fit_refiner`, `refine`): a residual 1-D convolution over the
-slice axis of each series' per-slice logits. A convolution rather than a GRU because it is
-fast on CPU, sees a fixed window of slices (hemorrhage spans a few neighbours, not the whole
-head) and, with its last layer initialised to zero, is exactly the identity at step 0, so
-training starts from the per-slice model's own answer. It is trained on the validation
-set's logits with patient-grouped folds, so every validation row gets an out-of-fold
-refined probability (an honest before/after score), and test rows get the mean of the
-fold models' probabilities.
+A convolution rather than a GRU because it is fast on CPU, sees a fixed window of slices
+(hemorrhage spans a few neighbours, not the whole head) and, with its last layer
+initialised to zero, is exactly the identity at step 0, so training starts from the
+per-slice model's own answer. It is trained on the validation set's logits with
+patient-grouped folds, so every validation row gets an out-of-fold refined probability
+(an honest before/after score), and test rows get the mean of the fold models'
+probabilities.
 """
 from __future__ import annotations
 
@@ -47,15 +33,7 @@ from torch import nn
 from utils.engine import weighted_bce
 from utils.labels import LABELS, format_examples
 from utils.metrics import weighted_log_loss
-from utils.split import kfold_by_patient
-
-# Fallback keys carry a prefix so that a StudyInstanceUID or ID can never merge, through an
-# accidentally equal string, with a real SeriesInstanceUID.
-STUDY_PREFIX = "study:"
-PATIENT_PREFIX = "patient:"
-ALONE_PREFIX = "image:"
-ID_COLUMNS = ("series_uid", "study_uid", "patient_id")  # the series key's fallback chain
-ORDER_COLUMNS = ("series", "z", "position", "n_in_series", "prev_id", "next_id")
+from utils.split import kfold_by_patient, sorted_codes
 
 N_LABELS = len(LABELS)
 HIDDEN = 32
@@ -69,179 +47,6 @@ INFER_BATCH_SERIES = 512
 
 class RefinerWarning(UserWarning):
     """The refiner had to change what it was asked for (fewer folds than requested)."""
-
-
-# ----------------------------------------------------------------------- slice order
-
-
-def _blank(column: pd.Series) -> np.ndarray:
-    """None, NaN, pandas NA or a blank string: headers store an absent tag all these ways."""
-    text = column.astype("str").fillna("").str.strip()
-    return (column.isna() | (text == "")).to_numpy(dtype=bool)
-
-
-def _check_headers(headers: pd.DataFrame) -> tuple[pd.Series, np.ndarray]:
-    """The image IDs (str, index 0..n-1) and z (float64, NaN where absent or not finite)."""
-    if not isinstance(headers, pd.DataFrame):
-        raise TypeError(f"headers must be a DataFrame, got {type(headers).__name__}")
-    needed = ("image_id", "z", *ID_COLUMNS)
-    absent = [c for c in needed if c not in headers.columns]
-    if absent:
-        raise ValueError(f"headers lack the columns {absent} (scan_headers gives them all)")
-    if len(headers) == 0:
-        raise ValueError("headers have no rows")
-    no_id = _blank(headers["image_id"])
-    if no_id.any():
-        raise ValueError(f"{int(no_id.sum())} rows have no image_id (first at row {int(np.argmax(no_id))})")
-    image_id = headers["image_id"].astype("str").reset_index(drop=True)
-    repeated = image_id[image_id.duplicated()].unique()
-    if len(repeated):
-        raise ValueError(f"{len(repeated)} image IDs occur more than once: {format_examples(repeated)}")
-    try:
-        z = pd.to_numeric(headers["z"], errors="raise").to_numpy(dtype=np.float64, na_value=np.nan)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"headers['z'] must be numeric: {err}") from None
-    return image_id, np.where(np.isfinite(z), z, np.nan)
-
-
-def _borrow(key: np.ndarray, parent: np.ndarray, lost: np.ndarray, prefix: str) -> np.ndarray:
-    """Rows `lost` (no key, known parent) join the one key their parent's other rows carry,
-    or get ``prefix + parent`` when it carries none or several. Returns the new keys."""
-    known = ~pd.isna(key) & ~pd.isna(parent)
-    pairs = pd.DataFrame({"parent": parent[known], "key": key[known]}).drop_duplicates()
-    n_keys = pairs.groupby("parent")["key"].transform("size").to_numpy()
-    single = pairs[n_keys == 1].set_index("parent")["key"]
-    borrowed = pd.Series(parent[lost], dtype=object).map(single).to_numpy(dtype=object)
-    own = pd.isna(borrowed)
-    borrowed[own] = [prefix + str(p) for p in parent[lost][own]]
-    return borrowed
-
-
-def _series_keys(headers: pd.DataFrame, image_id: pd.Series, no_z: np.ndarray) -> tuple[pd.Series, dict]:
-    """The series key of each row (str) and how many rows fell back, and how."""
-    blank = {c: _blank(headers[c]) for c in ID_COLUMNS}
-    counts = dict(series_from_study=0, series_from_patient=0, series_alone=0)
-    if not blank["series_uid"].any() and not no_z.any():
-        # The usual case, kept in Arrow strings: a Python object per row costs seconds.
-        return headers["series_uid"].astype("str").reset_index(drop=True), {**counts, "series_fallback": 0}
-    ids = {c: np.where(blank[c], None, headers[c].astype("str").to_numpy(dtype=object)) for c in ID_COLUMNS}
-    key = ids["series_uid"].copy()
-    for column, prefix, name in (("study_uid", STUDY_PREFIX, "series_from_study"),
-                                 ("patient_id", PATIENT_PREFIX, "series_from_patient")):
-        lost = pd.isna(key) & ~pd.isna(ids[column])
-        counts[name] = int(lost.sum())
-        if lost.any():
-            key[lost] = _borrow(key, ids[column], lost, prefix)
-    alone = pd.isna(key)
-    counts["series_alone"] = int(alone.sum())
-    counts["series_fallback"] = sum(counts.values())
-    # Without z a slice's place is unknown; it keeps no neighbours rather than invented ones.
-    key[alone | no_z] = [ALONE_PREFIX + i for i in image_id[alone | no_z]]
-    return pd.Series(key, dtype="str"), counts
-
-
-def _break_ties(order: np.ndarray, tied: np.ndarray, image_id: pd.Series) -> np.ndarray:
-    """`order` with each run of tied rows (tied[i]: sorted row i ties row i-1) sorted by
-    image ID. Only tied rows are compared as strings: a full string sort of 750k IDs
-    costs more than the rest of order_slices."""
-    in_run = np.zeros(len(order), dtype=bool)
-    in_run[1:] |= tied
-    in_run[:-1] |= tied
-    at = np.flatnonzero(in_run)
-    run = np.cumsum(~tied[at - 1] | (at == 0))  # a new run starts where a row ties no predecessor
-    ids = image_id.to_numpy(dtype=object)[order[at]]
-    within = pd.factorize(ids, sort=True)[0]
-    order = order.copy()
-    order[at] = order[at][np.lexsort((within, run))]
-    return order
-
-
-def order_slices(headers: pd.DataFrame) -> pd.DataFrame:
-    """Each slice's series, rank along z and neighbours, from scan_headers' table.
-
-    Returns a DataFrame indexed by image_id, rows in the input's order, with columns
-    `series` (the key used; see the module docstring for fallbacks), `z`, `position`
-    (0-based rank within the series, lowest z first), `n_in_series`, and `prev_id` /
-    `next_id` (the slice below / above; at an edge the slice itself). `attrs` holds the
-    counts `ties` (rows whose z equals the previous slice's in their series), `missing_z`
-    (rows made one-slice series), `series_from_study`, `series_from_patient`,
-    `series_alone`, `series_fallback` (their sum; a row without z may count here too)
-    and `n_series`.
-    """
-    image_id, z = _check_headers(headers)
-    no_z = np.isnan(z)
-    key, counts = _series_keys(headers, image_id, no_z)
-
-    codes = pd.factorize(key)[0]
-    order = np.lexsort((np.where(no_z, 0.0, z), codes))  # stable: ties stay in input order
-    tied = (codes[order][1:] == codes[order][:-1]) & (z[order][1:] == z[order][:-1])
-    if tied.any():
-        order = _break_ties(order, tied, image_id)
-    n_in = np.bincount(codes)
-    step = np.arange(len(order))
-    sorted_pos = step - (np.cumsum(n_in) - n_in)[codes[order]]
-    sorted_n = n_in[codes[order]]
-    position, prev_row, next_row = (np.empty(len(order), dtype=np.int64) for _ in range(3))
-    position[order] = sorted_pos
-    prev_row[order] = order[np.where(sorted_pos > 0, step - 1, step)]
-    next_row[order] = order[np.where(sorted_pos < sorted_n - 1, step + 1, step)]
-    table = pd.DataFrame(
-        {
-            "series": key.array,
-            "z": z,
-            "position": position,
-            "n_in_series": n_in[codes].astype(np.int64),
-            "prev_id": image_id.take(prev_row).array,
-            "next_id": image_id.take(next_row).array,
-        },
-        index=pd.Index(image_id.array, name="image_id"),
-    )
-    table.attrs.update(ties=int(tied.sum()), missing_z=int(no_z.sum()), n_series=len(n_in), **counts)
-    return table
-
-
-def _neighbour_rows(order: pd.DataFrame, radius: int) -> dict[int, np.ndarray]:
-    """Row number (into `order`) of each row's neighbour at every offset."""
-    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 0:
-        raise ValueError(f"radius must be a non-negative int, got {radius!r}")
-    if not isinstance(order, pd.DataFrame) or not {"series", "position"} <= set(order.columns):
-        raise ValueError("order must be order_slices' table (columns series and position)")
-    codes = pd.factorize(order["series"])[0]
-    if (codes < 0).any():
-        raise ValueError(f"order has {int((codes < 0).sum())} rows without a series")
-    position = order["position"].to_numpy()
-    rows = np.lexsort((position, codes))
-    n_in = np.bincount(codes)
-    start = (np.cumsum(n_in) - n_in)[codes]
-    # order_slices' positions run 0..n-1 in every series; anything else would send an
-    # offset into the neighbouring series.
-    if not np.array_equal(position[rows], np.arange(len(rows)) - start[rows]):
-        raise ValueError("positions are not 0..n-1 within each series; use order_slices' output")
-    last = n_in[codes] - 1
-    return {offset: rows[start + np.clip(position + offset, 0, last)] for offset in range(-radius, radius + 1)}
-
-
-def neighbour_ids(order: pd.DataFrame, radius: int = 1) -> pd.DataFrame:
-    """Image IDs at offsets -radius..+radius along each slice's series (columns named by
-    the offset, an int); beyond an edge the nearest slice of the series repeats."""
-    ids = pd.Series(order.index.array)
-    columns = {k: ids.take(rows).array for k, rows in _neighbour_rows(order, radius).items()}
-    return pd.DataFrame(columns, index=order.index)
-
-
-def neighbour_paths(order: pd.DataFrame, paths: pd.Series, radius: int = 1) -> pd.DataFrame:
-    """neighbour_ids mapped to file paths, for stacking neighbours as channels: `paths` is
-    indexed by image_id (``headers.set_index("image_id")["path"]``) and must cover `order`."""
-    if not isinstance(paths, pd.Series):
-        raise TypeError(f"paths must be a Series indexed by image_id, got {type(paths).__name__}")
-    if paths.index.has_duplicates:
-        raise ValueError(f"paths has repeated image IDs: {format_examples(paths.index[paths.index.duplicated()].unique())}")
-    at = paths.index.get_indexer(order.index)
-    if (at < 0).any():
-        raise ValueError(f"paths lacks {int((at < 0).sum())} images of order: {format_examples(order.index[at < 0])}")
-    own = pd.Series(paths.astype("str").array).take(at).reset_index(drop=True)
-    columns = {k: own.take(rows).array for k, rows in _neighbour_rows(order, radius).items()}
-    return pd.DataFrame(columns, index=order.index)
 
 
 # ------------------------------------------------------------------- flat <-> padded
@@ -266,13 +71,8 @@ def _check_series(series, position, n_rows: int) -> tuple[np.ndarray, np.ndarray
             raise ValueError(f"{name} must be 1-D with {n_rows} rows, got shape {values.shape}")
     if n_rows and not np.issubdtype(pos.dtype, np.integer):
         raise ValueError(f"position must be integers, got dtype {pos.dtype}")
-    try:
-        codes, uniques = pd.factorize(keys, sort=True)
-    except TypeError as err:
-        raise ValueError(f"series keys must be of one sortable type: {err}") from None
-    if (codes < 0).any():
-        raise ValueError(f"series has {int((codes < 0).sum())} missing keys")
-    return codes, pos.astype(np.int64), np.asarray(uniques)
+    codes, uniques = sorted_codes(keys, "series keys")
+    return codes, pos.astype(np.int64), uniques
 
 
 def pack_series(values, series, position) -> PackedSeries:
@@ -515,9 +315,7 @@ def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed
     group_array = np.asarray(groups)
     if group_array.shape != (len(x),):
         raise ValueError(f"groups must be 1-D with {len(x)} rows, got shape {group_array.shape}")
-    group_codes, group_keys = pd.factorize(group_array, sort=True)
-    if (group_codes < 0).any():
-        raise ValueError(f"groups have {int((group_codes < 0).sum())} missing values; use resolve_groups")
+    group_codes, group_keys = sorted_codes(group_array, "groups", "; use resolve_groups")
     per_series = pd.Series(group_codes).groupby(codes).nunique()
     if (per_series > 1).any():
         bad = series_keys[per_series.index[per_series > 1]]
