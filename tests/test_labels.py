@@ -301,7 +301,7 @@ def test_parse_row_ids_on_a_sliced_arrow_array():
 
 
 def test_vectorised_id_check_agrees_with_the_pattern_on_every_one_byte_edit():
-    # The fast path reads bytes at fixed offsets; this pins it to the written-down rule
+    # The vectorised check cuts IDs at fixed offsets; this pins it to the written-down rule
     # (ID_PATTERN plus a known subtype) for every substitution, deletion and insertion.
     full_row_id = re.compile(rf"{ID_PATTERN.pattern[1:-1]}_({'|'.join(LABELS)})".encode())
     row_ids = []
@@ -310,7 +310,7 @@ def test_vectorised_id_check_agrees_with_the_pattern_on_every_one_byte_edit():
             head, rest = base[:pos].encode(), base[pos:].encode()
             row_ids += [head + bytes([byte]) + rest[1:] for byte in range(256) if rest]
             row_ids += [head + rest[1:], head + b"x" + rest]
-    keys, subtypes = labels_module._parse_id_chunk(pa.array(row_ids, pa.binary()))
+    _, keys, subtypes = labels_module._split_row_ids(pa.array(row_ids, pa.binary()))
     expected = np.array([full_row_id.fullmatch(row_id) is not None for row_id in row_ids])
     assert expected.sum() > 3 * 16  # the hex substitutions of each base are valid
     np.testing.assert_array_equal(keys >= 0, expected)
