@@ -39,13 +39,14 @@ from utils import data as data_utils
 from utils.atomic import atomic_write
 from utils.demo import make_demo_dataset
 from utils.dicom import parse_windows, scan_headers
+from utils.ensemble import PRED_COLUMNS, assemble_oof, average, check_same_data, data_fingerprint, shared_scores
 from utils.engine import (CheckpointMismatch, Checkpoints, Dist, ResumableSampler, barrier, gather_lists,
                           gather_rows, init_distributed, load_checkpoint, model_state, roc_auc,
                           warmup_cosine, weighted_bce)
 from utils.labels import LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels
 from utils.metrics import per_class_log_loss, prior_probabilities, weighted_log_loss
 from utils.model import WeightsError, build_model, find_weights
-from utils.refiner import RefinerResult, fit_refiner, logit, refine
+from utils.refiner import RefinerResult, fit_refiner, load_refiner, logit, refine, save_refiner
 from utils.report import write_report
 from utils.slices import neighbour_paths, order_slices
 from utils.split import (fold_table, format_fold_table, kfold_by_patient, resolve_groups,
@@ -76,7 +77,7 @@ class Config:
     weight_decay: float = 1e-4
     val_frac: float = 0.1
     folds: int = 0                   # K >= 2: K patient-grouped folds, validate on --fold
-    fold: int = 0
+    fold: int = 0                    # FOLD_ALL (--fold all): every fold in turn, then their average
     seed: int = 42
     tta: bool = True
     resume: bool = False
@@ -100,6 +101,13 @@ DEMO_PRESET = dict(arch="resnext50_32x4d", weights="none", image_size=64, batch_
                    lr=1e-3, val_frac=0.25, workers=min(2, os.cpu_count() or 1))
 
 
+FOLD_ALL = -1
+
+
+def _fold(text: str) -> int:
+    return FOLD_ALL if text.lower() == "all" else int(text)
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -115,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
              "weights_strict": _bool, "image_size": int, "windows": str, "batch_size": int,
              "workers": int, "lr": float, "weight_decay": float, "val_frac": float,
              "seed": int, "tta": _bool, "demo_patients": int,
-             "header_cache": str, "folds": int, "fold": int,
+             "header_cache": str, "folds": int, "fold": _fold,
              "accum": int, "ckpt_minutes": float, "checkpoint": str, "context": int}
     for name, kind in types.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
@@ -137,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kaggle-id", metavar="USER/SLUG", default=None, help="the exported kernel's id")
     p.add_argument("--kaggle-weights-dataset", metavar="USER/SLUG", default=None,
                    help="the Kaggle dataset holding the pretrained weights, attached to the export")
+    p.add_argument("--ensemble", metavar="RUN_DIR", nargs="+", default=None,
+                   help="only average the test predictions of these finished runs into --out-dir")
+    p.add_argument("--ensemble-weights", metavar="W", nargs="+", type=float, default=None,
+                   help="with --ensemble: one weight per run (default: equal)")
     return p
 
 
@@ -152,8 +164,9 @@ def _problems(cfg: Config) -> list[str]:
               (cfg.predict_only and not cfg.checkpoint, "--predict-only needs --checkpoint PATH"),
               (not 0 < cfg.val_frac < 1, "--val-frac must be between 0 and 1"),
               (cfg.folds == 1 or cfg.folds < 0, "--folds must be 0 (a single --val-frac split) or at least 2"),
-              (cfg.folds >= 2 and not 0 <= cfg.fold < cfg.folds,
-               f"--fold must be between 0 and {cfg.folds - 1}")]
+              (cfg.folds >= 2 and not (0 <= cfg.fold < cfg.folds or cfg.fold == FOLD_ALL),
+               f"--fold must be all or between 0 and {cfg.folds - 1}"),
+              (cfg.fold == FOLD_ALL and cfg.folds < 2, "--fold all needs --folds K (K >= 2)")]
     problems += [text for failed, text in checks if failed]
     try:
         parse_windows(cfg.windows)
@@ -168,8 +181,9 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     p = _parser()
     args = p.parse_args(argv)  # an unknown option exits with usage and code 2
     given = {k: v for k, v in vars(args).items() if v is not None}
-    modes = {k: given.pop(k, None) for k in
-             ("check_submission", "export_kaggle", "kaggle_id", "kaggle_weights_dataset", "report")}
+    modes = {k: given.pop(k, None) for k in ("check_submission", "export_kaggle", "kaggle_id",
+                                             "kaggle_weights_dataset", "report", "ensemble",
+                                             "ensemble_weights")}
     cfg = Config()
     if given.get("data_dir") is None and find_kaggle_data() is None:
         cfg = dataclasses.replace(cfg, demo=True, **DEMO_PRESET)
@@ -406,7 +420,10 @@ def add_slice_order(headers: pd.DataFrame, split: str) -> pd.DataFrame:
 
 # %% Stage 3: validation split by patient, stratified over all six labels.
 
-def make_split(labels: pd.DataFrame, headers: pd.DataFrame, cfg: Config, out_dir: Path, d: Dist):
+def make_split(labels: pd.DataFrame, headers: pd.DataFrame, cfg: Config, out_dir: Path,
+               d: Dist) -> tuple[pd.DataFrame, np.ndarray]:
+    """The labels of the usable images and each image's fold: its patient fold 0..K-1 with
+    --folds K; with --val-frac, 1 for the held-out share and 0 for the rest."""
     usable = labels.loc[labels.index.isin(headers.index)]
     h = headers.loc[usable.index]
     groups, n_study, n_image = resolve_groups(h["patient_id"].to_numpy(), h["study_uid"].to_numpy(),
@@ -418,19 +435,24 @@ def make_split(labels: pd.DataFrame, headers: pd.DataFrame, cfg: Config, out_dir
     split = pd.DataFrame({"image_id": usable.index, "patient_id": groups})
     if cfg.folds >= 2:
         folds = kfold_by_patient(y, groups, cfg.folds, cfg.seed)
-        val = folds == cfg.fold
         split["fold"] = folds
         table = fold_table(y, groups, folds, LABELS)
-        log(f"Folds by patient (validating on fold {cfg.fold} of {cfg.folds}):")
+        which = "every fold in turn" if cfg.fold == FOLD_ALL else f"fold {cfg.fold}"
+        log(f"Folds by patient (validating on {which} of {cfg.folds}):")
     else:
-        val = split_by_patient(y, groups, cfg.val_frac, cfg.seed)
-        table = fold_table(y, groups, val, LABELS)
+        folds = split_by_patient(y, groups, cfg.val_frac, cfg.seed).astype(np.int64)
+        table = fold_table(y, groups, folds == 1, LABELS)
         log("Split by patient:")
-    split["is_val"] = val
+    if cfg.fold != FOLD_ALL:
+        split["is_val"] = folds == validation_fold(cfg)
     if d.main:
         write_csv(out_dir / "split.csv", split, index=False)
     log(format_fold_table(table))
-    return usable.loc[~val], usable.loc[val]
+    return usable, folds
+
+
+def validation_fold(cfg: Config) -> int:
+    return cfg.fold if cfg.folds >= 2 else 1
 
 
 # %% Stage 4: training. Device, precision and processes are decided once, here.
@@ -796,28 +818,56 @@ def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.
 
 # %% Stage 6: predict the test set and write a checked submission.
 
-def predict_and_submit(model, cfg: Config, data_dir: Path, test_ids: list[str],
-                       test_headers: pd.DataFrame, prior: np.ndarray, out_dir: Path, rt: Runtime,
-                       refiner: RefinerResult | None = None) -> dict:
-    readable_ids = [i for i in test_ids if i in test_headers.index]
-    probs, ok = predict(model, test_headers.loc[readable_ids], cfg, rt, "predict test", tta=cfg.tta)
-    probs[~ok] = prior
-    if not ok.all() and rt.dist.main:
-        record_bad_files(out_dir, [p for p, good in zip(test_headers.loc[readable_ids, "path"], ok)
-                                   if not good], "pixel data could not be decoded; prior predicted")
-    if refiner is not None:
-        rows = test_headers.loc[readable_ids]
-        probs = refine(refiner, logit(probs), rows["series"].to_numpy(), rows["position"].to_numpy())
-        probs[~ok] = prior  # an unreadable slice keeps the prior; its neighbours were refined
-    n_prior = len(test_ids) - int(ok.sum())
+@dataclass
+class TestPredictions:
+    """Probabilities of every test image, in the sample's order; ``scanned`` are the images
+    whose header was read (refinement runs along their series), ``failed`` those among them
+    whose pixels could not be decoded. Unread images hold the training prior."""
+    probs: pd.DataFrame
+    scanned: list[str]
+    failed: list[str]
+
+
+def predict_test(model, cfg: Config, test_ids: list[str], test_headers: pd.DataFrame,
+                 prior: np.ndarray, out_dir: Path, rt: Runtime) -> TestPredictions:
+    scanned = [i for i in test_ids if i in test_headers.index]
+    probs, ok = predict(model, test_headers.loc[scanned], cfg, rt, "predict test", tta=cfg.tta)
+    failed = [i for i, good in zip(scanned, ok) if not good]
+    if failed and rt.dist.main:
+        record_bad_files(out_dir, test_headers.loc[failed, "path"],
+                         "pixel data could not be decoded; prior predicted")
+    table = pd.DataFrame(np.tile(prior, (len(test_ids), 1)), columns=list(LABELS),
+                         index=pd.Index(test_ids, name="image_id"))
+    table.loc[scanned] = np.where(ok[:, None], probs, prior)
+    return TestPredictions(table, scanned, failed)
+
+
+def refine_test(refiner: RefinerResult, pred: TestPredictions, test_headers: pd.DataFrame) -> TestPredictions:
+    """The refiner along each test series; an unreadable slice keeps what it had (the
+    prior), and its neighbours are refined with that in its place."""
+    rows = test_headers.loc[pred.scanned]
+    probs = pred.probs.copy()
+    kept = probs.loc[pred.failed].copy()
+    probs.loc[pred.scanned] = refine(refiner, logit(probs.loc[pred.scanned].to_numpy()),
+                                     rows["series"].to_numpy(), rows["position"].to_numpy())
+    probs.loc[pred.failed] = kept
+    return dataclasses.replace(pred, probs=probs)
+
+
+def submit(pred: TestPredictions, data_dir: Path, out_dir: Path, rt: Runtime) -> dict:
+    """submission.csv, checked against the sample, and test_predictions.csv (the same
+    probabilities unclipped, one row per image: what --ensemble averages)."""
+    n_prior = len(pred.probs) - len(pred.scanned) + len(pred.failed)
     if n_prior:
         log(f"{n_prior} unreadable test images are predicted with the training prior")
-    sub = build_submission(data_dir / "stage_2_sample_submission.csv", readable_ids, probs, fill=prior)
+    sample = data_dir / "stage_2_sample_submission.csv"
+    sub = build_submission(sample, pred.probs.index.tolist(), pred.probs.to_numpy())
     if rt.dist.main:
         with writing(out_dir / "submission.csv"):
-            write_submission(sub, out_dir / "submission.csv", data_dir / "stage_2_sample_submission.csv")
+            write_submission(sub, out_dir / "submission.csv", sample)
+        write_csv(out_dir / "test_predictions.csv", pred.probs)
     log(f"Submission: {out_dir / 'submission.csv'} ({len(sub)} rows, checked against the sample)")
-    return {"n_test": len(test_ids), "n_test_predicted_with_prior": n_prior}
+    return {"n_test": len(pred.probs), "n_test_predicted_with_prior": n_prior}
 
 
 def check_submission(path: str, cfg: Config) -> int:
@@ -892,29 +942,191 @@ def export_notebook(modes: dict) -> int:
     return 0
 
 
+# %% Stage 7 (--fold all, --ensemble): every fold in turn, out-of-fold predictions, averages.
+
+@dataclass
+class FoldResult:
+    val: pd.DataFrame   # the fold's validation images: labels and pred_* columns
+    test: pd.DataFrame  # its per-slice probabilities of every test image
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, index_col="image_id", float_precision="round_trip")  # exact floats
+
+
+def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.ndarray,
+             out_dir: Path, rt: Runtime) -> FoldResult:
+    """Fold i as a complete run in OUT/fold_<i>/ (checkpoints, history, metrics, submission),
+    through the same train() as a single run. A finished fold is read back, not retrained."""
+    fold_dir = out_dir / f"fold_{i}"
+    if (fold_dir / "metrics.json").is_file() and not cfg.overwrite:
+        log(f"Fold {i}: finished earlier in {fold_dir}; not retrained (--overwrite would)")
+        return FoldResult(read_predictions(fold_dir / "val_predictions.csv"),
+                          read_predictions(fold_dir / "test_predictions.csv"))
+    resume = cfg.resume and (fold_dir / "checkpoints" / "last.pt").is_file()
+    fold_cfg = dataclasses.replace(cfg, fold=i, out_dir=str(fold_dir), refine=False, resume=resume)
+    log(f"Fold {i} of {cfg.folds}: {fold_dir}{' (resuming)' if resume else ''}")
+    if rt.dist.main:
+        (fold_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_json(fold_dir / "config.json", dataclasses.asdict(fold_cfg))
+        write_file(fold_dir / "bad_files.csv", lambda tmp: shutil.copyfile(out_dir / "bad_files.csv", tmp))
+    barrier(rt.dist)
+    val = folds == i
+    train_df, val_df = usable.loc[~val], usable.loc[val]
+    model, val_probs, best_epoch = train(fold_cfg, train_df, val_df, data["train_headers"], fold_dir, rt)
+    prior = prior_probabilities(train_df.to_numpy())
+    pred = predict_test(model, fold_cfg, data["test_ids"], data["test_headers"], prior, fold_dir, rt)
+    test_metrics = submit(pred, data["data_dir"], fold_dir, rt)
+    if rt.dist.main:
+        metrics = {**evaluate(train_df, val_df, val_probs, fold_dir), **test_metrics, "best_epoch": best_epoch}
+        write_json(fold_dir / "metrics.json", metrics)  # last: it marks the fold finished
+    barrier(rt.dist)
+    preds = pd.DataFrame(val_probs, index=val_df.index, columns=PRED_COLUMNS)
+    return FoldResult(pd.concat([val_df, preds], axis=1).rename_axis("image_id"), pred.probs)
+
+
+def oof_metrics(oof: pd.DataFrame, usable: pd.DataFrame) -> dict:
+    """The out-of-fold loss overall, per fold and per class, and the constant prior's."""
+    y, p = oof[list(LABELS)].to_numpy(), oof[PRED_COLUMNS].to_numpy()
+    prior = np.broadcast_to(prior_probabilities(usable.to_numpy()), y.shape)
+    per_fold = {int(f): weighted_log_loss(g[list(LABELS)].to_numpy(), g[PRED_COLUMNS].to_numpy())
+                for f, g in oof.groupby("fold")}
+    return {"oof_weighted_log_loss": weighted_log_loss(y, p), "oof_weighted_log_loss_per_fold": per_fold,
+            "oof_log_loss_per_class": per_class_log_loss(y, p),
+            "prior_weighted_log_loss": weighted_log_loss(y, prior),
+            "prior": dict(zip(LABELS, map(float, prior[0]))), "n_oof": len(oof)}
+
+
+def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: float) -> None:
+    """--folds K --fold all: K complete runs, then the out-of-fold predictions of every
+    labelled image, the folds' average on the test set, with --refine the refiner fitted on
+    all of the out-of-fold predictions, and one submission."""
+    data = load_data(cfg, out_dir, data_dir, rt.dist)
+    usable, folds = make_split(data["labels"], data["train_headers"], cfg, out_dir, rt.dist)
+    results = [run_fold(cfg, i, data, usable, folds, out_dir, rt) for i in range(cfg.folds)]
+    oof = assemble_oof({i: r.val for i, r in enumerate(results)})
+    metrics = oof_metrics(oof, usable)
+    log(f"Out of fold: weighted log loss {metrics['oof_weighted_log_loss']:.4f} over {len(oof)} images "
+        f"vs constant prior {metrics['prior_weighted_log_loss']:.4f}")
+    pred = TestPredictions(average([r.test for r in results]), *scanned_and_failed(out_dir, data))
+    if cfg.refine:
+        refiner, refined, loss = fit_series_refiner(oof[list(LABELS)], oof[PRED_COLUMNS].to_numpy(),
+                                                    data["train_headers"], cfg)
+        metrics.update(refiner_used=refiner is not None, oof_weighted_log_loss_refined=loss)
+        if refiner is not None:
+            if rt.dist.main:
+                save_refiner(refiner, out_dir / "refiner.pt")
+            pred = refine_test(refiner, pred, data["test_headers"])
+            oof = oof.assign(**dict(zip([f"refined_{k}" for k in LABELS], refined.T)))
+    metrics.update(submit(pred, data_dir, out_dir, rt))
+    if rt.dist.main:
+        write_csv(out_dir / "oof_predictions.csv", oof)
+        merge_bad_files(out_dir, cfg.folds)
+        metrics.update(folds=cfg.folds, data=data_fingerprint(data_dir), processes=rt.dist.world,
+                       seconds=round(time.perf_counter() - started, 1))
+        write_json(out_dir / "metrics.json", metrics)
+        write_run_report(out_dir, data["labels"], [data["train_headers"], data["test_headers"]], cfg.windows)
+        log(f"Done in {metrics['seconds']:.0f}s: outputs in {out_dir}")
+
+
+def scanned_and_failed(out_dir: Path, data: dict) -> tuple[list[str], list[str]]:
+    """Which test images had a readable header, and which of those failed to decode."""
+    scanned = [i for i in data["test_ids"] if i in data["test_headers"].index]
+    bad = set()
+    for path in sorted(out_dir.glob("fold_*/bad_files.csv")):
+        bad |= set(pd.read_csv(path, dtype=str)["path"])
+    paths = data["test_headers"]["path"].astype(str)
+    return scanned, [i for i in scanned if paths[i] in bad]
+
+
+def merge_bad_files(out_dir: Path, n_folds: int) -> None:
+    """OUT/bad_files.csv: the scan's list and what each fold found when decoding pixels."""
+    tables = [pd.read_csv(out_dir / "bad_files.csv", dtype=str)]
+    tables += [pd.read_csv(out_dir / f"fold_{i}" / "bad_files.csv", dtype=str) for i in range(n_folds)]
+    merged = pd.concat(tables, ignore_index=True).drop_duplicates("path")
+    write_csv(out_dir / "bad_files.csv", merged, index=False)
+
+
+def ensemble(runs: list[str], weights, cfg: Config) -> int:
+    """--ensemble RUN_DIR ...: the weighted average of finished runs' test predictions, as
+    one checked submission in --out-dir, with each run's and the blend's loss on the
+    validation or out-of-fold images they share."""
+    if not cfg.out_dir:
+        raise UserError("--ensemble needs --out-dir, where the blended submission goes")
+    if weights is not None and len(weights) != len(runs):
+        raise UserError(f"--ensemble-weights needs one weight per run: {len(runs)} runs, {len(weights)} weights")
+    dirs = [Path(r) for r in runs]
+    for run in dirs:
+        for name in ("metrics.json", "test_predictions.csv", "config.json"):
+            if not (run / name).is_file():
+                raise UserError(f"{run} is not a finished run of this pipeline: it has no {name}")
+    metrics = {str(r): json.loads((r / "metrics.json").read_text()) for r in dirs}
+    try:
+        check_same_data({r: m.get("data", {}) for r, m in metrics.items()})
+        blended = average([read_predictions(r / "test_predictions.csv") for r in dirs], weights)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    data_dir = Path(cfg.data_dir or json.loads((dirs[0] / "config.json").read_text())["data_dir"])
+    out_dir = prepare_out_dir(cfg)
+    result = submit(TestPredictions(blended, list(blended.index), []), data_dir, out_dir,
+                    setup_runtime(Dist()))
+    validation = {str(r): read_predictions(r / ("oof_predictions.csv" if (r / "oof_predictions.csv").is_file()
+                                                else "val_predictions.csv")) for r in dirs}
+    shared = shared_scores(validation, weights)
+    for name, loss in shared.get("runs", {}).items():
+        log(f"  {name}: {loss:.4f} on the {shared['n_images']} validation images all runs share")
+    if shared:
+        log(f"  blend: {shared['blend']:.4f}")
+    write_json(out_dir / "ensemble.json", {"runs": [str(r.resolve()) for r in dirs], "weights": weights})
+    write_json(out_dir / "metrics.json", {**result, "runs": [str(r) for r in dirs], "weights": weights,
+                                          "shared_validation": shared, "data": metrics[str(dirs[0])]["data"]})
+    return 0
+
+
 # %% Run: the stages in order; --predict-only and the checks above are the other ways in.
 
-def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path) -> dict:
-    """--predict-only: a submission from a saved model, with the settings it was trained with."""
+def load_model(path: Path, rt: Runtime) -> tuple[torch.nn.Module, dict, np.ndarray]:
+    """A checkpoint's model on the device, the settings it was trained with, its prior."""
     try:
-        state = load_checkpoint(Path(cfg.checkpoint))
-        trained = state["config"]
-        model = build_model(trained["arch"], in_channels=state["model"]["conv1.weight"].shape[1])
+        state = load_checkpoint(path)
+        model = build_model(state["config"]["arch"], in_channels=state["model"]["conv1.weight"].shape[1])
         model.load_state_dict(state["model"])
     except Exception as err:  # unpickling refusals and bad contents come in many types
-        raise UserError(f"{cfg.checkpoint}: not a checkpoint of this pipeline "
+        raise UserError(f"{path}: not a checkpoint of this pipeline "
                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-    cfg = dataclasses.replace(cfg, arch=trained["arch"], image_size=trained["image_size"],
-                              windows=trained["windows"], context=trained.get("context", 0),
-                              context_windows=trained.get("context_windows", False))
-    log(f"Predicting with {cfg.checkpoint} ({cfg.arch}, {cfg.image_size}px, windows {cfg.windows})")
-    model = model.to(rt.device).to(memory_format=torch.channels_last)
+    return model.to(rt.device).to(memory_format=torch.channels_last), state["config"], state["prior"].numpy()
+
+
+def predict_saved(path: Path, cfg: Config, rt: Runtime, data: dict, out_dir: Path) -> TestPredictions:
+    """Test predictions re-made from what a run saved. A best.pt alone: that model. A run
+    folder: its model, or each fold's averaged, then its refiner; an ensemble folder: its
+    runs, averaged with its weights. The run's own submission, byte for byte."""
+    if path.is_file():
+        model, trained, prior = load_model(path, rt)
+        keys = ("arch", "image_size", "windows", "context", "context_windows", "tta")
+        run_cfg = dataclasses.replace(cfg, **{k: trained.get(k, getattr(Config, k)) for k in keys})
+        log(f"Predicting with {path} ({run_cfg.arch}, {run_cfg.image_size}px, windows {run_cfg.windows})")
+        return predict_test(model, run_cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt)
+    if (path / "ensemble.json").is_file():
+        spec = json.loads((path / "ensemble.json").read_text())
+        parts = [predict_saved(Path(run), cfg, rt, data, out_dir) for run in spec["runs"]]
+        return dataclasses.replace(parts[0], probs=average([p.probs for p in parts], spec["weights"]))
+    checkpoints = sorted(path.glob("fold_*/checkpoints/best.pt")) or [path / "checkpoints" / "best.pt"]
+    if not checkpoints[0].is_file():
+        raise UserError(f"{path} holds no checkpoints/best.pt, fold_*/ or ensemble.json")
+    parts = [predict_saved(c, cfg, rt, data, out_dir) for c in checkpoints]
+    pred = dataclasses.replace(parts[0], probs=average([p.probs for p in parts]))
+    if (path / "refiner.pt").is_file():
+        pred = refine_test(load_refiner(path / "refiner.pt"), pred, data["test_headers"])
+    return pred
+
+
+def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path) -> dict:
+    """--predict-only --checkpoint PATH: a submission from what a run saved (predict_saved)."""
     test_ids = list(read_sample_submission(data_dir / "stage_2_sample_submission.csv").image_ids)
     test_headers = scan_data(data_dir, {"test": test_ids}, cfg, out_dir, rt.dist)["test"]
-    if cfg.context:
-        test_headers = add_slice_order(test_headers, "test")
-    return predict_and_submit(model, cfg, data_dir, test_ids, test_headers,
-                              state["prior"].numpy(), out_dir, rt)
+    data = {"test_ids": test_ids, "test_headers": add_slice_order(test_headers, "test")}
+    return submit(predict_saved(Path(cfg.checkpoint), cfg, rt, data, out_dir), data_dir, out_dir, rt)
 
 
 def main(argv=None) -> int:
@@ -927,6 +1139,8 @@ def main(argv=None) -> int:
         return export_notebook(modes)
     if modes["report"]:
         return report_only(cfg)
+    if modes["ensemble"]:
+        return ensemble(modes["ensemble"], modes["ensemble_weights"], cfg)
     started = time.perf_counter()
     rt = setup_runtime(d)
     out_dir = share(d, prepare_out_dir(cfg) if d.main else None)
@@ -941,15 +1155,16 @@ def main(argv=None) -> int:
     if cfg.predict_only:
         predict_only(cfg, rt, out_dir, data_dir)
         log(f"Done in {time.perf_counter() - started:.0f}s: {out_dir / 'submission.csv'}")
+    elif cfg.fold == FOLD_ALL:
+        run_folds(cfg, rt, out_dir, data_dir, started)
     else:
         run_pipeline(cfg, rt, out_dir, data_dir, started)
     barrier(d)
     return 0
 
 
-def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: float) -> None:
-    """Labels -> headers -> split -> train -> (refine) -> submission -> metrics and report."""
-    d = rt.dist
+def load_data(cfg: Config, out_dir: Path, data_dir: Path, d: Dist) -> dict:
+    """Labels, test IDs and both header tables (with slice order where it is used)."""
     labels = load_labels(data_dir, out_dir, d)
     test_ids = list(read_sample_submission(data_dir / "stage_2_sample_submission.csv").image_ids)
     headers = scan_data(data_dir, {"train": list(labels.index), "test": test_ids}, cfg, out_dir, d)
@@ -957,7 +1172,17 @@ def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, starte
     if cfg.context or cfg.refine:
         train_headers = add_slice_order(train_headers, "train")
         test_headers = add_slice_order(test_headers, "test")
-    train_df, val_df = make_split(labels, train_headers, cfg, out_dir, d)
+    return {"labels": labels, "test_ids": test_ids, "train_headers": train_headers,
+            "test_headers": test_headers, "data_dir": data_dir}
+
+
+def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: float) -> None:
+    """Labels -> headers -> split -> train -> (refine) -> submission -> metrics and report."""
+    d, data = rt.dist, load_data(cfg, out_dir, data_dir, rt.dist)
+    train_headers, test_headers = data["train_headers"], data["test_headers"]
+    usable, folds = make_split(data["labels"], train_headers, cfg, out_dir, d)
+    val = folds == validation_fold(cfg)
+    train_df, val_df = usable.loc[~val], usable.loc[val]
     model, val_probs, best_epoch = train(cfg, train_df, val_df, train_headers, out_dir, rt)
     refiner, refine_metrics = None, {}
     if cfg.refine:
@@ -968,15 +1193,20 @@ def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, starte
     if d.enabled:
         digest = hashlib.sha1(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
         print(f"rank {d.rank} of {d.world}: final weights sha1 {digest.hexdigest()}", flush=True)
-    prior = prior_probabilities(train_df.to_numpy())
-    test_metrics = predict_and_submit(model, cfg, data_dir, test_ids, test_headers, prior, out_dir,
-                                      rt, refiner)
+    pred = predict_test(model, cfg, data["test_ids"], test_headers, prior_probabilities(train_df.to_numpy()),
+                        out_dir, rt)
+    if refiner is not None:
+        pred = refine_test(refiner, pred, test_headers)
+    test_metrics = submit(pred, data_dir, out_dir, rt)
     if d.main:
+        if refiner is not None:
+            save_refiner(refiner, out_dir / "refiner.pt")
         metrics = {**evaluate(train_df, val_df, val_probs, out_dir), **test_metrics, **refine_metrics}
         metrics.update(best_epoch=best_epoch, n_bad_files=len(pd.read_csv(out_dir / "bad_files.csv")),
-                       processes=d.world, seconds=round(time.perf_counter() - started, 1))
+                       processes=d.world, data=data_fingerprint(data_dir),
+                       seconds=round(time.perf_counter() - started, 1))
         write_json(out_dir / "metrics.json", metrics)
-        write_run_report(out_dir, labels, [train_headers, test_headers], cfg.windows)
+        write_run_report(out_dir, data["labels"], [train_headers, test_headers], cfg.windows)
         log(f"Done in {metrics['seconds']:.0f}s: outputs in {out_dir}")
 
 

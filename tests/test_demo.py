@@ -32,6 +32,24 @@ def test_layout_labels_and_faults(demo):
         assert len(bad) == 1 and "pixel data is short" in bad.loc[0, "reason"]
 
 
+def test_test_truth_answers_the_sample_submission_with_the_drawn_lesions(demo):
+    truth = pd.read_csv(demo / "test_truth.csv")
+    sample = pd.read_csv(demo / "stage_2_sample_submission.csv")
+    assert truth["ID"].tolist() == sample["ID"].tolist() and set(truth["Label"]) <= {0, 1}
+    wide = truth.assign(image=truth["ID"].str[:12], label=truth["ID"].str[13:]).pivot(
+        index="image", columns="label", values="Label")[list(LABELS)]
+    assert (wide["any"] == wide[list(LABELS[:5])].max(axis=1)).all() and wide["any"].sum() > 0
+    # a labelled bleed is blood-dense somewhere inside the head: compare with the pixels
+    for image_id, row in wide.iterrows():
+        path = demo / "stage_2_test" / f"{image_id}.dcm"
+        try:
+            hu = read_hu(path)
+        except Exception:  # noqa: BLE001 - the one damaged test file
+            continue
+        if row["any"]:
+            assert ((hu > BLOOD_HU - 15) & (hu < BLOOD_HU + 15)).sum() > 10, image_id
+
+
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # RSNA IDs in UID tags, on purpose
 def test_header_variants_of_the_real_data(demo):
     headers, _ = scan_headers(sorted((demo / "stage_2_train").glob("*.dcm")))

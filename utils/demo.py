@@ -172,6 +172,8 @@ def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8
         label_rows += label_rows[:2]  # the real label file repeats some images, identically
         _write_csv(tmp / "stage_2_train.csv", [(i, v) for rows in label_rows for i, v in rows])
         _write_csv(tmp / "stage_2_sample_submission.csv", [(i, 0.5) for rows in sample_rows for i, _ in rows])
+        # The answers to the test set, which Kaggle keeps: benchmarks score submissions with them.
+        _write_csv(tmp / "test_truth.csv", [(i, v) for rows in sample_rows for i, v in rows])
         (tmp / "README.txt").write_text(
             "Synthetic RSNA-shaped demo data written by utils/demo.py; not real patients.\n")
         if root.exists():

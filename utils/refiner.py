@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from utils.atomic import atomic_write
 from utils.engine import weighted_bce
 from utils.labels import LABELS, format_examples
 from utils.metrics import weighted_log_loss
@@ -361,3 +362,26 @@ def refine(result: RefinerResult, logits, series, position) -> np.ndarray:
         raise ValueError("result holds no models")
     probs = [_sigmoid(apply_refiner(model, logits, series, position)) for model in result.models]
     return np.mean(probs, axis=0)
+
+
+def save_refiner(result: RefinerResult, path) -> None:
+    """The fold models and their settings: what refine() needs, written atomically."""
+    state = {"models": [m.state_dict() for m in result.models],
+             "hidden": int(result.settings.get("hidden", HIDDEN)),
+             "kernels": list(result.settings.get("kernels", KERNELS)),
+             "loss_before": float(result.loss_before), "loss_after": float(result.loss_after)}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_refiner(path) -> RefinerResult:
+    """A saved refiner, ready for refine(); its training evidence (OOF rows) is not kept."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    models = []
+    for weights in state["models"]:
+        model = SeriesRefiner(hidden=state["hidden"], kernels=tuple(state["kernels"]))
+        model.load_state_dict(weights)
+        models.append(model.eval())
+    return RefinerResult(models=models, folds=np.zeros(0, np.int64), oof_probs=np.zeros((0, N_LABELS)),
+                         train_index=[], fold_seeds=[], loss_before=state["loss_before"],
+                         loss_after=state["loss_after"], settings={"hidden": state["hidden"],
+                                                                   "kernels": tuple(state["kernels"])})

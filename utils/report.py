@@ -399,6 +399,45 @@ def _per_class_panel(ax, history: pd.DataFrame, prefix: str, title: str) -> None
     ax.legend(fontsize=7, ncols=2)
 
 
+def _training_section(out_dir: Path, history: pd.DataFrame | None, metrics: dict) -> Path | str:
+    """The training figure (one curve per fold for a --fold all run), or why it is missing."""
+    path = out_dir / REPORT_DIR / TRAINING_PNG
+    folds = {int(p.parent.name.split("_")[1]): _read_history(p)
+             for p in sorted(out_dir.glob("fold_*/" + HISTORY_CSV))}
+    if history is None and folds:
+        return write_folds_figure(folds, path, metrics)
+    if history is None or history.empty:
+        why = f"no {HISTORY_CSV} in {out_dir} yet" if history is None else f"{HISTORY_CSV} has no epochs yet"
+        return f"Not drawn: {why}; the report was written before the first epoch finished."
+    prior = metrics.get("prior_weighted_log_loss")
+    return write_training_figure(history, path, prior if isinstance(prior, (int, float)) else None)
+
+
+def write_folds_figure(histories: dict[int, pd.DataFrame], path: str | PathLike, metrics: dict) -> Path:
+    """Each fold's training and validation loss per epoch, with the out-of-fold loss of
+    the folds together and the constant prior's (from a --fold all run's metrics)."""
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    train_ax, val_ax = fig.subplots(1, 2)
+    for fold, history in sorted(histories.items()):
+        if history is None or history.empty:
+            continue
+        train_ax.plot(history["epoch"], history["train_loss"], marker="o", markersize=3, label=f"fold {fold}")
+        val_ax.plot(history["epoch"], history["val_loss"], marker="o", markersize=3, label=f"fold {fold}")
+    for key, text, style in (("oof_weighted_log_loss", "out of fold, all folds", "-"),
+                             ("prior_weighted_log_loss", "constant prior", "--")):
+        if isinstance(metrics.get(key), (int, float)):
+            val_ax.axhline(metrics[key], color=_GREY, linestyle=style, linewidth=1,
+                           label=f"{text} {metrics[key]:.4f}")
+    for ax, title in ((train_ax, "Training loss"), (val_ax, "Validation weighted log loss")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Training: {len(histories)} folds", fontsize=12)
+    return _save_figure(fig, path)
+
+
 def write_training_figure(history: pd.DataFrame, path: str | PathLike,
                           prior_loss: float | None = None) -> Path:
     """Losses per epoch, per-class validation log loss and AUC, and the learning rate.
@@ -611,13 +650,8 @@ def write_report(out_dir: str | PathLike, labels: pd.DataFrame | None = None,
 
     # Sections in reading order: how training went, then the data it learned from.
     written, figures, survey = [], {}, None
-    if history is None or history.empty:
-        why = f"no {HISTORY_CSV} in {out_dir} yet" if history is None else f"{HISTORY_CSV} has no epochs yet"
-        figures["Training"] = f"Not drawn: {why}; the report was written before the first epoch finished."
-    else:
-        prior = (metrics or {}).get("prior_weighted_log_loss")
-        figures["Training"] = write_training_figure(
-            history, report_dir / TRAINING_PNG, prior if isinstance(prior, (int, float)) else None)
+    figures["Training"] = _training_section(out_dir, history, metrics or {})
+    if isinstance(figures["Training"], Path):
         written.append(figures["Training"])
 
     if labels is None:

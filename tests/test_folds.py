@@ -1,0 +1,129 @@
+"""The leaderboard recipe end to end: --fold all, out-of-fold predictions, the refiner on
+all of them, --predict-only of the whole run, --ensemble of runs, and resuming mid-way."""
+import json
+import signal
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kernel_runs import TINY, run_kernel, start_kernel
+from utils.labels import LABELS
+from utils.submission import check_submission_file
+
+FOLDS = ["--folds", "3", "--fold", "all"]
+PRED = [f"pred_{k}" for k in LABELS]
+
+
+def _table(path):
+    return pd.read_csv(path, index_col="image_id", float_precision="round_trip")
+
+
+@pytest.fixture(scope="module")
+def fold_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("folds") / "out"
+    result = run_kernel("--out-dir", out, *TINY, *FOLDS, "--refine")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_every_labelled_image_is_predicted_once_by_the_fold_that_did_not_train_on_it(fold_run):
+    out, _ = fold_run
+    split = pd.read_csv(out / "split.csv").set_index("image_id")
+    oof = _table(out / "oof_predictions.csv")
+    assert sorted(oof.index) == sorted(split.index) and not oof.index.duplicated().any()
+    assert (oof["fold"] == split.loc[oof.index, "fold"]).all()
+    assert split.groupby("patient_id")["fold"].nunique().max() == 1  # a patient in one fold
+    for fold in range(3):
+        config = json.loads((out / f"fold_{fold}" / "config.json").read_text())
+        assert config["fold"] == fold and config["folds"] == 3
+        val = _table(out / f"fold_{fold}" / "val_predictions.csv")
+        assert sorted(val.index) == sorted(split.index[split["fold"] == fold])
+        np.testing.assert_array_equal(oof.loc[val.index, PRED].to_numpy(), val[PRED].to_numpy())
+        assert (out / f"fold_{fold}" / "checkpoints" / "best.pt").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    y, p = oof[list(LABELS)].to_numpy(), oof[PRED].to_numpy()
+    from utils.metrics import weighted_log_loss
+    assert metrics["oof_weighted_log_loss"] == pytest.approx(weighted_log_loss(y, p))
+    assert sorted(metrics["oof_weighted_log_loss_per_fold"]) == ["0", "1", "2"]
+    assert metrics["n_oof"] == len(oof) and "refiner_used" in metrics
+    assert (out / "report" / "training.png").stat().st_size > 5000  # a curve per fold
+
+
+def test_the_submission_is_the_folds_average_refined_if_the_refiner_won(fold_run):
+    from utils.refiner import load_refiner, logit, refine
+    from utils.slices import order_slices
+    from utils.dicom import scan_headers
+    out, _ = fold_run
+    folds = [_table(out / f"fold_{i}" / "test_predictions.csv") for i in range(3)]
+    mean = sum(f.to_numpy() for f in folds) / 3
+    final = _table(out / "test_predictions.csv")
+    metrics = json.loads((out / "metrics.json").read_text())
+    if not metrics["refiner_used"]:
+        np.testing.assert_allclose(final.to_numpy(), mean, rtol=1e-12)
+        return
+    headers, _ = scan_headers(sorted((out / "demo_data" / "stage_2_test").glob("*.dcm")))
+    order = order_slices(headers).loc[[i for i in final.index if i in set(headers["image_id"])]]
+    expected = refine(load_refiner(out / "refiner.pt"), logit(pd.DataFrame(mean, index=final.index)
+                                                              .loc[order.index].to_numpy()),
+                      order["series"].to_numpy(), order["position"].to_numpy())
+    np.testing.assert_allclose(final.loc[order.index].to_numpy(), expected, rtol=1e-9)
+
+
+def test_predict_only_on_the_fold_run_reproduces_its_submission_byte_for_byte(fold_run, tmp_path):
+    out, _ = fold_run
+    again = run_kernel("--predict-only", "--checkpoint", out, "--data-dir", out / "demo_data",
+                       "--out-dir", tmp_path / "p", "--workers", "0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "p" / "submission.csv").read_bytes() == (out / "submission.csv").read_bytes()
+
+
+def test_ensemble_of_two_runs_and_refusal_of_other_data(fold_run, tmp_path):
+    out, _ = fold_run
+    single = tmp_path / "single"
+    assert run_kernel("--data-dir", out / "demo_data", "--out-dir", single, *TINY, "--seed", "8",
+                      "--weights", "none", "--val-frac", "0.25").returncode == 0
+    blend = tmp_path / "blend"
+    result = run_kernel("--ensemble", out, single, "--ensemble-weights", "3", "1", "--out-dir", blend)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = (3 * _table(out / "test_predictions.csv") + _table(single / "test_predictions.csv")) / 4
+    pd.testing.assert_frame_equal(_table(blend / "test_predictions.csv"), expected, rtol=1e-12)
+    sample = out / "demo_data" / "stage_2_sample_submission.csv"
+    assert check_submission_file(blend / "submission.csv", sample) == []
+    shared = json.loads((blend / "metrics.json").read_text())["shared_validation"]
+    assert shared["n_images"] == len(_table(single / "val_predictions.csv"))  # the OOF covers all
+    assert set(shared["runs"]) == {str(out), str(single)} and shared["blend"] > 0
+    again = run_kernel("--predict-only", "--checkpoint", blend, "--data-dir", out / "demo_data",
+                       "--out-dir", tmp_path / "p", "--workers", "0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "p" / "submission.csv").read_bytes() == (blend / "submission.csv").read_bytes()
+
+    other = tmp_path / "other"  # the demo of another seed: other labels, other sample
+    assert run_kernel("--out-dir", other, *TINY, "--seed", "9").returncode == 0
+    refused = run_kernel("--ensemble", out, other, "--out-dir", tmp_path / "refused")
+    assert refused.returncode == 2 and "different data" in refused.stderr
+    assert "stage_2_train.csv differ" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_run_killed_in_the_middle_fold_resumes_there_to_the_same_submission(tmp_path):
+    from utils.atomic import HOLD_ENV
+    args = [*TINY[:-4], "--epochs", "2", "--batch-size", "8", "--ckpt-minutes", "0", "--workers", "0", *FOLDS]
+    whole = run_kernel("--out-dir", tmp_path / "whole", *args)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "out"
+    # history.csv is written at the end of each epoch: its third write is fold 1's first
+    proc = start_kernel("--out-dir", out, *args, env={HOLD_ENV: "history.csv:3"})
+    deadline = time.monotonic() + 600
+    while not (out / "fold_1" / "history.csv.held").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert (out / "fold_0" / "metrics.json").is_file() and not (out / "fold_1" / "metrics.json").exists()
+    fold0 = (out / "fold_0" / "checkpoints" / "best.pt").stat().st_mtime_ns
+    resumed = run_kernel("--out-dir", out, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Fold 0: finished earlier" in resumed.stdout and "(resuming)" in resumed.stdout
+    assert (out / "fold_0" / "checkpoints" / "best.pt").stat().st_mtime_ns == fold0  # not retrained
+    assert (out / "submission.csv").read_bytes() == (tmp_path / "whole" / "submission.csv").read_bytes()
