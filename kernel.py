@@ -296,22 +296,29 @@ def prepare_out_dir(cfg: Config) -> Path:
         for unfinished in (out / "checkpoints").glob("*.tmp"):  # a write the last run did not finish
             unfinished.unlink()
             log(f"Removed {unfinished}, a checkpoint the interrupted run did not finish writing")
-        if not (out / "checkpoints" / "last.pt").is_file():
+        if not any(out.glob("checkpoints/last.pt")) and not any(out.glob("fold_*")):
             adopt_previous_session(out, KAGGLE_INPUT)
     return out
 
 
 def adopt_previous_session(out: Path, inputs: Path) -> Path | None:
     """Kaggle sessions end after a few hours and start with an empty /kaggle/working: a
-    later session resumes from the previous one's output attached as an input dataset."""
+    later session resumes from the previous one's output attached as an input dataset.
+    A --fold all run brings every fold folder, finished or not."""
     if not inputs.is_dir():
         return None
     found = sorted(inputs.rglob("checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
         return None
     previous = found[-1].parent.parent
-    for name in ("checkpoints/last.pt", "checkpoints/best.pt", "history.csv"):
+    names = ["checkpoints/last.pt", "checkpoints/best.pt", "history.csv"]
+    if previous.name.startswith("fold_"):
+        previous = previous.parent
+        names = [str(p.relative_to(previous)) for p in sorted(previous.glob("fold_*/**/*"))
+                 if p.is_file() and "report" not in p.parts]
+    for name in names:
         if (previous / name).is_file():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
             write_file(out / name, lambda tmp, name=name: shutil.copyfile(previous / name, tmp))
     log(f"Resuming from the previous session's checkpoint in {previous}")
     return previous

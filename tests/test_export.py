@@ -13,9 +13,10 @@ from utils.demo import make_demo_dataset
 from utils.export import STAGE_MARKER, build_bundle, build_notebook, export_kaggle, kernel_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
-# with the slice-context options, so that they are shown to work through the export too
+# the leaderboard recipe (every fold, the refiner on all of the out-of-fold predictions)
+# with slice context, so that they are shown to work through the export too
 ARGS = ["--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--workers", "0",
-        "--weights", "none", "--seed", "3", "--context", "1", "--refine", "--val-frac", "0.4"]
+        "--weights", "none", "--seed", "3", "--context", "1", "--refine", "--folds", "2", "--fold", "all"]
 NOTEBOOK_RUNNER = """
 import json, sys, __future__
 cells = [c for c in json.load(open(sys.argv[1]))["cells"] if c["cell_type"] == "code"]
@@ -117,7 +118,8 @@ def test_bundle_and_notebook_give_kernel_py_s_submission(export, tmp_path):
                           "--out-dir", str(tmp_path / "ref"), *ARGS], capture_output=True, text=True,
                          cwd=ROOT, env=_clean_env(), timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    assert "Refiner: validation weighted log loss" in ref.stdout
+    assert "Refiner: validation weighted log loss" in ref.stdout and "Out of fold:" in ref.stdout
+    assert (tmp_path / "ref" / "fold_1" / "checkpoints" / "best.pt").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
     bundle = base / "kaggle" / "kernel_bundle.py"

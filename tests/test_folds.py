@@ -127,3 +127,21 @@ def test_a_run_killed_in_the_middle_fold_resumes_there_to_the_same_submission(tm
     assert "Fold 0: finished earlier" in resumed.stdout and "(resuming)" in resumed.stdout
     assert (out / "fold_0" / "checkpoints" / "best.pt").stat().st_mtime_ns == fold0  # not retrained
     assert (out / "submission.csv").read_bytes() == (tmp_path / "whole" / "submission.csv").read_bytes()
+
+
+def test_a_later_kaggle_session_adopts_every_fold_of_a_fold_run(fold_run, tmp_path):
+    import shutil
+
+    import kernel
+    out, _ = fold_run
+    inputs = tmp_path / "input" / "previous-session-output"
+    for fold in range(2):  # the session ended during fold 1
+        shutil.copytree(out / f"fold_{fold}", inputs / f"fold_{fold}")
+    (inputs / "fold_1" / "metrics.json").unlink()
+    working = tmp_path / "working"
+    working.mkdir()
+    assert kernel.adopt_previous_session(working, tmp_path / "input") == inputs
+    for name in ("fold_0/metrics.json", "fold_0/checkpoints/best.pt", "fold_1/checkpoints/last.pt",
+                 "fold_1/history.csv", "fold_1/val_predictions.csv"):
+        assert (working / name).read_bytes() == (inputs / name).read_bytes(), name
+    assert not (working / "fold_1" / "metrics.json").exists() and not (working / "fold_2").exists()
