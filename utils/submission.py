@@ -20,6 +20,8 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from utils.atomic import atomic_write
 from utils.labels import (
@@ -146,10 +148,10 @@ def validate_submission(submission: pd.DataFrame | str | PathLike, sample_path: 
     if len(repeated):
         items = [f"{row_id} ({count} times)" for row_id, count in repeated.items()]
         problems.append(f"{len(repeated)} IDs appear more than once: {format_examples(items, len(repeated))}")
-    absent = sample.row_ids[~sample.row_ids.isin(ids)]
+    absent = sample.row_ids[~_isin(sample.row_ids, ids)]
     if len(absent):
         problems.append(f"{len(absent)} sample IDs are missing: {format_examples(list(absent), len(absent))}")
-    extra = counts.index[~counts.index.isin(sample.row_ids)]
+    extra = counts.index[~_isin(counts.index, sample.row_ids)]
     if len(extra):
         examples = format_examples(list(extra), len(extra))
         problems.append(f"{len(extra)} IDs are not in the sample submission: {examples}")
@@ -195,8 +197,22 @@ def check_submission_file(path: str | PathLike, sample_path: str | PathLike) -> 
     return problems + validate_submission(path, sample_path)
 
 
+def _isin(values: pd.Index, allowed: pd.Index) -> np.ndarray:
+    """`values.isin(allowed)` for str indexes, in Arrow: pandas' own isin on the str dtype
+    makes a Python object of every allowed value (11 s for the 727,392 sample rows)."""
+    return np.asarray(pc.is_in(pa.array(values.array), value_set=pa.array(allowed.array)), dtype=bool)
+
+
 def _write_csv(submission: pd.DataFrame, fh: BinaryIO) -> None:
-    submission.to_csv(fh, mode="wb", index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+    """`ID,Label` lines, each Label printed with FLOAT_FORMAT: the bytes of pandas'
+    ``to_csv(float_format=FLOAT_FORMAT)`` for a float column, in a tenth of the time."""
+    values = pd.to_numeric(submission[HEADER[1]]).to_numpy(dtype=np.float64)
+    labels = pa.array([FLOAT_FORMAT % value for value in values.tolist()], type=pa.string())
+    table = pa.table({HEADER[0]: pa.array(submission[HEADER[0]].astype("str").array), HEADER[1]: labels})
+    fh.write(",".join(HEADER).encode() + b"\n")
+    # Unquoted is safe: a validated submission holds only the sample's IDs, which parse_row_ids
+    # restricts to letters, digits and '_'.
+    pacsv.write_csv(table, fh, pacsv.WriteOptions(include_header=False, quoting_style="none"))
 
 
 def _read_submission_file(path: Path) -> tuple[pd.DataFrame | None, list[str]]:
