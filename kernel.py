@@ -39,10 +39,11 @@ from utils import data as data_utils
 from utils.atomic import atomic_write
 from utils.demo import make_demo_dataset
 from utils.dicom import parse_windows, scan_headers
-from utils.ensemble import PRED_COLUMNS, assemble_oof, average, check_same_data, data_fingerprint, shared_scores
 from utils.engine import (CheckpointMismatch, Checkpoints, Dist, ResumableSampler, barrier, gather_lists,
                           gather_rows, init_distributed, load_checkpoint, model_state, roc_auc,
                           warmup_cosine, weighted_bce)
+from utils.ensemble import (PRED_COLUMNS, assemble_oof, average, check_same_data, data_fingerprint,
+                            shared_scores)
 from utils.labels import LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels
 from utils.metrics import per_class_log_loss, prior_probabilities, weighted_log_loss
 from utils.model import WeightsError, build_model, find_weights
@@ -105,7 +106,12 @@ FOLD_ALL = -1
 
 
 def _fold(text: str) -> int:
-    return FOLD_ALL if text.lower() == "all" else int(text)
+    if text.lower() == "all":
+        return FOLD_ALL
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fold number or all, got {text!r}") from None
 
 
 def _bool(text: str) -> bool:
@@ -165,7 +171,7 @@ def _problems(cfg: Config) -> list[str]:
               (not 0 < cfg.val_frac < 1, "--val-frac must be between 0 and 1"),
               (cfg.folds == 1 or cfg.folds < 0, "--folds must be 0 (a single --val-frac split) or at least 2"),
               (cfg.folds >= 2 and not (0 <= cfg.fold < cfg.folds or cfg.fold == FOLD_ALL),
-               f"--fold must be all or between 0 and {cfg.folds - 1}"),
+               f"--fold must be between 0 and {cfg.folds - 1}, or all"),
               (cfg.fold == FOLD_ALL and cfg.folds < 2, "--fold all needs --folds K (K >= 2)")]
     problems += [text for failed, text in checks if failed]
     try:
@@ -293,9 +299,10 @@ def prepare_out_dir(cfg: Config) -> Path:
                         f"--resume to continue it, --overwrite to replace it, or another --out-dir")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     if cfg.resume:
-        for unfinished in (out / "checkpoints").glob("*.tmp"):  # a write the last run did not finish
-            unfinished.unlink()
-            log(f"Removed {unfinished}, a checkpoint the interrupted run did not finish writing")
+        for unfinished in out.rglob("*.tmp"):  # utils.atomic's name for a write not finished
+            if unfinished.is_file():
+                unfinished.unlink()
+                log(f"Removed {unfinished}, a file the interrupted run did not finish writing")
         if not any(out.glob("checkpoints/last.pt")) and not any(out.glob("fold_*")):
             adopt_previous_session(out, KAGGLE_INPUT)
     return out
@@ -968,8 +975,7 @@ def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.nd
     fold_dir = out_dir / f"fold_{i}"
     if (fold_dir / "metrics.json").is_file() and not cfg.overwrite:
         log(f"Fold {i}: finished earlier in {fold_dir}; not retrained (--overwrite would)")
-        return FoldResult(read_predictions(fold_dir / "val_predictions.csv"),
-                          read_predictions(fold_dir / "test_predictions.csv"))
+        return read_fold(fold_dir)
     resume = cfg.resume and (fold_dir / "checkpoints" / "last.pt").is_file()
     fold_cfg = dataclasses.replace(cfg, fold=i, out_dir=str(fold_dir), refine=False, resume=resume)
     log(f"Fold {i} of {cfg.folds}: {fold_dir}{' (resuming)' if resume else ''}")
@@ -985,11 +991,18 @@ def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.nd
     pred = predict_test(model, fold_cfg, data["test_ids"], data["test_headers"], prior, fold_dir, rt)
     test_metrics = submit(pred, data["data_dir"], fold_dir, rt)
     if rt.dist.main:
-        metrics = {**evaluate(train_df, val_df, val_probs, fold_dir), **test_metrics, "best_epoch": best_epoch}
+        metrics = {**evaluate(train_df, val_df, val_probs, fold_dir), **test_metrics,
+                   "best_epoch": best_epoch, "data": data["fingerprint"]}
         write_json(fold_dir / "metrics.json", metrics)  # last: it marks the fold finished
     barrier(rt.dist)
-    preds = pd.DataFrame(val_probs, index=val_df.index, columns=PRED_COLUMNS)
-    return FoldResult(pd.concat([val_df, preds], axis=1).rename_axis("image_id"), pred.probs)
+    return read_fold(fold_dir)
+
+
+def read_fold(fold_dir: Path) -> FoldResult:
+    """A finished fold's predictions as its files hold them, so that a fold trained now and
+    one read back after a restart give the same numbers to what follows."""
+    return FoldResult(read_predictions(fold_dir / "val_predictions.csv"),
+                      read_predictions(fold_dir / "test_predictions.csv"))
 
 
 def oof_metrics(oof: pd.DataFrame, usable: pd.DataFrame) -> dict:
@@ -1029,7 +1042,7 @@ def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: 
     if rt.dist.main:
         write_csv(out_dir / "oof_predictions.csv", oof)
         merge_bad_files(out_dir, cfg.folds)
-        metrics.update(folds=cfg.folds, data=data_fingerprint(data_dir), processes=rt.dist.world,
+        metrics.update(folds=cfg.folds, data=data["fingerprint"], processes=rt.dist.world,
                        seconds=round(time.perf_counter() - started, 1))
         write_json(out_dir / "metrics.json", metrics)
         write_run_report(out_dir, data["labels"], [data["train_headers"], data["test_headers"]], cfg.windows)
@@ -1077,8 +1090,8 @@ def ensemble(runs: list[str], weights, cfg: Config) -> int:
     out_dir = prepare_out_dir(cfg)
     result = submit(TestPredictions(blended, list(blended.index), []), data_dir, out_dir,
                     setup_runtime(Dist()))
-    validation = {str(r): read_predictions(r / ("oof_predictions.csv" if (r / "oof_predictions.csv").is_file()
-                                                else "val_predictions.csv")) for r in dirs}
+    validation = {str(r): read_predictions(r / "oof_predictions.csv") if (r / "oof_predictions.csv").is_file()
+                  else read_predictions(r / "val_predictions.csv") for r in dirs}
     shared = shared_scores(validation, weights)
     for name, loss in shared.get("runs", {}).items():
         log(f"  {name}: {loss:.4f} on the {shared['n_images']} validation images all runs share")
@@ -1086,7 +1099,7 @@ def ensemble(runs: list[str], weights, cfg: Config) -> int:
         log(f"  blend: {shared['blend']:.4f}")
     write_json(out_dir / "ensemble.json", {"runs": [str(r.resolve()) for r in dirs], "weights": weights})
     write_json(out_dir / "metrics.json", {**result, "runs": [str(r) for r in dirs], "weights": weights,
-                                          "shared_validation": shared, "data": metrics[str(dirs[0])]["data"]})
+                                          "shared_validation": shared, "data": metrics[str(dirs[0])].get("data")})
     return 0
 
 
@@ -1180,7 +1193,7 @@ def load_data(cfg: Config, out_dir: Path, data_dir: Path, d: Dist) -> dict:
         train_headers = add_slice_order(train_headers, "train")
         test_headers = add_slice_order(test_headers, "test")
     return {"labels": labels, "test_ids": test_ids, "train_headers": train_headers,
-            "test_headers": test_headers, "data_dir": data_dir}
+            "test_headers": test_headers, "data_dir": data_dir, "fingerprint": data_fingerprint(data_dir)}
 
 
 def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: float) -> None:
@@ -1210,7 +1223,7 @@ def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, starte
             save_refiner(refiner, out_dir / "refiner.pt")
         metrics = {**evaluate(train_df, val_df, val_probs, out_dir), **test_metrics, **refine_metrics}
         metrics.update(best_epoch=best_epoch, n_bad_files=len(pd.read_csv(out_dir / "bad_files.csv")),
-                       processes=d.world, data=data_fingerprint(data_dir),
+                       processes=d.world, data=data["fingerprint"],
                        seconds=round(time.perf_counter() - started, 1))
         write_json(out_dir / "metrics.json", metrics)
         write_run_report(out_dir, data["labels"], [train_headers, test_headers], cfg.windows)

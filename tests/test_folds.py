@@ -126,6 +126,7 @@ def test_a_run_killed_in_the_middle_fold_resumes_there_to_the_same_submission(tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Fold 0: finished earlier" in resumed.stdout and "(resuming)" in resumed.stdout
     assert (out / "fold_0" / "checkpoints" / "best.pt").stat().st_mtime_ns == fold0  # not retrained
+    assert not list(out.rglob("*.tmp"))  # the write the kill interrupted was cleared
     assert (out / "submission.csv").read_bytes() == (tmp_path / "whole" / "submission.csv").read_bytes()
 
 

@@ -174,6 +174,8 @@ def test_kfold_validation_on_one_fold(tmp_path):
     (["--val-frac", "1.5"], "--val-frac"),
     (["--windows", "lung"], "unknown window"),
     (["--epochs", "0"], "--epochs must be positive"),
+    (["--fold", "all"], "--fold all needs --folds K"),
+    (["--folds", "3", "--fold", "most"], "expected a fold number or all, got 'most'"),
 ])
 def test_bad_option_values(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:

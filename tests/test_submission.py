@@ -218,6 +218,26 @@ def test_write_round_trips_values(sample_csv, tmp_path):
     assert FLOAT_FORMAT == "%.9g"
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int64])
+def test_written_bytes_are_pandas_float_format(sample_csv, tmp_path, dtype):
+    """The Arrow writer prints what pandas' to_csv(float_format=FLOAT_FORMAT) printed."""
+    df = valid_submission(sample_csv)
+    edge = [0.0, 1.0, PROB_MIN, PROB_MAX, 0.5, 1 / 3, 0.123456789, 5e-324, 1e-300, 2 / 3]
+    values = np.resize(edge, len(df)) if dtype != np.int64 else np.arange(len(df)) % 2
+    df["Label"] = values.astype(dtype)
+    path = write_submission(df, tmp_path / "submission.csv", sample_csv)
+    expected = df.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+    assert path.read_text() == expected
+
+
+def test_id_membership_in_arrow_matches_pandas():
+    sample = pd.Index(sample_rows(IMAGES), dtype="str")
+    chunked = pd.Index(pd.concat([pd.Series(sample[:5]), pd.Series(["ID_0000000ff_any"], dtype="str")]))
+    for values, allowed in [(sample, chunked), (chunked, sample), (sample, sample[:0]), (sample[:0], sample)]:
+        expected = np.array([value in set(allowed) for value in values], dtype=bool)
+        np.testing.assert_array_equal(submission_module._isin(values, allowed), expected)
+
+
 def test_gzip_round_trip(sample_csv, tmp_path):
     df = valid_submission(sample_csv)
     path = write_submission(df, tmp_path / "submission.csv.gz", sample_csv)

@@ -144,7 +144,8 @@ def validate_submission(submission: pd.DataFrame | str | PathLike, sample_path: 
         problems.append(f"{len(rows)} rows have no ID (rows {format_examples(rows, len(rows))})")
     ids = pd.Index(ids[~no_id].astype("str"))
     counts = ids.value_counts(sort=False)
-    repeated = counts[counts > 1]
+    # A numpy mask: a boolean Series here makes pandas probe the 727k-string index by name (0.4 s).
+    repeated = counts[counts.to_numpy() > 1]
     if len(repeated):
         items = [f"{row_id} ({count} times)" for row_id, count in repeated.items()]
         problems.append(f"{len(repeated)} IDs appear more than once: {format_examples(items, len(repeated))}")
