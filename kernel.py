@@ -965,7 +965,8 @@ class FoldResult:
 
 
 def read_predictions(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, index_col="image_id", float_precision="round_trip")  # exact floats
+    # pyarrow's parser reads back exactly the floats pandas wrote, on every pandas version
+    return pd.read_csv(path, engine="pyarrow").set_index("image_id")
 
 
 def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.ndarray,
@@ -1123,7 +1124,8 @@ def predict_saved(path: Path, cfg: Config, rt: Runtime, data: dict, out_dir: Pat
     runs, averaged with its weights. The run's own submission, byte for byte."""
     if path.is_file():
         model, trained, prior = load_model(path, rt)
-        keys = ("arch", "image_size", "windows", "context", "context_windows", "tta")
+        # everything that shapes the numbers, the batch included (float sums on the CPU)
+        keys = ("arch", "image_size", "windows", "context", "context_windows", "tta", "batch_size")
         run_cfg = dataclasses.replace(cfg, **{k: trained.get(k, getattr(Config, k)) for k in keys})
         log(f"Predicting with {path} ({run_cfg.arch}, {run_cfg.image_size}px, windows {run_cfg.windows})")
         return predict_test(model, run_cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt)

@@ -1,7 +1,7 @@
 """Do K folds, their average and the refiner beat one run? Scored on the demo's test truth.
 
     python benchmarks/bench_folds.py [--seeds 42 43 44] [--patients 80] [--folds 5]
-                                     [--val-frac 0.2] [--epochs 3] [--workdir DIR]
+                                     [--val-frac 0.2] [--epochs 3] [--threads 1] [--workdir DIR]
 
 For each seed one synthetic demo dataset (utils/demo.py, the kernel's own demo: `--patients`
 training patients, a quarter as many test patients, with `test_truth.csv`, the answers Kaggle
@@ -20,6 +20,7 @@ test_predictions.csv and (b) is the mean of its fold_<i>/test_predictions.csv; t
 scored with the competition's weighted log loss on the test images, after the submission's
 clip to [1e-6, 1 - 1e-6] (the one unreadable test slice gets the training prior in all).
 Use `--workdir` to keep the runs (a second call with the same folder reuses finished runs).
+Each kernel.py run gets OMP_NUM_THREADS=--threads (1): see kernel() below.
 """
 from __future__ import annotations
 

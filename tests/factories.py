@@ -84,3 +84,17 @@ ESCAPED_BEFORE = {
     "damaged transfer syntax": (flip_transfer_syntax, "unknown transfer syntax '1.2.840.10008&1.2"),
     "odd element length": (odd_columns_length, "header element (0028,0011) Columns is damaged"),
 }
+
+
+def make_corrupt_rle(path) -> Path:
+    """Rewrite a DICOM file as RLE Lossless (decodable with pydicom alone) whose compressed
+    segments are garbage: its header and transfer syntax pass, its pixels fail to decode."""
+    from pydicom.uid import RLELossless
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless)
+        header = (1).to_bytes(4, "little") + (64).to_bytes(4, "little") + bytes(56)  # one segment
+        ds.PixelData = encapsulate([header + b"\x7f" + b"\x00" * 7])  # far too short a segment
+        ds.save_as(path, enforce_file_format=True)
+    return Path(path)

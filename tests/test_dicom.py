@@ -163,6 +163,8 @@ def test_jpeg_without_plugin_names_what_to_install(tmp_path):
     with pytest.raises(DicomError, match="pylibjpeg") as err:
         read_windowed(path)
     assert str(path) in str(err.value)
+    with pytest.raises(DicomError, match="needs a decoder that is not installed"):
+        read_header(path)  # so the header scan lists it, before any epoch
 
 
 # --- bad files ----------------------------------------------------------------------------
