@@ -413,6 +413,13 @@ def _training_section(out_dir: Path, history: pd.DataFrame | None, metrics: dict
     return write_training_figure(history, path, prior if isinstance(prior, (int, float)) else None)
 
 
+def _epoch_axis(ax) -> None:
+    ax.set_xlabel("epoch", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+
+
 def write_folds_figure(histories: dict[int, pd.DataFrame], path: str | PathLike, metrics: dict) -> Path:
     """Each fold's training and validation loss per epoch, with the out-of-fold loss of
     the folds together and the constant prior's (from a --fold all run's metrics)."""
@@ -430,10 +437,8 @@ def write_folds_figure(histories: dict[int, pd.DataFrame], path: str | PathLike,
                            label=f"{text} {metrics[key]:.4f}")
     for ax, title in ((train_ax, "Training loss"), (val_ax, "Validation weighted log loss")):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch", fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        _epoch_axis(ax)
     fig.suptitle(f"Training: {len(histories)} folds", fontsize=12)
     return _save_figure(fig, path)
 
@@ -479,10 +484,7 @@ def write_training_figure(history: pd.DataFrame, path: str | PathLike,
         _note(lr_ax, "learning rate: not recorded")
     for ax in (loss_ax, lr_ax, class_ax, auc_ax):
         if ax.axison:
-            ax.set_xlabel("epoch", fontsize=9)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.tick_params(labelsize=8)
-            ax.grid(alpha=0.3)
+            _epoch_axis(ax)
     fig.suptitle(f"Training: {len(history)} epoch{'' if len(history) == 1 else 's'}", fontsize=12)
     return _save_figure(fig, path)
 
