@@ -18,12 +18,15 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
 import os
+import platform
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -90,6 +93,7 @@ class Config:
     accum: int = 1                   # batches per optimizer step (gradient accumulation)
     ckpt_minutes: float = 20.0       # mid-epoch checkpoint interval; 0: after every step
     compile: bool = False            # torch.compile the model
+    precision: str = "auto"          # auto: bf16 on CUDA (fp16 where bf16 is missing), fp32 on the CPU
     predict_only: bool = False       # only predict the test set from --checkpoint
     checkpoint: str | None = None
     demo_patients: int = 36          # training patients of the synthetic dataset
@@ -130,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
              "workers": int, "lr": float, "weight_decay": float, "val_frac": float,
              "seed": int, "tta": _bool, "demo_patients": int,
              "header_cache": str, "folds": int, "fold": _fold,
-             "accum": int, "ckpt_minutes": float, "checkpoint": str, "context": int}
+             "accum": int, "ckpt_minutes": float, "checkpoint": str, "context": int,
+             "precision": str}
     for name, kind in types.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"(default: {getattr(Config, name)})")
@@ -163,6 +168,7 @@ def _problems(cfg: Config) -> list[str]:
     problems = [f"--{k.replace('_', '-')} must be positive" for k in
                 ("epochs", "image_size", "batch_size", "demo_patients") if getattr(cfg, k) <= 0]
     checks = [(cfg.workers < 0, "--workers must be >= 0"),
+              (cfg.precision not in ("auto", *PRECISIONS), "--precision must be auto, fp32, bf16 or fp16"),
               (cfg.context not in (0, 1), "--context must be 0 or 1"),
               (cfg.context_windows and not cfg.context, "--context-windows needs --context 1"),
               (cfg.accum < 1, "--accum must be >= 1"),
@@ -483,11 +489,37 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def setup_runtime(d: Dist) -> Runtime:
-    if torch.cuda.is_available():
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return Runtime(torch.device("cuda", d.local_rank), dtype, d)
-    return Runtime(torch.device("cpu"), None, d)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def setup_runtime(d: Dist, precision: str = "auto") -> Runtime:
+    """The device, and the autocast dtype of --precision (fp16 trains with a GradScaler)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", d.local_rank) if cuda else torch.device("cpu")
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    return Runtime(device, PRECISIONS[precision], d)
+
+
+def environment() -> dict:
+    """The machine and packages a run ran with: where reproducing a submission starts."""
+    versions = {}
+    for name in ("torch", "torchvision", "pydicom", "numpy", "pandas", "albumentations"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    cuda = torch.cuda.is_available()
+    here = Path(globals().get("__file__", ".")).resolve().parent  # a notebook has no __file__
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), **versions, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "gpu_count": torch.cuda.device_count() if cuda else 0, "git_commit": commit}
 
 
 class TrainingStopped(Exception):
@@ -648,7 +680,7 @@ def start_training(cfg: Config, train_df: pd.DataFrame, headers: pd.DataFrame, o
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(sampler.batches_per_epoch() / cfg.accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
-    scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
     run = Training(model, net, optimizer, scheduler, scaler, data, sampler,
                    prior_probabilities(train_df.to_numpy()),
                    Checkpoints(out_dir / "checkpoints", dataclasses.asdict(cfg)))
@@ -982,7 +1014,7 @@ def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.nd
     log(f"Fold {i} of {cfg.folds}: {fold_dir}{' (resuming)' if resume else ''}")
     if rt.dist.main:
         (fold_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_json(fold_dir / "config.json", dataclasses.asdict(fold_cfg))
+        write_json(fold_dir / "config.json", {**dataclasses.asdict(fold_cfg), "environment": environment()})
         write_file(fold_dir / "bad_files.csv", lambda tmp: shutil.copyfile(out_dir / "bad_files.csv", tmp))
     barrier(rt.dist)
     val = folds == i
@@ -1164,14 +1196,14 @@ def main(argv=None) -> int:
     if modes["ensemble"]:
         return ensemble(modes["ensemble"], modes["ensemble_weights"], cfg)
     started = time.perf_counter()
-    rt = setup_runtime(d)
+    rt = setup_runtime(d, cfg.precision)
     out_dir = share(d, prepare_out_dir(cfg) if d.main else None)
     data_dir = share(d, resolve_data_dir(cfg, out_dir) if d.main else None)
     cfg = dataclasses.replace(cfg, data_dir=str(data_dir), out_dir=str(out_dir))
     if cfg.resume and not cfg.predict_only:  # refused before anything of the run is rewritten
         Checkpoints(out_dir / "checkpoints", dataclasses.asdict(cfg)).resumable()
     if d.main:
-        write_json(out_dir / "config.json", dataclasses.asdict(cfg))
+        write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "environment": environment()})
     log(f"Run: {out_dir} (data: {data_dir}{', synthetic demo' if cfg.demo else ''}"
         f"{f', {d.world} processes' if d.enabled else ''})")
     if cfg.predict_only:

@@ -1,0 +1,73 @@
+"""--precision on the CPU: bf16 and fp16 autocast, fp16's grad scaler through a kill and a
+resume, a NaN stop under fp16; and the environment every run records."""
+import json
+import platform
+import re
+import signal
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from kernel_runs import RESUMABLE, TINY, cli, run_kernel, start_kernel
+
+
+def test_bf16_trains_end_to_end_and_the_run_records_its_environment(tmp_path):
+    out = tmp_path / "out"
+    result = run_kernel("--out-dir", out, *TINY, "--precision", "bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["precision"] == "bf16"
+    env = config["environment"]
+    assert env["python"] == platform.python_version() and torch.__version__.startswith(env["torch"])
+    assert env["gpu_count"] == torch.cuda.device_count() and env["pandas"] == pd.__version__
+    assert env["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", env["git_commit"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["val_weighted_log_loss"] < 5
+
+
+def test_fp16_with_its_scaler_resumes_a_killed_run_exactly(tmp_path):
+    from utils.atomic import HOLD_ENV
+    args = [*RESUMABLE, "--workers", "0", "--precision", "fp16", "--header-cache", tmp_path / "cache"]
+    straight = run_kernel("--out-dir", tmp_path / "a", *args)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    state = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0  # the scaler's state travels in the checkpoint
+    out = tmp_path / "b"
+    proc = start_kernel("--out-dir", out, *args, env={HOLD_ENV: "last.pt:4"})
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "last.pt.held").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    resumed = run_kernel("--out-dir", out, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming at epoch 1, batch 3" in resumed.stdout
+    ha, hb = pd.read_csv(tmp_path / "a" / "history.csv"), pd.read_csv(out / "history.csv")
+    assert hb["train_loss"].tolist() == ha["train_loss"].tolist()
+    assert (tmp_path / "a" / "submission.csv").read_bytes() == (out / "submission.csv").read_bytes()
+
+
+def test_a_nan_loss_under_fp16_stops_cleanly(tmp_path, monkeypatch, capsys):
+    import kernel
+    real, calls = kernel.weighted_bce, []
+
+    def poisoned(logits, target, mask):
+        calls.append(1)
+        loss = real(logits, target, mask)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(kernel, "weighted_bce", poisoned)
+    assert cli("--out-dir", tmp_path / "out", *RESUMABLE, "--workers", "0", "--precision", "fp16") == 3
+    assert "loss became nan" in capsys.readouterr().err
+    state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["position"]["batch"] == 2 and state["scaler"] is not None
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("value", ["fp8", "half"])
+def test_unknown_precision_is_refused(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        cli("--out-dir", tmp_path, "--precision", value)
+    assert exit_.value.code == 2 and "--precision must be auto, fp32, bf16 or fp16" in capsys.readouterr().err
