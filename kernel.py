@@ -567,10 +567,11 @@ def predict(model, rows: pd.DataFrame, cfg: Config, rt: Runtime, desc: str, tta:
     loader = data_utils.make_loader(torch.utils.data.Subset(ds, mine), cfg.batch_size * 2,
                                     workers=cfg.workers)
     model.eval()
+    slices = input_layout(cfg)[1]
     index_parts, prob_parts, ok_parts = [], [], []
     for images, _, index, ok in tqdm(loader, desc=desc, leave=False, mininterval=2,
                                      disable=not rt.dist.main):
-        x = data_utils.to_device_normalized(images, rt.device, input_layout(cfg)[1])
+        x = data_utils.to_device_normalized(images, rt.device, slices)
         with rt.autocast():
             logits = model(x).float()
             if tta:  # heads are near-symmetric left to right; average with the mirror image

@@ -49,3 +49,30 @@ def start_kernel(*args, env=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.Popen([sys.executable, str(ROOT / "kernel.py"), *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def kill_at_write(out, *args, write: str, held: Path, timeout: float = 300):
+    """Start kernel.py, let it stop at its write ``write`` ("NAME:N", utils.atomic's hold
+    point: the file written but not renamed), and SIGKILL it there."""
+    import signal
+
+    from utils.atomic import HOLD_ENV
+    proc = start_kernel("--out-dir", out, *args, env={HOLD_ENV: write})
+    deadline = time.monotonic() + timeout
+    while not held.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+def poison_loss(monkeypatch, at: int) -> None:
+    """Make kernel's training loss NaN at its ``at``-th batch."""
+    import kernel
+    real, calls = kernel.weighted_bce, []
+
+    def poisoned(logits, target, mask):
+        calls.append(1)
+        loss = real(logits, target, mask)
+        return loss * float("nan") if len(calls) == at else loss
+    monkeypatch.setattr(kernel, "weighted_bce", poisoned)

@@ -7,7 +7,6 @@ import errno
 import json
 import shutil
 import signal
-import time
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,8 @@ import pytest
 import torch
 
 from factories import ESCAPED_BEFORE, make_ct
-from kernel_runs import RESUMABLE, TINY, cli, run_kernel, start_kernel, wait_for_checkpoint
+from kernel_runs import (RESUMABLE, TINY, cli, kill_at_write, poison_loss, run_kernel, start_kernel,
+                         wait_for_checkpoint)
 from utils.demo import make_demo_dataset
 from utils.labels import LABELS
 
@@ -126,17 +126,10 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
 
 
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
-    from utils.atomic import HOLD_ENV
     out = tmp_path / "out"
     folder = out / "checkpoints"
     # a checkpoint after every step: the third write stops before its rename, and is killed
-    proc = start_kernel("--out-dir", out, *RESUMABLE, "--workers", "0", env={HOLD_ENV: "last.pt:3"})
-    deadline = time.monotonic() + 300
-    while not (folder / "last.pt.held").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    kill_at_write(out, *RESUMABLE, "--workers", "0", write="last.pt:3", held=folder / "last.pt.held")
     assert torch.load(folder / "last.pt", weights_only=True)["position"]["batch"] == 2  # whole
     unfinished = list(folder.glob("*.tmp"))
     assert len(unfinished) == 1 and torch.load(unfinished[0], weights_only=True)["position"]["batch"] == 3
@@ -276,13 +269,7 @@ def test_data_dir_without_sample_submission(data, tmp_path, capsys):
 
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     import kernel
-    real, calls = kernel.weighted_bce, []
-
-    def poisoned(logits, target, mask):
-        calls.append(1)
-        loss = real(logits, target, mask)
-        return loss * float("nan") if len(calls) == 4 else loss
-    monkeypatch.setattr(kernel, "weighted_bce", poisoned)
+    poison_loss(monkeypatch, at=4)
     assert kernel.cli(["--out-dir", str(tmp_path / "out"), *RESUMABLE, "--workers", "0"]) == 3
     err = capsys.readouterr().err
     assert "loss became nan" in err and "--resume" in err and "last.pt" in err

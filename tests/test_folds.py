@@ -1,14 +1,12 @@
 """The leaderboard recipe end to end: --fold all, out-of-fold predictions, the refiner on
 all of them, --predict-only of the whole run, --ensemble of runs, and resuming mid-way."""
 import json
-import signal
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from kernel_runs import TINY, run_kernel, start_kernel
+from kernel_runs import TINY, kill_at_write, run_kernel
 from utils.labels import LABELS
 from utils.submission import check_submission_file
 
@@ -108,19 +106,12 @@ def test_ensemble_of_two_runs_and_refusal_of_other_data(fold_run, tmp_path):
 
 
 def test_a_run_killed_in_the_middle_fold_resumes_there_to_the_same_submission(tmp_path):
-    from utils.atomic import HOLD_ENV
     args = [*TINY[:-4], "--epochs", "2", "--batch-size", "8", "--ckpt-minutes", "0", "--workers", "0", *FOLDS]
     whole = run_kernel("--out-dir", tmp_path / "whole", *args)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "out"
     # history.csv is written at the end of each epoch: its third write is fold 1's first
-    proc = start_kernel("--out-dir", out, *args, env={HOLD_ENV: "history.csv:3"})
-    deadline = time.monotonic() + 600
-    while not (out / "fold_1" / "history.csv.held").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    kill_at_write(out, *args, write="history.csv:3", held=out / "fold_1" / "history.csv.held", timeout=600)
     assert (out / "fold_0" / "metrics.json").is_file() and not (out / "fold_1" / "metrics.json").exists()
     fold0 = (out / "fold_0" / "checkpoints" / "best.pt").stat().st_mtime_ns
     resumed = run_kernel("--out-dir", out, *args, "--resume")

@@ -3,14 +3,12 @@ resume, a NaN stop under fp16; and the environment every run records."""
 import json
 import platform
 import re
-import signal
-import time
 
 import pandas as pd
 import pytest
 import torch
 
-from kernel_runs import RESUMABLE, TINY, cli, run_kernel, start_kernel
+from kernel_runs import RESUMABLE, TINY, cli, kill_at_write, poison_loss, run_kernel
 
 
 def test_bf16_trains_end_to_end_and_the_run_records_its_environment(tmp_path):
@@ -28,20 +26,13 @@ def test_bf16_trains_end_to_end_and_the_run_records_its_environment(tmp_path):
 
 
 def test_fp16_with_its_scaler_resumes_a_killed_run_exactly(tmp_path):
-    from utils.atomic import HOLD_ENV
     args = [*RESUMABLE, "--workers", "0", "--precision", "fp16", "--header-cache", tmp_path / "cache"]
     straight = run_kernel("--out-dir", tmp_path / "a", *args)
     assert straight.returncode == 0, straight.stderr[-3000:]
     state = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0  # the scaler's state travels in the checkpoint
     out = tmp_path / "b"
-    proc = start_kernel("--out-dir", out, *args, env={HOLD_ENV: "last.pt:4"})
-    deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "last.pt.held").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    kill_at_write(out, *args, write="last.pt:4", held=out / "checkpoints" / "last.pt.held")
     resumed = run_kernel("--out-dir", out, *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming at epoch 1, batch 3" in resumed.stdout
@@ -51,14 +42,7 @@ def test_fp16_with_its_scaler_resumes_a_killed_run_exactly(tmp_path):
 
 
 def test_a_nan_loss_under_fp16_stops_cleanly(tmp_path, monkeypatch, capsys):
-    import kernel
-    real, calls = kernel.weighted_bce, []
-
-    def poisoned(logits, target, mask):
-        calls.append(1)
-        loss = real(logits, target, mask)
-        return loss * float("nan") if len(calls) == 3 else loss
-    monkeypatch.setattr(kernel, "weighted_bce", poisoned)
+    poison_loss(monkeypatch, at=3)
     assert cli("--out-dir", tmp_path / "out", *RESUMABLE, "--workers", "0", "--precision", "fp16") == 3
     assert "loss became nan" in capsys.readouterr().err
     state = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)
