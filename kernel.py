@@ -156,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kaggle-id", metavar="USER/SLUG", default=None, help="the exported kernel's id")
     p.add_argument("--kaggle-weights-dataset", metavar="USER/SLUG", default=None,
                    help="the Kaggle dataset holding the pretrained weights, attached to the export")
+    p.add_argument("--with-wheels", action="store_true", default=None,
+                   help="with --export-kaggle: also download the pinned packages' wheels for "
+                        "Kaggle's Python into DIR/wheels, a dataset the notebook installs from")
     p.add_argument("--ensemble", metavar="RUN_DIR", nargs="+", default=None,
                    help="only average the test predictions of these finished runs into --out-dir")
     p.add_argument("--ensemble-weights", metavar="W", nargs="+", type=float, default=None,
@@ -194,13 +197,15 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     args = p.parse_args(argv)  # an unknown option exits with usage and code 2
     given = {k: v for k, v in vars(args).items() if v is not None}
     modes = {k: given.pop(k, None) for k in ("check_submission", "export_kaggle", "kaggle_id",
-                                             "kaggle_weights_dataset", "report", "ensemble",
-                                             "ensemble_weights")}
+                                             "kaggle_weights_dataset", "with_wheels", "report",
+                                             "ensemble", "ensemble_weights")}
     cfg = Config()
     if given.get("data_dir") is None and find_kaggle_data() is None:
         cfg = dataclasses.replace(cfg, demo=True, **DEMO_PRESET)
     cfg = dataclasses.replace(cfg, **given)
     problems = _problems(cfg)
+    if modes["with_wheels"] and modes["export_kaggle"] is None:
+        problems.append("--with-wheels needs --export-kaggle DIR")
     if problems:
         p.error("; ".join(problems))
     return cfg, modes
@@ -979,13 +984,22 @@ def export_notebook(modes: dict) -> int:
     if kaggle_id is None:
         kaggle_id = "your-kaggle-username/rsna-hemorrhage-pipeline"
         log(f"No --kaggle-id given: kernel-metadata.json says {kaggle_id}; edit it before pushing")
+    out_dir, with_wheels = Path(modes["export_kaggle"]), bool(modes["with_wheels"])
     try:
-        files = export_kaggle(modes["export_kaggle"], kaggle_id, modes["kaggle_weights_dataset"])
+        files = export_kaggle(out_dir, kaggle_id, modes["kaggle_weights_dataset"], with_wheels)
     except ValueError as err:
         raise UserError(str(err)) from None
+    except OSError as err:
+        raise OutputError(f"--with-wheels: {err}") from err
     for path in files:
-        log(f"wrote {path}")
-    log(f"Push it with: kaggle kernels push -p {modes['export_kaggle']}")
+        if path.suffix != ".whl":
+            log(f"wrote {path}")
+    if with_wheels:
+        wheels = sorted((out_dir / "wheels").glob("*.whl"))
+        size = sum(p.stat().st_size for p in wheels) / 2**20
+        log(f"{len(wheels)} wheels ({size:.0f} MiB) in {out_dir / 'wheels'}: upload them first with "
+            f"kaggle datasets create -p {out_dir / 'wheels'}")
+    log(f"Push it with: kaggle kernels push -p {out_dir}")
     return 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from nbclient import NotebookClient
 
 from utils.demo import make_demo_dataset
 from utils.export import STAGE_MARKER, build_bundle, build_notebook, export_kaggle, kernel_metadata
@@ -17,17 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # with slice context, so that they are shown to work through the export too
 ARGS = ["--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--workers", "0",
         "--weights", "none", "--seed", "3", "--context", "1", "--refine", "--folds", "2", "--fold", "all"]
-NOTEBOOK_RUNNER = """
-import json, sys, __future__
-cells = [c for c in json.load(open(sys.argv[1]))["cells"] if c["cell_type"] == "code"]
-namespace = {"__name__": "__main__"}
-flags = 0
-for i, cell in enumerate(cells):
-    source = "".join(cell["source"])
-    if "from __future__ import annotations" in source:
-        flags = __future__.annotations.compiler_flag  # Jupyter keeps future flags across cells
-    exec(compile(source, f"<cell {i}>", "exec", flags=flags, dont_inherit=True), namespace)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +43,7 @@ def test_files_and_metadata(export):
     assert meta["competition_sources"] == ["rsna-intracranial-hemorrhage-detection"]
     assert meta["dataset_sources"] == ["someone/wsl-weights"] and meta["title"]
     with pytest.raises(ValueError, match="user/slug"):
-        kernel_metadata("no-slash", None)
+        kernel_metadata("no-slash", [])
 
 
 def test_notebook_is_valid_nbformat_4_with_a_cell_per_stage(export):
@@ -92,13 +82,14 @@ def test_every_statement_of_kernel_py_is_in_the_notebook_once_in_order():
     nb = build_notebook(ROOT)
     code = [("".join(c["source"])) for c in nb["cells"] if c["cell_type"] == "code"]
     first = next(i for i, c in enumerate(code) if not c.startswith(("_module(", "import sys\nimport types")))
+    assert "check_environment()" in code[0] and first > 1  # the first cell checks the packages
     pipeline = [s for c in code[first:-1] for s in _statements(c)]  # the last cell runs it
     assert pipeline == body
     titles = [line[len(STAGE_MARKER):].strip() for line in (ROOT / "kernel.py").read_text().splitlines()
               if line.startswith(STAGE_MARKER)]
     headings = [c["source"][0][3:].strip() for c in nb["cells"]
                 if c["cell_type"] == "markdown" and c["source"][0].startswith("## ")]
-    assert len(titles) >= 9 and headings[1:-1] == ["Imports", *titles]  # after "Helpers", before "Run"
+    assert len(titles) >= 9 and headings[2:-1] == ["Imports", *titles]  # after "Helpers", before "Run"
 
 
 def test_export_is_the_same_from_any_process():
@@ -112,7 +103,7 @@ def test_export_is_the_same_from_any_process():
     assert other.stdout.strip() == json.dumps(build_notebook(ROOT))
 
 
-def test_bundle_and_notebook_give_kernel_py_s_submission(export, tmp_path):
+def test_bundle_and_notebook_give_kernel_py_s_submission(export, tmp_path, monkeypatch):
     base, _, data = export
     ref = subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--data-dir", str(data),
                           "--out-dir", str(tmp_path / "ref"), *ARGS], capture_output=True, text=True,
@@ -132,12 +123,15 @@ def test_bundle_and_notebook_give_kernel_py_s_submission(export, tmp_path):
     expected = (tmp_path / "ref" / "submission.csv").read_text()
     assert (tmp_path / "bundle" / "submission.csv").read_text() == expected
 
-    env = _clean_env()
-    env["KERNEL_ARGS"] = " ".join(["--data-dir", str(data), "--out-dir", str(tmp_path / "nb"), *ARGS])
-    nb = subprocess.run([sys.executable, "-c", NOTEBOOK_RUNNER, str(base / "kaggle" / "kernel.ipynb")],
-                        capture_output=True, text=True, cwd=empty, env=env, timeout=600)
-    assert nb.returncode == 0, nb.stderr[-3000:]
+    # the notebook in a real Jupyter kernel (ipykernel, started by nbclient), as Kaggle runs it
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.setenv("KERNEL_ARGS", " ".join(["--data-dir", str(data), "--out-dir", str(tmp_path / "nb"), *ARGS]))
+    notebook = nbformat.read(base / "kaggle" / "kernel.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(empty)}}).execute()
     assert (tmp_path / "nb" / "submission.csv").read_text() == expected
+    first = "".join(out.get("text", "") for out in notebook.cells[2].outputs)
+    assert first.startswith("Python 3.") and "pydicom 3." in first  # the environment check ran
     assert not (empty / "utils").exists()
 
 

@@ -14,13 +14,22 @@ from __future__ import annotations
 import ast
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from utils.atomic import atomic_write
+from utils.envcheck import WHEELS_MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPETITION = "rsna-intracranial-hemorrhage-detection"
 STAGE_MARKER = "# %% "  # starts a stage of kernel.py: one notebook cell under its title
+FIRST_MODULE = "envcheck"  # stdlib only: it checks the packages before any module imports one
+CHECK_CALL = "from utils.envcheck import check_environment\n\ncheck_environment()\n"
+KAGGLE_PYTHON = "3.11"  # the Python of Kaggle's image, for the wheels dataset
+# the wheels dataset holds every pin of requirements.txt but these: Kaggle's own GPU builds
+# of torch must stay (and are gigabytes)
+NOT_IN_WHEELS = ("torch", "torchvision")
 _INSTALLER = '''import sys
 import types
 
@@ -66,7 +75,8 @@ def _utils_modules(root: Path) -> list[str]:
         order.append(name)
     for name in sorted(sources):
         visit(name)
-    return order
+    order.remove(FIRST_MODULE)
+    return [FIRST_MODULE, *order]
 
 
 def _module_call(name: str, source: str) -> str:
@@ -112,6 +122,8 @@ def build_bundle(root: Path = ROOT) -> str:
                  '"utils.__init__"', '"utils"')]
     for name in _utils_modules(root):
         parts.append(_module_call(name, (root / "utils" / f"{name}.py").read_text()))
+        if name == FIRST_MODULE:
+            parts.append(CHECK_CALL)
     for title, code in sections:
         parts.append(f"\n\n{STAGE_MARKER}{title}\n\n{code}")
     parts.append("\n\n" + main_block)
@@ -140,13 +152,18 @@ assert exit_code == 0, f"the pipeline stopped with exit code {exit_code}"
 def build_notebook(root: Path = ROOT) -> dict:
     """An nbformat-4 notebook: the utils modules, then the pipeline a stage per cell."""
     doc, sections, _ = _kernel_parts(root)
-    texts = [("markdown", "# " + doc.replace("\n\n", "\n\n", 1)),
+    package = _module_call("__init__", (root / "utils" / "__init__.py").read_text()).replace(
+        '"utils.__init__"', '"utils"')
+    modules = _utils_modules(root)
+    check = _module_call(FIRST_MODULE, (root / "utils" / f"{FIRST_MODULE}.py").read_text())
+    texts = [("markdown", "# " + doc),
+             ("markdown", "## Environment\nThe versions found, checked against the oldest the "
+                          "pipeline supports; what is missing is installed from an attached "
+                          "wheels dataset, or the run stops here saying what to attach."),
+             ("code", f"{_INSTALLER}\n\n{package}{check}\n{CHECK_CALL}"),
              ("markdown", "## Helpers\nThe `utils` package, inlined: each cell runs one module "
-                          "from its source, as `import utils.<name>` would."),
-             ("code", _INSTALLER),
-             ("code", _module_call("__init__", (root / "utils" / "__init__.py").read_text())
-              .replace('"utils.__init__"', '"utils"'))]
-    for name in _utils_modules(root):
+                          "from its source, as `import utils.<name>` would.")]
+    for name in modules[1:]:
         source = (root / "utils" / f"{name}.py").read_text()
         first = ast.get_docstring(ast.parse(source)) or ""
         texts.append(("markdown", f"### `utils/{name}.py`\n{first.splitlines()[0] if first else ''}"))
@@ -166,10 +183,10 @@ def build_notebook(root: Path = ROOT) -> dict:
 _KAGGLE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*/[a-z0-9][a-z0-9-]{2,49}$")
 
 
-def kernel_metadata(kaggle_id: str, weights_dataset: str | None) -> dict:
-    """kernel-metadata.json for `kaggle kernels push`."""
-    for ref, what in ((kaggle_id, "--kaggle-id"), (weights_dataset, "--kaggle-weights-dataset")):
-        if ref is not None and not _KAGGLE_REF.match(ref):
+def kernel_metadata(kaggle_id: str, datasets: list[str]) -> dict:
+    """kernel-metadata.json for `kaggle kernels push`; `datasets` are attached to it."""
+    for ref, what in [(kaggle_id, "--kaggle-id")] + [(ref, "--kaggle-weights-dataset") for ref in datasets]:
+        if not _KAGGLE_REF.match(ref):
             raise ValueError(f"{what} must look like user/slug (lowercase slug, 3-50 characters "
                              f"of a-z, 0-9 and -), got {ref!r}")
     slug = kaggle_id.split("/", 1)[1]
@@ -177,19 +194,55 @@ def kernel_metadata(kaggle_id: str, weights_dataset: str | None) -> dict:
             "code_file": "kernel.ipynb", "language": "python", "kernel_type": "notebook",
             "is_private": True, "enable_gpu": True,
             "enable_internet": False,  # Kaggle's default is on; submissions need it off
-            "dataset_sources": [weights_dataset] if weights_dataset else [],
+            "dataset_sources": list(datasets),
             "competition_sources": [COMPETITION], "kernel_sources": []}
 
 
+def wheel_pins(root: Path = ROOT) -> list[str]:
+    """The `name==version` lines of requirements.txt that go into the wheels dataset."""
+    pins = []
+    for line in (root / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and line.split("==", 1)[0].strip().lower() not in NOT_IN_WHEELS:
+            pins.append(line)
+    return pins
+
+
+def download_wheels(folder: Path, dataset_id: str, root: Path = ROOT) -> list[Path]:
+    """The wheels dataset: every pin of requirements.txt (torch aside) for Kaggle's Python
+    on Linux x86-64, the list of them (the notebook finds the dataset by it) and
+    dataset-metadata.json for `kaggle datasets create -p FOLDER`."""
+    pins = wheel_pins(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--python-version", KAGGLE_PYTHON, "--implementation", "cp",
+               "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+               "--platform", "manylinux2014_x86_64", "-d", str(folder), *pins]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OSError(f"pip download failed:\n{done.stderr.strip()[-3000:]}")
+    marker = "".join(f"{pin}\n" for pin in pins)
+    metadata = {"title": "RSNA hemorrhage pipeline wheels", "id": dataset_id,
+                "licenses": [{"name": "other"}]}
+    atomic_write(folder / WHEELS_MARKER, lambda tmp: tmp.write_text(marker))
+    atomic_write(folder / "dataset-metadata.json",
+                 lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))
+    return sorted(folder.glob("*.whl")) + [folder / WHEELS_MARKER, folder / "dataset-metadata.json"]
+
+
 def export_kaggle(out_dir, kaggle_id: str, weights_dataset: str | None = None,
-                  root: Path = ROOT) -> list[Path]:
-    """Write kernel.ipynb, kernel_bundle.py and kernel-metadata.json into ``out_dir``."""
+                  with_wheels: bool = False, root: Path = ROOT) -> list[Path]:
+    """Write kernel.ipynb, kernel_bundle.py and kernel-metadata.json into ``out_dir``, and
+    with ``with_wheels`` the wheels dataset into ``out_dir/wheels``, attached to the kernel."""
     out_dir = Path(out_dir)
-    metadata = kernel_metadata(kaggle_id, weights_dataset)
+    wheels_id = f"{kaggle_id.split('/', 1)[0]}/rsna-hemorrhage-wheels"
+    datasets = [d for d in (weights_dataset, wheels_id if with_wheels else None) if d]
+    metadata = kernel_metadata(kaggle_id, datasets)
     out_dir.mkdir(parents=True, exist_ok=True)
+    written = download_wheels(out_dir / "wheels", wheels_id, root) if with_wheels else []
     files = {"kernel.ipynb": json.dumps(build_notebook(root), indent=1) + "\n",
              "kernel_bundle.py": build_bundle(root),
              "kernel-metadata.json": json.dumps(metadata, indent=2) + "\n"}
     for name, text in files.items():
         atomic_write(out_dir / name, lambda tmp, text=text: tmp.write_text(text))
-    return [out_dir / name for name in files]
+    return [out_dir / name for name in files] + written
