@@ -9,10 +9,11 @@ from utils.slices import (ALONE_PREFIX, ORDER_COLUMNS, PATIENT_PREFIX, STUDY_PRE
 
 
 def headers(rows) -> pd.DataFrame:
-    """A scan_headers-like table from (image_id, series_uid, study_uid, patient_id, z)."""
+    """A scan_headers-like table from (image_id, series_uid, study_uid, patient_id, z).
+    ID columns stay as given: astype("str") would turn None into the text 'None' under
+    pandas 2 (and keep it missing under pandas 3)."""
     table = pd.DataFrame(rows, columns=["image_id", "series_uid", "study_uid", "patient_id", "z"])
-    return table.astype({"image_id": "str", "series_uid": "str", "study_uid": "str",
-                         "patient_id": "str", "z": "float64"})
+    return table.astype({"image_id": "str", "z": "float64"})
 
 
 # --------------------------------------------------------------------------- order
@@ -93,6 +94,19 @@ def test_series_fallback_borrows_a_single_known_series_else_study_patient_image(
     assert order.attrs["series_from_patient"] == 2  # ID_5, ID_10
     assert order.attrs["series_alone"] == 1
     assert order.attrs["series_fallback"] == 7
+
+
+@pytest.mark.parametrize("absent", ["None", "NaN", "pd.NA in a string column", "empty"])
+def test_an_absent_series_uid_is_missing_in_every_pandas_form(absent):
+    # pandas 2.2 and 3 store missing text differently; none of the forms may become an ID
+    rows = [("ID_1", "S1", "T1", "P1", 0.0), ("ID_2", None, "T2", "P2", 0.0), ("ID_3", None, "T3", "P3", 0.0)]
+    table = headers(rows)
+    value = {"None": None, "NaN": np.nan, "pd.NA in a string column": pd.NA, "empty": ""}[absent]
+    series = pd.Series(["S1", value, value], dtype="string" if value is pd.NA else object)
+    table["series_uid"] = series
+    order = order_slices(table)
+    assert order.loc[["ID_2", "ID_3"], "series"].tolist() == [STUDY_PREFIX + "T2", STUDY_PREFIX + "T3"]
+    assert order.attrs["series_from_study"] == 2
 
 
 def test_order_rejects_nonsense():

@@ -91,7 +91,7 @@ def test_rows_follow_the_sample_whatever_the_prediction_order(sample_csv):
     order = [2, 0, 3, 1]
     df = build_submission(sample_csv, [IMAGES[i] for i in order], probs[order])
     assert list(df.columns) == ["ID", "Label"]
-    assert df["ID"].dtype == "str" and df["Label"].dtype == np.float64
+    assert pd.api.types.is_string_dtype(df["ID"]) and df["Label"].dtype == np.float64
     assert df["ID"].tolist() == sample_rows(IMAGES)
     np.testing.assert_array_equal(df["Label"].to_numpy(), probs.ravel())
     assert df.attrs["filled_images"] == 0

@@ -19,7 +19,7 @@ from pathlib import Path
 FLOORS = {
     "torch": "2.3.0",
     "torchvision": "0.18.0",
-    "pydicom": "3.0.0",
+    "pydicom": "3.0.1",  # 3.0.0 downloads example files on import: minutes offline
     "numpy": "1.26.4",
     "pandas": "2.2.3",
     "pyarrow": "19.0.1",
