@@ -39,19 +39,23 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import data as data_utils
+from utils.gradcam import grad_cam, overlay
 from utils.atomic import atomic_write
+from utils.calibration import apply_temperatures, calibration_summary, decide_calibration
 from utils.demo import make_demo_dataset
-from utils.dicom import parse_windows, scan_headers
+from utils.dicom import BRAIN, parse_windows, read_windowed, scan_headers
 from utils.engine import (CheckpointMismatch, Checkpoints, Dist, ResumableSampler, barrier, gather_lists,
                           gather_rows, init_distributed, load_checkpoint, model_state, roc_auc,
                           warmup_cosine, weighted_bce)
 from utils.ensemble import (PRED_COLUMNS, assemble_oof, average, check_same_data, data_fingerprint,
                             shared_scores)
-from utils.labels import LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels
+from utils.labels import LABELS, SUBTYPES, LabelError, check_image_id, format_label_report, label_report, read_labels
 from utils.metrics import per_class_log_loss, prior_probabilities, weighted_log_loss
 from utils.model import WeightsError, build_model, find_weights
 from utils.refiner import RefinerResult, fit_refiner, load_refiner, logit, refine, save_refiner
 from utils.report import write_report
+from utils.scans import scan_folder
+from utils.series_results import series_table, top_slices, write_predict_html
 from utils.slices import neighbour_paths, order_slices
 from utils.split import (fold_table, format_fold_table, kfold_by_patient, resolve_groups,
                          split_by_patient)
@@ -90,12 +94,15 @@ class Config:
     context: int = 0                 # 1: neighbouring slices (by z within a series) as channels
     context_windows: bool = False    # with --context: every window of each slice (9 channels)
     refine: bool = False             # refine predictions along each series (a 1-D conv)
+    calibrate: bool = False          # temperature per class, used where it helps out of fold
     accum: int = 1                   # batches per optimizer step (gradient accumulation)
     ckpt_minutes: float = 20.0       # mid-epoch checkpoint interval; 0: after every step
     compile: bool = False            # torch.compile the model
     precision: str = "auto"          # auto: bf16 on CUDA (fp16 where bf16 is missing), fp32 on the CPU
     predict_only: bool = False       # only predict the test set from --checkpoint
     checkpoint: str | None = None
+    predict: str | None = None       # a folder of your own CT scans to predict with --checkpoint
+    threshold: float = 0.5           # --predict: `any` above this makes a slice count, a series positive
     demo_patients: int = 36          # training patients of the synthetic dataset
     header_cache: str | None = None  # folder for the header scan cache; default beside out-dir
 
@@ -135,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
              "seed": int, "tta": _bool, "demo_patients": int,
              "header_cache": str, "folds": int, "fold": _fold,
              "accum": int, "ckpt_minutes": float, "checkpoint": str, "context": int,
-             "precision": str}
+             "precision": str, "predict": str, "threshold": float}
     for name, kind in types.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"(default: {getattr(Config, name)})")
@@ -145,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
              "compile": "torch.compile the model",
              "context_windows": "with --context 1: all windows of the slices below, at and above",
              "refine": "refine each series' predictions with a small sequence model",
+             "calibrate": "scale each class's logits by a temperature fitted on the validation "
+                          "(or out-of-fold) predictions, where that helps out of fold",
              "predict_only": "make a submission from --checkpoint without training",
              "report": "only (re)write the visual report of the run in --out-dir, then exit"}
     for name, text in flags.items():
@@ -177,6 +186,8 @@ def _problems(cfg: Config) -> list[str]:
               (cfg.accum < 1, "--accum must be >= 1"),
               (cfg.ckpt_minutes < 0, "--ckpt-minutes must be >= 0"),
               (cfg.predict_only and not cfg.checkpoint, "--predict-only needs --checkpoint PATH"),
+              (cfg.predict is not None and not cfg.checkpoint, "--predict needs --checkpoint PATH"),
+              (not 0 < cfg.threshold < 1, "--threshold must be between 0 and 1"),
               (not 0 < cfg.val_frac < 1, "--val-frac must be between 0 and 1"),
               (cfg.folds == 1 or cfg.folds < 0, "--folds must be 0 (a single --val-frac split) or at least 2"),
               (cfg.folds >= 2 and not (0 <= cfg.fold < cfg.folds or cfg.fold == FOLD_ALL),
@@ -833,12 +844,44 @@ def evaluate(train_df: pd.DataFrame, val_df: pd.DataFrame, val_probs: np.ndarray
         "prior_log_loss_per_class": per_class_log_loss(y_val, np.broadcast_to(prior, y_val.shape)),
         "prior": dict(zip(LABELS, map(float, prior))),
         "n_train": len(train_df), "n_val": len(val_df),
+        **{f"val_{k}": v for k, v in calibration_summary(y_val, val_probs).items()},
     }
     preds = pd.DataFrame(val_probs, index=val_df.index, columns=[f"pred_{k}" for k in LABELS])
     write_csv(out_dir / "val_predictions.csv", pd.concat([val_df, preds], axis=1))
     log(f"Validation weighted log loss {metrics['val_weighted_log_loss']:.4f} vs constant prior "
         f"{metrics['prior_weighted_log_loss']:.4f}")
     return metrics
+
+
+def patient_groups(headers: pd.DataFrame, ids: pd.Index) -> np.ndarray:
+    """The patient of each image (with the study and image fallbacks of utils.split)."""
+    h = headers.loc[ids]
+    return resolve_groups(h["patient_id"].to_numpy(), h["study_uid"].to_numpy(), ids.to_numpy())[0]
+
+
+def fit_calibration(truth: pd.DataFrame, probs: np.ndarray, headers: pd.DataFrame, cfg: Config,
+                    out_dir: Path, d: Dist) -> dict | None:
+    """--calibrate: a temperature per class fitted on the validation (or out-of-fold)
+    predictions, judged out of fold by patient; calibration.json says whether it is used."""
+    groups = patient_groups(headers, truth.index)
+    if len(np.unique(groups)) < 2:
+        log("Calibration skipped: it is judged out of fold and needs at least 2 patients")
+        return None
+    decision = decide_calibration(truth.to_numpy(), probs, groups, seed=cfg.seed)
+    verdict = "used" if decision["use"] else "not used: it does not help out of fold"
+    log(f"Calibration: weighted log loss {decision['loss_before']:.4f} -> {decision['loss_after_oof']:.4f} "
+        f"with a temperature per class (out of fold, {decision['n_folds']} patient folds); {verdict}")
+    if d.main:
+        write_json(out_dir / "calibration.json", decision)
+    return decision
+
+
+def calibration_metrics(decision: dict | None, prefix: str) -> dict:
+    if decision is None:
+        return {}
+    return {"calibration_used": decision["use"], "calibration_temperatures": dict(zip(LABELS, decision["temperatures"])),
+            f"{prefix}_weighted_log_loss_uncalibrated": decision["loss_before"],
+            f"{prefix}_weighted_log_loss_calibrated_oof": decision["loss_after_oof"]}
 
 
 def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.DataFrame,
@@ -848,8 +891,7 @@ def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.
     from a model that never saw its patient. Returns the refiner and the out-of-fold
     refined validation probabilities (an honest estimate of its gain)."""
     h = headers.loc[val_df.index]
-    groups, _, _ = resolve_groups(h["patient_id"].to_numpy(), h["study_uid"].to_numpy(),
-                                  val_df.index.to_numpy())
+    groups = patient_groups(headers, val_df.index)
     n_patients = len(np.unique(groups))
     if n_patients < 2:
         log(f"Refiner skipped: the validation set holds {n_patients} patient, and "
@@ -903,6 +945,17 @@ def refine_test(refiner: RefinerResult, pred: TestPredictions, test_headers: pd.
     probs.loc[pred.scanned] = refine(refiner, logit(probs.loc[pred.scanned].to_numpy()),
                                      rows["series"].to_numpy(), rows["position"].to_numpy())
     probs.loc[pred.failed] = kept
+    return dataclasses.replace(pred, probs=probs)
+
+
+def calibrate_test(decision: dict | None, pred: TestPredictions) -> TestPredictions:
+    """The test predictions scaled by the fitted temperatures, where calibration is used;
+    images predicted with the prior keep it."""
+    if not decision or not decision["use"]:
+        return pred
+    probs = pred.probs.copy()
+    read = [i for i in pred.scanned if i not in set(pred.failed)]
+    probs.loc[read] = apply_temperatures(probs.loc[read].to_numpy(), np.asarray(decision["temperatures"]))
     return dataclasses.replace(pred, probs=probs)
 
 
@@ -1086,6 +1139,12 @@ def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: 
                 save_refiner(refiner, out_dir / "refiner.pt")
             pred = refine_test(refiner, pred, data["test_headers"])
             oof = oof.assign(**dict(zip([f"refined_{k}" for k in LABELS], refined.T)))
+    final = oof[[f"refined_{k}" for k in LABELS] if "refined_any" in oof else PRED_COLUMNS].to_numpy()
+    metrics.update({f"oof_{k}": v for k, v in calibration_summary(oof[list(LABELS)].to_numpy(), final).items()})
+    if cfg.calibrate:
+        calibration = fit_calibration(oof[list(LABELS)], final, data["train_headers"], cfg, out_dir, rt.dist)
+        metrics.update(calibration_metrics(calibration, "oof"))
+        pred = calibrate_test(calibration, pred)
     metrics.update(submit(pred, data_dir, out_dir, rt))
     if rt.dist.main:
         write_csv(out_dir / "oof_predictions.csv", oof)
@@ -1151,6 +1210,89 @@ def ensemble(runs: list[str], weights, cfg: Config) -> int:
     return 0
 
 
+# %% Stage 8 (--predict DIR): your own scans. Any folder of CT DICOMs, results per series.
+
+PREDICT_OUTPUTS = ("slices.csv", "series.csv", "skipped.csv")
+HEATMAPS_PER_SERIES = 3
+
+
+def prepare_predict_dir(cfg: Config) -> Path:
+    out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / datetime.now().strftime("predict-%Y%m%d-%H%M%S")
+    done = [n for n in PREDICT_OUTPUTS if (out / n).exists()]
+    if done and not cfg.overwrite:
+        raise UserError(f"{out} already holds predictions ({', '.join(done)}); pass --overwrite or another --out-dir")
+    (out / "report").mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def first_checkpoint(path: Path) -> Path:
+    """The model whose heatmaps predict.html shows: the checkpoint, or a run's first model."""
+    if path.is_file():
+        return path
+    if (path / "ensemble.json").is_file():
+        return first_checkpoint(Path(json.loads((path / "ensemble.json").read_text())["runs"][0]))
+    return (sorted(path.glob("fold_*/checkpoints/best.pt")) or [path / "checkpoints" / "best.pt"])[0]
+
+
+def heatmaps(path: Path, cfg: Config, rt: Runtime, rows: pd.DataFrame, probs: pd.DataFrame) -> dict:
+    """Grad-CAM of each row's most probable subtype, over its brain window."""
+    model, trained, _ = load_model(first_checkpoint(path), rt)
+    keys = ("arch", "image_size", "windows", "context", "context_windows")
+    run_cfg = dataclasses.replace(cfg, **{k: trained.get(k, getattr(Config, k)) for k in keys})
+    ds = slice_dataset(rows, run_cfg)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    x = data_utils.to_device_normalized(images, rt.device, input_layout(run_cfg)[1])
+    classes = probs.loc[rows.index, list(SUBTYPES)].to_numpy().argmax(axis=1)  # LABELS starts with them
+    cams = grad_cam(model.float(), x.float(), classes)
+    out = {}
+    for key, path_, cam, c in zip(rows.index, rows["path"], cams, classes):
+        gray = read_windowed(path_, (BRAIN,), run_cfg.image_size)[..., 0]
+        out[key] = (LABELS[c], overlay(gray, cam))
+    return out
+
+
+def predict_folder(cfg: Config, rt: Runtime, started: float) -> int:
+    """--predict DIR --checkpoint PATH: every axial CT slice under DIR (found by content,
+    grouped by study and series, ordered along the slice normal), predicted with the
+    checkpoint's own settings and refiner; what is not a CT slice is listed in skipped.csv."""
+    d = rt.dist
+    out_dir = share(d, prepare_predict_dir(cfg) if d.main else None)
+    scan = scan_folder(cfg.predict, workers=cfg.workers)
+    log(f"Scanned {cfg.predict}: {scan.summary()}")
+    if scan.slices.empty:
+        if d.main:
+            write_csv(out_dir / "skipped.csv", scan.skipped, index=False)
+        raise UserError(f"{cfg.predict}: no CT slice to predict ({scan.summary()}); see {out_dir / 'skipped.csv'}")
+    rows = scan.model_rows().assign(series=scan.slices["series"], position=scan.slices["index"])
+    rows.index = pd.Index(scan.slices["path"], name="image_id")
+    if d.main:
+        write_csv(out_dir / "bad_files.csv", pd.DataFrame(columns=["path", "reason"]), index=False)
+    barrier(d)
+    pred = predict_saved(Path(cfg.checkpoint), cfg, rt, {"test_ids": list(rows.index), "test_headers": rows},
+                         out_dir)
+    undecodable = pd.DataFrame({"path": pred.failed, "reason": "pixel data could not be decoded"})
+    slices = scan.slices.set_index("path", drop=False).drop(index=pred.failed)
+    slices = slices.drop(columns=["prev_path", "next_path", "series"]).join(pred.probs)
+    series = series_table(slices, cfg.threshold)
+    top = top_slices(slices, series, HEATMAPS_PER_SERIES)
+    if d.main:
+        write_csv(out_dir / "slices.csv", slices, index=False)
+        write_csv(out_dir / "series.csv", series, index=False)
+        write_csv(out_dir / "skipped.csv", pd.concat([scan.skipped, undecodable], ignore_index=True), index=False)
+        (out_dir / "bad_files.csv").unlink()  # its rows are in skipped.csv
+        maps = heatmaps(Path(cfg.checkpoint), cfg, rt, rows.loc[top["path"]], pred.probs) if len(top) else {}
+        notes = [f"{cfg.predict}: {scan.summary()}", f"Model: {cfg.checkpoint}; heatmaps (Grad-CAM) from "
+                 f"{first_checkpoint(Path(cfg.checkpoint))}, of the most probable subtype"]
+        write_predict_html(out_dir / "report" / "predict.html", slices, series, maps,
+                           threshold=cfg.threshold, notes=notes)
+    log(f"Predicted {len(slices)} slices in {len(series)} series "
+        f"({int((series['flag'] == 'positive').sum())} positive at {cfg.threshold:g}) in "
+        f"{time.perf_counter() - started:.0f}s: {out_dir / 'series.csv'}, {out_dir / 'slices.csv'}, "
+        f"{out_dir / 'report' / 'predict.html'}")
+    barrier(d)
+    return 0
+
+
 # %% Run: the stages in order; --predict-only and the checks above are the other ways in.
 
 def load_model(path: Path, rt: Runtime) -> tuple[torch.nn.Module, dict, np.ndarray]:
@@ -1187,6 +1329,8 @@ def predict_saved(path: Path, cfg: Config, rt: Runtime, data: dict, out_dir: Pat
     pred = dataclasses.replace(parts[0], probs=average([p.probs for p in parts]))
     if (path / "refiner.pt").is_file():
         pred = refine_test(load_refiner(path / "refiner.pt"), pred, data["test_headers"])
+    if (path / "calibration.json").is_file():
+        pred = calibrate_test(json.loads((path / "calibration.json").read_text()), pred)
     return pred
 
 
@@ -1212,6 +1356,8 @@ def main(argv=None) -> int:
         return ensemble(modes["ensemble"], modes["ensemble_weights"], cfg)
     started = time.perf_counter()
     rt = setup_runtime(d, cfg.precision)
+    if cfg.predict is not None:
+        return predict_folder(cfg, rt, started)
     out_dir = share(d, prepare_out_dir(cfg) if d.main else None)
     data_dir = share(d, resolve_data_dir(cfg, out_dir) if d.main else None)
     cfg = dataclasses.replace(cfg, data_dir=str(data_dir), out_dir=str(out_dir))
@@ -1259,6 +1405,7 @@ def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, starte
         refine_metrics = dict(refiner_used=refiner is not None, val_weighted_log_loss_refined_oof=refined_loss,
                               val_weighted_log_loss_unrefined=weighted_log_loss(val_df.to_numpy(), val_probs))
         val_probs = refined_probs
+    calibration = fit_calibration(val_df, val_probs, train_headers, cfg, out_dir, d) if cfg.calibrate else None
     if d.enabled:
         digest = hashlib.sha1(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
         print(f"rank {d.rank} of {d.world}: final weights sha1 {digest.hexdigest()}", flush=True)
@@ -1266,11 +1413,12 @@ def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, starte
                         out_dir, rt)
     if refiner is not None:
         pred = refine_test(refiner, pred, test_headers)
-    test_metrics = submit(pred, data_dir, out_dir, rt)
+    test_metrics = submit(calibrate_test(calibration, pred), data_dir, out_dir, rt)
     if d.main:
         if refiner is not None:
             save_refiner(refiner, out_dir / "refiner.pt")
-        metrics = {**evaluate(train_df, val_df, val_probs, out_dir), **test_metrics, **refine_metrics}
+        metrics = {**evaluate(train_df, val_df, val_probs, out_dir), **test_metrics, **refine_metrics,
+                   **calibration_metrics(calibration, "val")}
         metrics.update(best_epoch=best_epoch, n_bad_files=len(pd.read_csv(out_dir / "bad_files.csv")),
                        processes=d.world, data=data["fingerprint"],
                        seconds=round(time.perf_counter() - started, 1))

@@ -98,3 +98,27 @@ def make_corrupt_rle(path) -> Path:
         ds.PixelData = encapsulate([header + b"\x7f" + b"\x00" * 7])  # far too short a segment
         ds.save_as(path, enforce_file_format=True)
     return Path(path)
+
+
+def make_multiframe_ct(path, frames: np.ndarray, **tags) -> Path:
+    """A CT object of several frames in one file, as Enhanced CT exports are written."""
+    make_ct(path, frames[0], NumberOfFrames=len(frames), **tags)
+    ds = pydicom.dcmread(path)
+    ds.PixelData = frames.astype("<i2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return Path(path)
+
+
+def make_series(folder, positions, orientation, names=None, series_uid="1.2.3.5", start=0,
+                **tags) -> list[Path]:
+    """One small CT file per ImagePositionPatient in ``positions``, all of ``orientation``
+    (six direction cosines), named ``names`` (default IM0000... from ``start``); each its
+    own SOP UID (the series UID, then start + 1, start + 2...)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = names or [f"IM{start + i:04d}" for i in range(len(positions))]
+    return [make_ct(folder / name, np.full((8, 8), 1024 + i), Modality="CT", SeriesInstanceUID=series_uid,
+                    SOPInstanceUID=f"{series_uid}.{start + i + 1}",
+                    ImagePositionPatient=[float(x) for x in pos],
+                    ImageOrientationPatient=[float(x) for x in orientation], **tags)
+            for i, (pos, name) in enumerate(zip(positions, names))]

@@ -1,6 +1,8 @@
 """The leaderboard recipe end to end: --fold all, out-of-fold predictions, the refiner on
 all of them, --predict-only of the whole run, --ensemble of runs, and resuming mid-way."""
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +24,7 @@ def _table(path):
 def fold_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("folds") / "out"
     # a batch size other than the default: predict-only must take the run's own
-    result = run_kernel("--out-dir", out, *TINY, *FOLDS, "--refine", "--batch-size", "4")
+    result = run_kernel("--out-dir", out, *TINY, *FOLDS, "--refine", "--calibrate", "--batch-size", "4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
 
@@ -48,26 +50,74 @@ def test_every_labelled_image_is_predicted_once_by_the_fold_that_did_not_train_o
     assert sorted(metrics["oof_weighted_log_loss_per_fold"]) == ["0", "1", "2"]
     assert metrics["n_oof"] == len(oof) and "refiner_used" in metrics
     assert (out / "report" / "training.png").stat().st_size > 5000  # a curve per fold
+    final = oof[[f"refined_{k}" for k in LABELS]] if metrics["refiner_used"] else oof[PRED]
+    from utils.calibration import expected_calibration_error
+    assert metrics["oof_ece"]["any"] == pytest.approx(expected_calibration_error(y[:, 5], final.to_numpy()[:, 5]))
+    assert (out / "report" / "reliability.png").stat().st_size > 5000
 
 
-def test_the_submission_is_the_folds_average_refined_if_the_refiner_won(fold_run):
+def test_calibration_is_judged_out_of_fold_and_reported_honestly(fold_run):
+    out, _ = fold_run
+    decision = json.loads((out / "calibration.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["oof_weighted_log_loss_uncalibrated"] == decision["loss_before"]
+    assert metrics["oof_weighted_log_loss_calibrated_oof"] == decision["loss_after_oof"]
+    assert metrics["calibration_used"] == decision["use"] == (decision["loss_after_oof"] < decision["loss_before"])
+    assert len(decision["temperatures"]) == len(LABELS)
+
+
+def test_a_used_calibration_scales_the_read_images_of_predict_only(fold_run, tmp_path):
+    from utils.calibration import apply_temperatures
+    out, _ = fold_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("demo_data"))
+    temperatures = [2.0, 0.5, 1.0, 3.0, 1.5, 2.5]
+    decision = json.loads((out / "calibration.json").read_text())
+    (run / "calibration.json").write_text(json.dumps({**decision, "use": False}))
+    plain = run_kernel("--predict-only", "--checkpoint", run, "--data-dir", out / "demo_data",
+                       "--out-dir", tmp_path / "plain", "--workers", "0")
+    (run / "calibration.json").write_text(json.dumps({**decision, "use": True, "temperatures": temperatures}))
+    scaled = run_kernel("--predict-only", "--checkpoint", run, "--data-dir", out / "demo_data",
+                        "--out-dir", tmp_path / "scaled", "--workers", "0")
+    assert plain.returncode == 0 and scaled.returncode == 0, scaled.stderr[-3000:]
+    before, after = _table(tmp_path / "plain" / "test_predictions.csv"), _table(tmp_path / "scaled" / "test_predictions.csv")
+    bad = pd.read_csv(tmp_path / "scaled" / "bad_files.csv")["path"].map(lambda p: Path(p).stem)
+    read = [i for i in before.index if i not in set(bad)]
+    assert 0 < len(read) < len(before)  # the demo has unreadable test images: they keep the prior
+    np.testing.assert_allclose(after.loc[read].to_numpy(),
+                               apply_temperatures(before.loc[read].to_numpy(), np.array(temperatures)), rtol=1e-9)
+    pd.testing.assert_frame_equal(after.drop(index=read), before.drop(index=read))
+
+
+def test_the_submission_is_the_folds_average_refined_and_calibrated_where_that_won(fold_run):
+    from utils.calibration import apply_temperatures
     from utils.refiner import load_refiner, logit, refine
     from utils.slices import order_slices
     from utils.dicom import scan_headers
     out, _ = fold_run
     folds = [_table(out / f"fold_{i}" / "test_predictions.csv") for i in range(3)]
-    mean = sum(f.to_numpy() for f in folds) / 3
+    mean = pd.DataFrame(sum(f.to_numpy() for f in folds) / 3, index=folds[0].index, columns=list(LABELS))
     final = _table(out / "test_predictions.csv")
     metrics = json.loads((out / "metrics.json").read_text())
+    calibration = json.loads((out / "calibration.json").read_text())
+    bad = set(pd.read_csv(out / "bad_files.csv")["path"].map(lambda p: Path(p).stem))
+
+    def calibrated(values: pd.DataFrame) -> pd.DataFrame:  # last, on the images that were read
+        read = [i for i in values.index if i not in bad]
+        if calibration["use"]:
+            values = values.copy()
+            values.loc[read] = apply_temperatures(values.loc[read].to_numpy(), np.array(calibration["temperatures"]))
+        return values
+
     if not metrics["refiner_used"]:
-        np.testing.assert_allclose(final.to_numpy(), mean, rtol=1e-12)
+        np.testing.assert_allclose(final.to_numpy(), calibrated(mean).to_numpy(), rtol=1e-12)
         return
     headers, _ = scan_headers(sorted((out / "demo_data" / "stage_2_test").glob("*.dcm")))
     order = order_slices(headers).loc[[i for i in final.index if i in set(headers["image_id"])]]
-    expected = refine(load_refiner(out / "refiner.pt"), logit(pd.DataFrame(mean, index=final.index)
-                                                              .loc[order.index].to_numpy()),
+    expected = refine(load_refiner(out / "refiner.pt"), logit(mean.loc[order.index].to_numpy()),
                       order["series"].to_numpy(), order["position"].to_numpy())
-    np.testing.assert_allclose(final.loc[order.index].to_numpy(), expected, rtol=1e-9)
+    expected = calibrated(pd.DataFrame(expected, index=order.index, columns=list(LABELS)))
+    np.testing.assert_allclose(final.loc[order.index].to_numpy(), expected.to_numpy(), rtol=1e-9)
 
 
 def test_predict_only_on_the_fold_run_reproduces_its_submission_byte_for_byte(fold_run, tmp_path):

@@ -5,7 +5,8 @@ index a look-up table that maps every possible stored value straight to its wind
 bytes, all channels packed in one machine word, so one gather does all the work.
 Uncompressed files are parsed by a small reader of our own (pydicom's generic
 machinery costs more than the rest of the path together); anything it does not
-recognise goes to pydicom, which stays the reference.
+recognise goes to pydicom, which stays the reference. ``read_slice_info`` reads, on the
+same path, what places a file among a folder's scans (utils.scans).
 """
 from __future__ import annotations
 
@@ -64,6 +65,10 @@ class DicomError(Exception):
         super().__init__(f"{path}: {reason}")
 
 
+class NotPart10(DicomError):
+    """A file without b"DICM" at byte 128: no DICOM Part-10 file (read_slice_info)."""
+
+
 @dataclass(frozen=True)
 class Header:
     """What the pipeline needs of one file, without its pixels."""
@@ -91,6 +96,18 @@ class Header:
     @property
     def wrapped_12bit(self) -> bool:
         return wraps_12bit(self.bits_stored, self.pixel_representation, self.rescale_intercept)
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """What places a file among a folder's scans, beyond its Header (read_slice_info)."""
+
+    sop_uid: str  # SOPInstanceUID; "" when absent
+    modality: str  # Modality, upper case; "" when absent
+    image_type: tuple[str, ...]  # ImageType's values, upper case ("ORIGINAL", "LOCALIZER"...)
+    series_description: str
+    position: tuple[float, float, float] | None  # ImagePositionPatient in mm
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient: row, then column cosines
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,7 +155,12 @@ _TEXT = {(0x0010, 0x0020): "PatientID", (0x0020, 0x000D): "StudyInstanceUID",
          (0x0020, 0x0032): "ImagePositionPatient", (0x0028, 0x0004): "PhotometricInterpretation",
          (0x0028, 0x0030): "PixelSpacing", (0x0028, 0x1050): "WindowCenter",
          (0x0028, 0x1051): "WindowWidth", (0x0028, 0x1052): "RescaleIntercept",
-         (0x0028, 0x1053): "RescaleSlope"}
+         (0x0028, 0x1053): "RescaleSlope", (0x0028, 0x0008): "NumberOfFrames"}
+# Read for read_slice_info: identity, kind and geometry. No patient text (name, birth
+# date...) is in any table here, so none can reach a scan's outputs.
+_SLICE_TEXT = {(0x0008, 0x0008): "ImageType", (0x0008, 0x0060): "Modality",
+               (0x0008, 0x103E): "SeriesDescription", (0x0020, 0x0037): "ImageOrientationPatient"}
+_ALL_TEXT = {**_TEXT, **_SLICE_TEXT}
 _US_NAMES = {(0x0028, 0x0002): "SamplesPerPixel", (0x0028, 0x0010): "Rows",
              (0x0028, 0x0011): "Columns", (0x0028, 0x0100): "BitsAllocated",
              (0x0028, 0x0101): "BitsStored", (0x0028, 0x0103): "PixelRepresentation"}
@@ -210,8 +232,8 @@ def _parse_simple(buf) -> tuple[dict, str, int, int]:
             if length != 2:
                 raise _NotSimple
             values[_US_NAMES[tag]] = _U16(buf, pos)[0]
-        elif tag in _TEXT:
-            values[_TEXT[tag]] = bytes(buf[pos:pos + length]).decode("latin-1").strip("\x00 ")
+        elif tag in _ALL_TEXT:
+            values[_ALL_TEXT[tag]] = bytes(buf[pos:pos + length]).decode("latin-1").strip("\x00 ")
         pos += length
     raise ValueError("file ends before the pixel data")
 
@@ -229,7 +251,7 @@ def _pydicom_text(ds, tag: tuple[int, int]):
     raw = ds.get_item(tag)
     if raw.VR is not None and raw.VR not in _VR_NAMES:  # None: implicit VR
         raise _DamagedElement(f"its VR {raw.VR!r} is not a DICOM VR")
-    if isinstance(raw.value, bytes) and tag in _TEXT:
+    if isinstance(raw.value, bytes) and tag in _ALL_TEXT:
         return raw.value.decode("latin-1").strip("\x00 ")
     value = ds[tag].value
     if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
@@ -302,6 +324,10 @@ def _header_from_values(path: Path, v: dict, syntax: str) -> Header:
         transfer_syntax=syntax,
     )
     _check_meaning(path, h)
+    frames = _whole(path, v, "NumberOfFrames", 1)
+    if frames != 1:  # read_hu would otherwise give the first frame as if it were the file
+        raise DicomError(path, f"{frames} frames (a multi-frame object): not one slice" if frames > 1
+                         else f"NumberOfFrames {frames} is not a positive number")
     return h
 
 
@@ -322,6 +348,45 @@ def _check_meaning(path: Path, h: Header) -> None:
 
 
 _TAGS = {**_TEXT, **_US_NAMES}
+_UNIT_TOLERANCE = 1e-2  # direction cosines are written with 4 to 9 digits
+_COUNT_WORDS = {3: "three", 6: "six"}
+
+
+def _numbers(path: Path, v: dict, name: str, tag: str, count: int) -> tuple | None:
+    """A tag of ``count`` finite numbers given as DICOM text; None when absent."""
+    text = v.get(name) or ""
+    if not text.strip():
+        return None
+    try:
+        numbers = tuple(map(float, text.split("\\")))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != count or not all(map(math.isfinite, numbers)):
+        raise DicomError(path, f"header element {tag} {name} {text[:60]!r} is damaged "
+                               f"(expected {_COUNT_WORDS[count]} finite numbers)")
+    return numbers
+
+
+def _slice_info(path: Path, v: dict) -> SliceInfo:
+    orientation = _numbers(path, v, "ImageOrientationPatient", "(0020,0037)", 6)
+    if orientation is not None:  # plain floats: numpy's overhead on 3-vectors is ~10x
+        row, col = orientation[:3], orientation[3:]
+        dot = lambda a, b: a[0] * b[0] + a[1] * b[1] + a[2] * b[2]  # noqa: E731
+        if max(abs(dot(row, row) - 1), abs(dot(col, col) - 1), abs(dot(row, col))) > _UNIT_TOLERANCE:
+            raise DicomError(path, f"header element (0020,0037) ImageOrientationPatient {orientation} "
+                                   f"is damaged (not two perpendicular unit vectors)")
+    description = v.get("SeriesDescription") or ""
+    if not description.isascii():  # read as latin-1; most exports now write UTF-8
+        with contextlib.suppress(UnicodeError):
+            description = description.encode("latin-1").decode("utf-8")
+    return SliceInfo(
+        sop_uid=v.get("SOPInstanceUID") or "",
+        modality=(v.get("Modality") or "").strip().upper(),
+        image_type=tuple(p.strip().upper() for p in (v.get("ImageType") or "").split("\\") if p.strip()),
+        series_description=description.strip(),
+        position=_numbers(path, v, "ImagePositionPatient", "(0020,0032)", 3),
+        orientation=orientation,
+    )
 
 
 def _read_pydicom(path: Path, stop_before_pixels: bool):
@@ -335,16 +400,22 @@ def _read_pydicom(path: Path, stop_before_pixels: bool):
         syntax = ds.file_meta.get("TransferSyntaxUID")
         if not syntax:
             raise DicomError(path, "the file meta group names no transfer syntax")
-        values = {}
-        for (group, elem), name in _TAGS.items():
+    return ds, _header_from_values(path, _pydicom_values(path, ds, _TAGS), str(syntax))
+
+
+def _pydicom_values(path: Path, ds, tags: dict) -> dict:
+    """The values of ``tags`` that ``ds`` holds, as DICOM text by name, as _parse_simple gives them."""
+    values = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_UI_WARNING)
+        for (group, elem), name in tags.items():
             try:  # pydicom converts an element's bytes only now, when it is asked for
                 values[name] = _pydicom_text(ds, (group, elem))
             except Exception as err:  # noqa: BLE001 - any failure means this element is damaged
                 detail = str(err) if isinstance(err, _DamagedElement) else _first_line(err)
                 raise DicomError(path, f"header element ({group:04X},{elem:04X}) {name} is damaged "
                                        f"({detail})") from None
-    values = {k: v for k, v in values.items() if v is not None}
-    return ds, _header_from_values(path, values, str(syntax))
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _first_line(err: BaseException) -> str:
@@ -406,9 +477,29 @@ def _scratch_array(name: str, nbytes: int) -> np.ndarray:
     return buf[:nbytes]
 
 
-def _read_head(path: Path, f, size: int) -> tuple[dict, str, int, int]:
-    """Parse an open file up to its pixel data (see _parse_simple) reading little of it."""
+DICOMDIR_CLASS = b"1.2.840.10008.1.3.10"  # Media Storage Directory Storage: a DICOMDIR
+_MEDIA_CLASS = b"\x02\x00\x02\x00UI"  # (0002,0002) MediaStorageSOPClassUID, explicit VR
+_META_SEARCH = 512  # the meta group's first elements lie well within this
+
+
+def _check_part10(path: Path, head: bytes) -> None:
+    """A Part-10 file (b"DICM" at byte 128) that is no DICOMDIR, from its first bytes."""
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise NotPart10(path, "not a DICOM Part-10 file (no 'DICM' at byte 128)")
+    at = head.find(_MEDIA_CLASS, 132, _META_SEARCH)
+    if at >= 0 and at + 8 <= len(head):
+        uid = head[at + 8:at + 8 + _U16(head, at + 6)[0]].rstrip(b"\x00 ")
+        if uid == DICOMDIR_CLASS:
+            raise DicomError(path, "a DICOMDIR (the index of a DICOM folder), not an image; "
+                                   "the images it lists are read as files of their own")
+
+
+def _read_head(path: Path, f, size: int, part10_only: bool = False) -> tuple[dict, str, int, int]:
+    """Parse an open file up to its pixel data (see _parse_simple) reading little of it;
+    with ``part10_only``, first check that it is a Part-10 file and no DICOMDIR."""
     buf = f.read(_HEAD_BYTES)
+    if part10_only:
+        _check_part10(path, buf)
     if not buf:
         raise DicomError(path, "file is empty")
     try:
@@ -567,24 +658,43 @@ def read_header(path) -> Header:
     checking that its pixels can be read (so a bad file is found at scan time)."""
     path = Path(path)
     with _reading(path):
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                try:
-                    values, syntax, offset, length = _read_head(path, f, size)
-                except ValueError as err:
-                    raise DicomError(path, f"truncated file: {err}") from None
-                except _NotSimple:
-                    values = None
-        except OSError as err:
-            raise DicomError(path, f"cannot read file ({err.strerror or err})") from None
-        if values is None:
-            h = _read_pydicom(path, stop_before_pixels=True)[1]
-            _check_decodable(path, h.transfer_syntax)
-            return h
-        h = _header_from_values(path, values, syntax)
-        _check_pixel_length(path, h, length, size - offset)
-        return h
+        return _read_header_values(path, slice_info=False)[0]
+
+
+def read_slice_info(path) -> tuple[Header, SliceInfo]:
+    """read_header's Header and checks, and what places the file among a folder's scans.
+
+    One read of the file's head, as read_header does. Raises NotPart10 (a DicomError) for
+    a file without b"DICM" at byte 128, and DicomError for a DICOMDIR (an index, not an
+    image) or a damaged ImageOrientationPatient, besides read_header's reasons.
+    """
+    path = Path(path)
+    with _reading(path):
+        h, values = _read_header_values(path, slice_info=True)
+        return h, _slice_info(path, values)
+
+
+def _read_header_values(path: Path, slice_info: bool) -> tuple[Header, dict]:
+    """read_header's work, and the tag values read as DICOM text by name (with
+    ``slice_info``, _SLICE_TEXT's too, also from a file that pydicom reads)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                values, syntax, offset, length = _read_head(path, f, size, part10_only=slice_info)
+            except ValueError as err:
+                raise DicomError(path, f"truncated file: {err}") from None
+            except _NotSimple:
+                values = None
+    except OSError as err:
+        raise DicomError(path, f"cannot read file ({err.strerror or err})") from None
+    if values is None:
+        ds, h = _read_pydicom(path, stop_before_pixels=True)
+        _check_decodable(path, h.transfer_syntax)
+        return h, (_pydicom_values(path, ds, _ALL_TEXT) if slice_info else {})
+    h = _header_from_values(path, values, syntax)
+    _check_pixel_length(path, h, length, size - offset)
+    return h, values
 
 
 def read_hu(path) -> np.ndarray:
@@ -674,6 +784,22 @@ HEADER_COLUMNS = [f.name for f in fields(Header)]
 _COLUMN_TYPES = {"str": "str", "int": "int64", "float": "float64", "bool": "bool"}
 
 
+def map_chunks(fn, items: list, workers: int = 0, parallel_min: int = 2000) -> list:
+    """``fn`` (a module-level function of a list, returning a list) over ``items`` in
+    chunks, in ``workers`` processes when there are at least ``parallel_min`` items (below
+    that, starting processes costs more than it saves); the results joined, in order."""
+    if not items:
+        return []
+    if workers <= 1 or len(items) < parallel_min:
+        return fn(items)
+    chunk = max(64, len(items) // (workers * 16))
+    results = []
+    with ProcessPoolExecutor(workers) as pool:
+        for part in pool.map(fn, [items[i:i + chunk] for i in range(0, len(items), chunk)]):
+            results.extend(part)
+    return results
+
+
 def _scan_chunk(paths: list[str]) -> list[tuple[str, dict | None, str]]:
     out = []
     for p in paths:
@@ -708,16 +834,7 @@ def scan_headers(paths, workers: int = 0, cache: str | Path | None = None,
             if stats.get(row["path"]) == (row["file_size"], row["mtime_ns"]):
                 cached[row["path"]] = row
     todo = [p for p in paths if p not in cached]
-    results = []
-    if todo:
-        if workers > 1 and len(todo) >= parallel_min:
-            chunk = max(64, len(todo) // (workers * 16))
-            chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
-            with ProcessPoolExecutor(workers) as pool:
-                for part in pool.map(_scan_chunk, chunks):
-                    results.extend(part)
-        else:
-            results = _scan_chunk(todo)
+    results = map_chunks(_scan_chunk, todo, workers, parallel_min)
     rows = []
     for p, header, reason in results:
         row = {"path": p, "file_size": stats[p][0], "mtime_ns": stats[p][1], "error": reason}

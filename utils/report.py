@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from utils.atomic import atomic_write
+from utils.calibration import N_BINS, check_predictions, expected_calibration_error, reliability
 from utils.dicom import (DEFAULT_WINDOWS, EXPLICIT_LE, HEADER, IMPLICIT_LE, NAMED_WINDOWS, RLE_LOSSLESS,
                          DicomError, parse_windows, read_windowed, wraps_12bit)
 from utils.labels import ANY, LABELS, SUBTYPES, check_label_table, label_report
@@ -490,6 +491,65 @@ def write_training_figure(history: pd.DataFrame, path: str | PathLike,
 
 
 # ---------------------------------------------------------------------------------------
+# reliability.png
+
+RELIABILITY_PNG = "reliability.png"
+
+
+def _reliability_panel(ax, y: np.ndarray, p: np.ndarray, label: str, n_bins: int) -> None:
+    table = reliability(y, p, n_bins)
+    filled = table[table["count"] > 0]
+    ax.plot((0, 1), (0, 1), color=_GREY, linestyle="--", linewidth=1, label="perfectly calibrated")
+    ax.plot(filled["mean_predicted"], filled["observed"], color=CLASS_COLORS[label], linewidth=1.4)
+    # Marker area grows with the bin's share of the images: a bin of five images that
+    # misses the diagonal by far matters less than the crowded bin near 0.
+    sizes = 15 + 285 * filled["count"] / filled["count"].max()
+    ax.scatter(filled["mean_predicted"], filled["observed"], s=sizes, color=CLASS_COLORS[label],
+               edgecolors="white", linewidths=0.5, zorder=3, clip_on=False)
+    for x, obs, count in zip(filled["mean_predicted"], filled["observed"], filled["count"]):
+        ax.annotate(f"{int(count):,}", (x, obs), xytext=(4, -9), textcoords="offset points",
+                    fontsize=6, color=_GREY)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_title(f"{label}: ECE {expected_calibration_error(y, p, n_bins):.4f}", fontsize=10)
+    ax.set_xlabel("mean predicted probability", fontsize=8)
+    ax.set_ylabel("observed frequency", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
+def _calibration_section(out_dir: Path) -> Path | str:
+    """The reliability figure of the run's final validation or out-of-fold predictions."""
+    for name, columns in (("oof_predictions.csv", ("refined_", "pred_")), ("val_predictions.csv", ("pred_",))):
+        if (out_dir / name).is_file():
+            table = pd.read_csv(out_dir / name)
+            prefix = next(c for c in columns if f"{c}any" in table.columns)
+            return write_reliability_figure(table[list(LABELS)].to_numpy(),
+                                            table[[prefix + k for k in LABELS]].to_numpy(),
+                                            out_dir / REPORT_DIR / RELIABILITY_PNG)
+    return "Not drawn: no validation predictions yet (val_predictions.csv or oof_predictions.csv)."
+
+
+def write_reliability_figure(y, p, path: str | PathLike, *, n_bins: int = N_BINS,
+                             title: str | None = None) -> Path:
+    """A reliability diagram per class (2 x 3 panels): observed frequency against mean
+    prediction in `n_bins` equal-width bins, the diagonal, and the ECE in each title.
+
+    `y` (n, 6) labels and `p` (n, 6) predictions in LABELS order, e.g. the validation or
+    out-of-fold ones. Each marker is a non-empty bin, sized and labelled by its count.
+    """
+    truth, pred = check_predictions(y, p)
+    fig = Figure(figsize=(12, 8.4), layout="constrained")
+    for j, (label, ax) in enumerate(zip(LABELS, fig.subplots(2, 3).ravel())):
+        _reliability_panel(ax, truth[:, j], pred[:, j], label, n_bins)
+    fig.axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title or f"Calibration of {len(truth):,} images: observed frequency against "
+                          f"mean prediction, {n_bins} bins", fontsize=12)
+    return _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------
 # report.html
 
 _CAPTIONS = {
@@ -500,6 +560,11 @@ _CAPTIONS = {
                  "intercept near 0) and are unwrapped when read.",
     EXAMPLES_PNG: "What the model sees: each example slice once per window, each window one input "
                   "channel. The outline colour is the row's class.",
+    RELIABILITY_PNG: "How far to trust the probabilities: for the validation (or out-of-fold) "
+                     "images, the share that is truly positive against the mean predicted "
+                     "probability, in ten bins. On the diagonal, a predicted 0.3 is right 30 % of "
+                     "the time. ECE: the gap averaged over images. --calibrate fits a temperature "
+                     "per class and keeps it only where it lowers the loss out of fold.",
     TRAINING_PNG: "Loss per epoch (the star marks the checkpoint kept), per-class validation log "
                   "loss and AUC, and the learning rate.",
 }
@@ -655,6 +720,9 @@ def write_report(out_dir: str | PathLike, labels: pd.DataFrame | None = None,
     figures["Training"] = _training_section(out_dir, history, metrics or {})
     if isinstance(figures["Training"], Path):
         written.append(figures["Training"])
+    figures["Calibration"] = _calibration_section(out_dir)
+    if isinstance(figures["Calibration"], Path):
+        written.append(figures["Calibration"])
 
     if labels is None:
         figures["Labels"] = "Not drawn: no label table was given."

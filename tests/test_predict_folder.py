@@ -1,0 +1,115 @@
+"""kernel.py --predict DIR: a trained model on a folder of the user's own scans."""
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from kernel_runs import TINY, run_kernel
+from test_scans import _build_export
+from utils.labels import LABELS
+from utils.series_results import series_table, top_slices
+
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+MARKER = "Zyxwvut^Privacy"  # a patient name no output may hold
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = run_kernel("--out-dir", out, *TINY, "--refine", "--val-frac", "0.5")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def _with_patient_text(path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientBirthDate, ds.PatientID = MARKER, "19010203", MARKER
+        ds.save_as(path)
+
+
+def test_a_nested_export_is_predicted_slice_by_slice_and_series_by_series(trained, tmp_path, rsna_sample):
+    root = tmp_path / "export"
+    ct, skip = _build_export(root, rsna_sample)
+    for rel in ct:
+        _with_patient_text(root / rel)
+    out = tmp_path / "pred"
+    # a low threshold: every series is positive, so predict.html draws heatmaps for each
+    result = run_kernel("--predict", root, "--checkpoint", trained, "--out-dir", out,
+                        "--threshold", "0.01", "--workers", "0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    slices = pd.read_csv(out / "slices.csv", dtype={"path": str})
+    assert sorted(slices["path"]) == sorted(ct)  # every CT slice, once
+    assert dict(zip(slices["path"], slices["sop_uid"])) == ct
+    skipped = dict(pd.read_csv(out / "skipped.csv").itertuples(index=False))
+    assert set(skipped) == set(skip) and all(part in skipped[p] for p, part in skip.items())
+    probs = slices[list(LABELS)].to_numpy()
+    assert np.isfinite(probs).all() and ((probs > 0) & (probs < 1)).all()
+
+    series = pd.read_csv(out / "series.csv", keep_default_na=False)
+    pd.testing.assert_frame_equal(series, series_table(pd.read_csv(out / "slices.csv", keep_default_na=False), 0.01),
+                                  check_dtype=False)
+    assert series["n_slices"].sum() == len(slices) and (series["flag"] == "positive").all()
+    page = (out / "report" / "predict.html").read_text()
+    assert page.count("alt='heatmap'") == sum(min(3, n) for n in series["n_slices"])
+    assert page.count("alt='probabilities along the series'") == len(series)
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert MARKER.split("^")[0] not in path.read_text(errors="replace"), path
+            assert "19010203" not in path.read_text(errors="replace"), path
+
+
+def test_the_folder_gets_the_runs_own_predictions_refiner_included(trained, tmp_path):
+    """The demo's test images as a folder: the same probabilities as the run's own
+    --predict-only (its refiner along each series), whatever the names and nesting."""
+    data = trained / "demo_data"
+    again = run_kernel("--predict-only", "--checkpoint", trained, "--data-dir", data,
+                       "--out-dir", tmp_path / "p", "--workers", "0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    expected = pd.read_csv(tmp_path / "p" / "test_predictions.csv").set_index("image_id")
+    root = tmp_path / "scans"
+    for i, source in enumerate(sorted((data / "stage_2_test").glob("*.dcm"))):
+        target = root / f"disk{i % 2}" / f"IMG{i:05d}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+    result = run_kernel("--predict", root, "--checkpoint", trained, "--out-dir", tmp_path / "pred", "--workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    slices = pd.read_csv(tmp_path / "pred" / "slices.csv").set_index("sop_uid")
+    assert len(slices) >= 20
+    np.testing.assert_allclose(slices[list(LABELS)].to_numpy(), expected.loc[slices.index].to_numpy(),
+                               rtol=1e-5, atol=1e-7)
+    assert json.loads((trained / "metrics.json").read_text())["refiner_used"] in (True, False)
+
+
+def test_series_table_against_a_hand_made_case():
+    rows = []
+    for i, (p_any, p_sdh) in enumerate([(0.1, 0.05), (0.7, 0.6), (0.9, 0.2)]):
+        rows.append({"path": f"s1/{i}", "study_uid": "T", "series_uid": "A", "series_description": "HEAD",
+                     "index": i, **{k: 0.01 for k in LABELS}, "subdural": p_sdh, "any": p_any})
+    rows.append({"path": "s2/0", "study_uid": "T", "series_uid": "B", "series_description": "",
+                 "index": 0, **{k: 0.02 for k in LABELS}})
+    slices = pd.DataFrame(rows)
+    table = series_table(slices, threshold=0.5).set_index("series_uid")
+    assert table.loc["A", "n_slices"] == 3 and table.loc["B", "n_slices"] == 1
+    assert table.loc["A", "max_any"] == 0.9 and table.loc["A", "at_any"] == "s1/2"
+    assert table.loc["A", "max_subdural"] == 0.6 and table.loc["A", "at_subdural"] == "s1/1"
+    assert table.loc["A", "n_over_threshold"] == 2 and table.loc["A", "flag"] == "positive"
+    assert table.loc["B", "n_over_threshold"] == 0 and table.loc["B", "flag"] == "negative"
+    assert top_slices(slices, table.reset_index(), per_series=2)["path"].tolist() == ["s1/2", "s1/1"]
+    with pytest.raises(ValueError, match="threshold"):
+        series_table(slices, threshold=1.0)
+
+
+def test_a_folder_without_ct_slices_and_a_missing_checkpoint_are_clear_errors(trained, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("no images here\n")
+    result = run_kernel("--predict", tmp_path / "docs", "--checkpoint", trained, "--out-dir", tmp_path / "o")
+    assert result.returncode == 2 and "no CT slice to predict" in result.stderr
+    assert (tmp_path / "o" / "skipped.csv").is_file() and not (tmp_path / "o" / "slices.csv").exists()
+    alone = run_kernel("--predict", tmp_path / "docs")
+    assert alone.returncode == 2 and "--predict needs --checkpoint" in alone.stderr
