@@ -3,8 +3,9 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from scipy import ndimage
 
-from utils.demo import BLOOD_HU, make_demo_dataset
+from utils.demo import BLOOD_HU, TEST_MASKS, make_demo_dataset
 from utils.dicom import read_hu, scan_headers
 from utils.labels import LABELS, read_labels
 
@@ -91,3 +92,26 @@ def test_mimics_look_like_blood_on_one_slice_only(demo):
                 if 0 <= t < len(dense):
                     assert (dense[s] & dense[t]).sum() < 5  # nothing there on the next slice
     assert mimics >= 3
+
+
+def test_test_masks_mark_the_drawn_lesions(demo):
+    truth = pd.read_csv(demo / "test_truth.csv")
+    any_rows = truth[truth["ID"].str.endswith("_any")]
+    lesion = any_rows.set_index(any_rows["ID"].str[:12])["Label"]
+    with np.load(demo / TEST_MASKS) as z:
+        masks = {k: z[k] for k in z.files}
+    assert set(masks) == set(lesion.index)  # one per test slice, lesion or not
+    assert all(m.dtype == bool and m.shape == (128, 128) for m in masks.values())
+    assert {k: bool(m.any()) for k, m in masks.items()} == (lesion == 1).to_dict()
+    checked = 0
+    for image_id in lesion.index[lesion == 1]:
+        try:
+            hu = read_hu(demo / "stage_2_test" / f"{image_id}.dcm")
+        except Exception:  # noqa: BLE001 - the one damaged test file
+            continue
+        mask = masks[image_id]
+        assert (np.abs(hu[mask] - BLOOD_HU) < 15).mean() > 0.99, image_id  # blood, all of it
+        ring = ndimage.binary_dilation(mask, iterations=2) & ~mask & (hu < 500)  # no bone
+        assert hu[mask].mean() > hu[ring].mean() + 25, image_id  # brighter than around it
+        checked += 1
+    assert checked >= 5

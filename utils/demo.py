@@ -14,6 +14,9 @@ same reading paths as the competition data:
   test set;
 - duplicated rows in the label CSV, one truncated training file and one test file
   whose pixel data is shorter than its header says.
+
+Besides the Kaggle files it keeps what Kaggle keeps back, for benchmarks: the test labels
+(``test_truth.csv``) and where each test slice's lesions were drawn (``test_masks.npz``).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from utils.labels import LABELS, SUBTYPES
 
 AIR, BRAIN_HU, CSF_HU, BONE_HU, BLOOD_HU = -1000.0, 32.0, 5.0, 1200.0, 75.0
 VARIANTS = ("12bit_unsigned", "16bit_signed", "12bit_wrap")
+TEST_MASKS = "test_masks.npz"  # image ID -> bool (size, size): its lesions, all subtypes
 
 
 def _hex(rng: np.random.Generator, n: int) -> str:
@@ -39,6 +43,13 @@ def _hex(rng: np.random.Generator, n: int) -> str:
 def _phantom(rng, size: int, t: float, lesions: dict[str, dict], mimics: tuple = ()) -> np.ndarray:
     """One slice in HU; t in [-1, 1] is the height in the head, lesions keyed by subtype,
     mimics (x, y) centres of unlabelled foci as dense as blood and shaped like a clot."""
+    return _phantom_and_mask(rng, size, t, lesions, mimics)[0]
+
+
+def _phantom_and_mask(rng, size: int, t: float, lesions: dict[str, dict],
+                      mimics: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+    """_phantom's slice, and where its lesions are (bool, the union of the subtypes; the
+    mimics are no lesion). Draws from ``rng`` exactly what _phantom draws."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
     scale = np.sqrt(max(1.0 - (0.8 * t) ** 2, 0.2))
     ax, ay = 0.40 * scale, 0.46 * scale
@@ -57,6 +68,7 @@ def _phantom(rng, size: int, t: float, lesions: dict[str, dict], mimics: tuple =
     def clot(x: float, y: float) -> np.ndarray:  # a round clot in the brain, centre (x, y)
         return ((xx - x * ax) ** 2 + (yy - y * ay) ** 2 < (0.07 * scale) ** 2) & brain
 
+    drawn = np.zeros((size, size), dtype=bool)
     for name, p in lesions.items():
         if name == "epidural":  # lens against the inner table
             cx, cy = np.cos(p["angle"]) * ax * 0.78, np.sin(p["angle"]) * ay * 0.78
@@ -74,10 +86,11 @@ def _phantom(rng, size: int, t: float, lesions: dict[str, dict], mimics: tuple =
         else:  # subarachnoid: blood tracking along sulci, thin radial streaks
             mask = brain & (r > 0.45) & (r < inner - 0.04) & (np.cos(14 * theta + p["angle"]) > 0.75)
         hu[mask] = BLOOD_HU
+        drawn |= mask
     for x, y in mimics:
         hu[clot(x, y)] = BLOOD_HU
     hu += rng.normal(0.0, 3.0, size=hu.shape).astype(np.float32)
-    return hu
+    return hu, drawn
 
 
 def _encode(hu: np.ndarray, variant: str) -> tuple[np.ndarray, dict]:
@@ -158,7 +171,10 @@ def _mimics_for(rng, n_slices: int) -> dict[int, tuple]:
 
 def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8,
                       slices: tuple[int, int] = (10, 14), size: int = 128, seed: int = 0) -> Path:
-    """Write the demo dataset under ``root`` (created; replaced atomically) and return it."""
+    """Write the demo dataset under ``root`` (created; replaced atomically) and return it.
+
+    ``TEST_MASKS`` holds a mask for every test slice, empty where test_truth.csv says "any" 0;
+    the damaged test file keeps the mask of the pixels it was meant to hold."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -167,13 +183,17 @@ def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8
     def write(tmp: Path) -> None:
         used: set[str] = set()
         label_rows = _write_patients(tmp / "stage_2_train", n_train_patients, rng, mimic_rng, used, slices, size)
-        sample_rows = _write_patients(tmp / "stage_2_test", n_test_patients, rng, mimic_rng, used, slices, size)
+        test_masks: dict[str, np.ndarray] = {}
+        sample_rows = _write_patients(tmp / "stage_2_test", n_test_patients, rng, mimic_rng, used, slices,
+                                      size, masks=test_masks)
         _add_faults(tmp, size)
         label_rows += label_rows[:2]  # the real label file repeats some images, identically
         _write_csv(tmp / "stage_2_train.csv", [(i, v) for rows in label_rows for i, v in rows])
         _write_csv(tmp / "stage_2_sample_submission.csv", [(i, 0.5) for rows in sample_rows for i, _ in rows])
         # The answers to the test set, which Kaggle keeps: benchmarks score submissions with them.
         _write_csv(tmp / "test_truth.csv", [(i, v) for rows in sample_rows for i, v in rows])
+        with open(tmp / TEST_MASKS, "wb") as f:  # inside the folder that is renamed into place
+            np.savez_compressed(f, **test_masks)
         (tmp / "README.txt").write_text(
             "Synthetic RSNA-shaped demo data written by utils/demo.py; not real patients.\n")
         if root.exists():
@@ -182,8 +202,9 @@ def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8
 
 
 def _write_patients(folder: Path, n_patients: int, rng, mimic_rng, used: set, slices: tuple[int, int],
-                    size: int) -> list[list[tuple[str, int]]]:
-    """Each patient's series of slices; per slice, its six (row ID, label) pairs."""
+                    size: int, masks: dict | None = None) -> list[list[tuple[str, int]]]:
+    """Each patient's series of slices; per slice, its six (row ID, label) pairs. With
+    ``masks``, each slice's lesion mask goes there under its image ID."""
     folder.mkdir(parents=True)
     out = []
     for p in range(n_patients):
@@ -205,9 +226,11 @@ def _write_patients(folder: Path, n_patients: int, rng, mimic_rng, used: set, sl
             used.add(image_id)
             present = {k: v for k, v in lesions.items() if s in runs[k]}
             t = -0.7 + 1.4 * s / max(n_slices - 1, 1)
-            write_slice(folder / f"{image_id}.dcm", _phantom(rng, size, t, present, mimics.get(s, ())),
-                        variant, image_id=image_id, patient_id=patient, study_uid=study,
-                        series_uid=series, z=z0 + 5.0 * s, implicit=(p % 4 == 3))
+            hu, drawn = _phantom_and_mask(rng, size, t, present, mimics.get(s, ()))
+            if masks is not None:
+                masks[image_id] = drawn
+            write_slice(folder / f"{image_id}.dcm", hu, variant, image_id=image_id, patient_id=patient,
+                        study_uid=study, series_uid=series, z=z0 + 5.0 * s, implicit=(p % 4 == 3))
             y = [int(name in present) for name in SUBTYPES]
             y.append(int(any(y)))
             out.append([(f"{image_id}_{name}", v) for name, v in zip(LABELS, y)])
