@@ -24,6 +24,8 @@ TILT = math.radians(20)
 # Row along x, column tilted 20 degrees out of y: normal (0, sin, cos), as a gantry tilt.
 TILTED = (1, 0, 0, 0, math.cos(TILT), -math.sin(TILT))
 CORONAL = (1, 0, 0, 0, 0, -1)  # normal along y: every slice has the same z
+STEEP_TILT = math.radians(40)
+STEEP = (1, 0, 0, 0, math.cos(STEEP_TILT), -math.sin(STEEP_TILT))  # the steepest gantry tilts
 SCRAMBLE = [3, 0, 4, 1, 5, 2]  # slice i is written as IM000{SCRAMBLE[i]}: names say nothing
 
 
@@ -144,9 +146,24 @@ def _coronal_positions(i: int) -> np.ndarray:
     return np.array([-120.0, -50.0 + 2.5 * i, 80.0])
 
 
+def _steep_positions(i: int) -> np.ndarray:
+    """2.5 mm along the 40-degree normal, shifted back along the column direction so that
+    every slice has the same z."""
+    normal = np.cross(STEEP[:3], STEEP[3:])
+    column = np.array(STEEP[3:])
+    return np.array([-120.0, -100.0, 40.0]) + 2.5 * i * normal - 2.5 * i * normal[2] / column[2] * column
+
+
+def test_a_coronal_or_sagittal_reformat_is_skipped_not_predicted(tmp_path):
+    make_series(tmp_path / "c", [_coronal_positions(i) for i in range(4)], CORONAL)
+    scan = scan_folder(tmp_path)
+    assert scan.slices.empty and len(scan.skipped) == 4
+    assert scan.skipped["reason"].str.startswith("not an axial slice: its plane is 90 degrees").all()
+
+
 @pytest.mark.parametrize("orientation,position,step", [(TILTED, _tilted_positions, 1.0),
-                                                        (CORONAL, _coronal_positions, 2.5)],
-                         ids=["tilted, in-plane shifts", "coronal, one z"])
+                                                        (STEEP, _steep_positions, 2.5)],
+                         ids=["tilted, in-plane shifts", "tilted 40 degrees, one z"])
 def test_a_series_is_ordered_along_its_normal_where_z_alone_orders_it_wrong(tmp_path, orientation, position,
                                                                             step):
     names = [f"IM{SCRAMBLE[i]:04d}" for i in range(len(SCRAMBLE))]

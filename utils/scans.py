@@ -14,7 +14,8 @@ Rules:
 - Folders are walked in name order, and symlinked folders followed, each real folder once
   (a link back up the tree is no loop).
 - Skipped, with a reason: a damaged file (utils.dicom's reason), another modality, a
-  localizer (ImageType LOCALIZER), a multi-frame object, colour data, a second file of one
+  localizer (ImageType LOCALIZER), a slice more than 45 degrees from axial (a coronal or
+  sagittal reformat: the model reads axial slices), a multi-frame object, colour data, a second file of one
   SOPInstanceUID, and a second slice at one position of a series (the first path, sorted,
   is kept; the reason names it).
 - A series is a SeriesInstanceUID within its StudyInstanceUID (utils.split's fallback when
@@ -29,6 +30,7 @@ Rules:
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ POSITION_TOLERANCE_MM = 0.01  # closer slices are one position written twice (0.
 ORIENTATION_TOLERANCE = 1e-3  # normals' largest difference within one orientation (cosines' rounding)
 _INFO_COLUMNS = ["sop_uid", "study_uid", "series_uid", "series_description", "position",
                  "orientation"]  # what _read_chunk gives of a slice
+MAX_TILT_DEGREES = 45  # gantry tilts of head CT stay within about 30 degrees of axial
 NO_GEOMETRY = "no ImagePositionPatient/ImageOrientationPatient: predicted alone"
 OTHER_ORIENTATION = "orientation differs from the series' first slice; placed along that slice's normal"
 
@@ -164,6 +167,13 @@ def _not_predictable(info: SliceInfo) -> str:
         return f"modality {info.modality}, not CT"
     if "LOCALIZER" in info.image_type:
         return "a localizer (scout) image: ImageType " + "\\".join(info.image_type)
+    if info.orientation is not None:
+        row, col = info.orientation[:3], info.orientation[3:]
+        normal_z = row[0] * col[1] - row[1] * col[0]  # of the unit normal row x column
+        tilt = math.degrees(math.acos(min(1.0, abs(normal_z))))
+        if tilt > MAX_TILT_DEGREES:
+            return (f"not an axial slice: its plane is {tilt:.0f} degrees from axial (a coronal or "
+                    f"sagittal reformat?); the model reads axial slices")
     return ""
 
 
