@@ -49,7 +49,8 @@ from utils.engine import (CheckpointMismatch, Checkpoints, Dist, ResumableSample
                           warmup_cosine, weighted_bce)
 from utils.ensemble import (PRED_COLUMNS, assemble_oof, average, check_same_data, data_fingerprint,
                             shared_scores)
-from utils.labels import LABELS, SUBTYPES, LabelError, check_image_id, format_label_report, label_report, read_labels
+from utils.labels import (LABELS, SUBTYPES, LabelError, check_image_id, format_label_report, label_report,
+                          read_labels)
 from utils.metrics import per_class_log_loss, prior_probabilities, weighted_log_loss
 from utils.model import WeightsError, build_model, find_weights
 from utils.refiner import RefinerResult, fit_refiner, load_refiner, logit, refine, save_refiner
@@ -879,7 +880,8 @@ def fit_calibration(truth: pd.DataFrame, probs: np.ndarray, headers: pd.DataFram
 def calibration_metrics(decision: dict | None, prefix: str) -> dict:
     if decision is None:
         return {}
-    return {"calibration_used": decision["use"], "calibration_temperatures": dict(zip(LABELS, decision["temperatures"])),
+    return {"calibration_used": decision["use"],
+            "calibration_temperatures": dict(zip(LABELS, decision["temperatures"])),
             f"{prefix}_weighted_log_loss_uncalibrated": decision["loss_before"],
             f"{prefix}_weighted_log_loss_calibrated_oof": decision["loss_after_oof"]}
 
@@ -1140,9 +1142,10 @@ def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: 
             pred = refine_test(refiner, pred, data["test_headers"])
             oof = oof.assign(**dict(zip([f"refined_{k}" for k in LABELS], refined.T)))
     final = oof[[f"refined_{k}" for k in LABELS] if "refined_any" in oof else PRED_COLUMNS].to_numpy()
-    metrics.update({f"oof_{k}": v for k, v in calibration_summary(oof[list(LABELS)].to_numpy(), final).items()})
+    truth = oof[list(LABELS)]
+    metrics.update({f"oof_{k}": v for k, v in calibration_summary(truth.to_numpy(), final).items()})
     if cfg.calibrate:
-        calibration = fit_calibration(oof[list(LABELS)], final, data["train_headers"], cfg, out_dir, rt.dist)
+        calibration = fit_calibration(truth, final, data["train_headers"], cfg, out_dir, rt.dist)
         metrics.update(calibration_metrics(calibration, "oof"))
         pred = calibrate_test(calibration, pred)
     metrics.update(submit(pred, data_dir, out_dir, rt))
@@ -1257,6 +1260,8 @@ def predict_folder(cfg: Config, rt: Runtime, started: float) -> int:
     checkpoint's own settings and refiner; what is not a CT slice is listed in skipped.csv."""
     d = rt.dist
     out_dir = share(d, prepare_predict_dir(cfg) if d.main else None)
+    if d.main:
+        write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "environment": environment()})
     scan = scan_folder(cfg.predict, workers=cfg.workers)
     log(f"Scanned {cfg.predict}: {scan.summary()}")
     if scan.slices.empty:
@@ -1278,7 +1283,8 @@ def predict_folder(cfg: Config, rt: Runtime, started: float) -> int:
     if d.main:
         write_csv(out_dir / "slices.csv", slices, index=False)
         write_csv(out_dir / "series.csv", series, index=False)
-        write_csv(out_dir / "skipped.csv", pd.concat([scan.skipped, undecodable], ignore_index=True), index=False)
+        skipped = pd.concat([scan.skipped, undecodable], ignore_index=True)
+        write_csv(out_dir / "skipped.csv", skipped, index=False)
         (out_dir / "bad_files.csv").unlink()  # its rows are in skipped.csv
         maps = heatmaps(Path(cfg.checkpoint), cfg, rt, rows.loc[top["path"]], pred.probs) if len(top) else {}
         notes = [f"{cfg.predict}: {scan.summary()}", f"Model: {cfg.checkpoint}; heatmaps (Grad-CAM) from "
@@ -1405,7 +1411,9 @@ def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, starte
         refine_metrics = dict(refiner_used=refiner is not None, val_weighted_log_loss_refined_oof=refined_loss,
                               val_weighted_log_loss_unrefined=weighted_log_loss(val_df.to_numpy(), val_probs))
         val_probs = refined_probs
-    calibration = fit_calibration(val_df, val_probs, train_headers, cfg, out_dir, d) if cfg.calibrate else None
+    calibration = None
+    if cfg.calibrate:
+        calibration = fit_calibration(val_df, val_probs, train_headers, cfg, out_dir, d)
     if d.enabled:
         digest = hashlib.sha1(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
         print(f"rank {d.rank} of {d.world}: final weights sha1 {digest.hexdigest()}", flush=True)
