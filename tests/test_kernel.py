@@ -82,6 +82,11 @@ def test_split_keeps_patients_on_one_side_and_metrics_are_consistent(tiny_run):
                                    preds[[f"pred_{k}" for k in LABELS]].to_numpy())
     assert recomputed == pytest.approx(metrics["val_weighted_log_loss"], rel=1e-5)
     assert set(metrics["val_log_loss_per_class"]) == set(LABELS)
+    from utils.calibration import expected_calibration_error
+    for j, k in enumerate(LABELS):  # every run says how far to trust its probabilities
+        assert metrics["val_ece"][k] == pytest.approx(expected_calibration_error(
+            preds[k].to_numpy(), preds[f"pred_{k}"].to_numpy()), rel=1e-6)  # CSV rounds
+    assert (out / "report" / "reliability.png").stat().st_size > 5000
     config = json.loads((out / "config.json").read_text())
     assert config["arch"] == "resnet18" and config["demo"] is True and config["weights"] == "none"
     history = pd.read_csv(out / "history.csv")
@@ -323,10 +328,14 @@ def test_a_later_kaggle_session_adopts_the_previous_checkpoint(tiny_run, tmp_pat
 
 def test_context_and_refine_options(tmp_path):
     out = tmp_path / "out"
-    result = run_kernel("--out-dir", out, *TINY, "--context", "1", "--context-windows", "--refine")
+    result = run_kernel("--out-dir", out, *TINY, "--context", "1", "--context-windows", "--refine",
+                        "--calibrate", "--val-frac", "0.5")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Slice order (train): 6 series" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
+    decision = json.loads((out / "calibration.json").read_text())  # after the refiner, on what it gives
+    assert metrics["val_weighted_log_loss_uncalibrated"] == pytest.approx(metrics["val_weighted_log_loss"])
+    assert metrics["calibration_used"] == decision["use"] == (decision["loss_after_oof"] < decision["loss_before"])
     assert "Refiner: validation weighted log loss" in result.stdout
     assert metrics["val_weighted_log_loss_refined_oof"] > 0
     if metrics["refiner_used"]:  # used only where it beats the per-slice loss out of fold
