@@ -83,7 +83,7 @@ def test_split_keeps_patients_on_one_side_and_metrics_are_consistent(tiny_run):
     assert recomputed == pytest.approx(metrics["val_weighted_log_loss"], rel=1e-5)
     assert set(metrics["val_log_loss_per_class"]) == set(LABELS)
     from utils.calibration import expected_calibration_error
-    for j, k in enumerate(LABELS):  # every run says how far to trust its probabilities
+    for k in LABELS:  # every run says how far to trust its probabilities
         assert metrics["val_ece"][k] == pytest.approx(expected_calibration_error(
             preds[k].to_numpy(), preds[f"pred_{k}"].to_numpy()), rel=1e-6)  # CSV rounds
     assert (out / "report" / "reliability.png").stat().st_size > 5000
