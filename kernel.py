@@ -1242,13 +1242,12 @@ def heatmaps(path: Path, cfg: Config, rt: Runtime, rows: pd.DataFrame, probs: pd
     model, trained, _ = load_model(first_checkpoint(path), rt)
     keys = ("arch", "image_size", "windows", "context", "context_windows")
     run_cfg = dataclasses.replace(cfg, **{k: trained.get(k, getattr(Config, k)) for k in keys})
-    ds = slice_dataset(rows, run_cfg)
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
-    x = data_utils.to_device_normalized(images, rt.device, input_layout(run_cfg)[1])
     classes = probs.loc[rows.index, list(SUBTYPES)].to_numpy().argmax(axis=1)  # LABELS starts with them
-    cams = grad_cam(model.float(), x.float(), classes)
+    loader = data_utils.make_loader(slice_dataset(rows, run_cfg), cfg.batch_size, workers=0)
+    cams = [grad_cam(model.float(), data_utils.to_device_normalized(images, rt.device, input_layout(run_cfg)[1]),
+                     classes[index.numpy()]) for images, _, index, _ in loader]
     out = {}
-    for key, path_, cam, c in zip(rows.index, rows["path"], cams, classes):
+    for key, path_, cam, c in zip(rows.index, rows["path"], np.concatenate(cams), classes):
         gray = read_windowed(path_, (BRAIN,), run_cfg.image_size)[..., 0]
         out[key] = (LABELS[c], overlay(gray, cam))
     return out
