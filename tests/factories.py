@@ -1,9 +1,12 @@
 """Small DICOM files built in tests, with exactly the tags a case needs."""
+import random
+import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1
@@ -122,3 +125,74 @@ def make_series(folder, positions, orientation, names=None, series_uid="1.2.3.5"
                     ImagePositionPatient=[float(x) for x in pos],
                     ImageOrientationPatient=[float(x) for x in orientation], **tags)
             for i, (pos, name) in enumerate(zip(positions, names))]
+
+
+# ---------------------------------------------------------------------------------------
+# A folder of scans as a PACS export or a CD gives it (utils.scans, kernel.py --predict).
+
+def read_dicom(path) -> pydicom.Dataset:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        return pydicom.dcmread(path)
+
+
+def rewrite_dicom(source, target, **tags) -> Path:
+    """A copy of ``source`` at ``target`` with ``tags`` set."""
+    ds = read_dicom(source)
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds.save_as(target, enforce_file_format=True)
+    return Path(target)
+
+
+def place_file(source, target, data: bytes | None = None) -> str:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        shutil.copyfile(source, target)
+    else:
+        target.write_bytes(data)
+    return target.as_posix()
+
+
+def build_export(root: Path, sample: Path) -> tuple[dict, dict]:
+    """The real sample as a PACS export (study/series folders, no extensions), mixed with
+    what is no CT slice. Returns {path: SOP UID} of the CT slices and {path: reason part}
+    of the files to skip."""
+    ct, skip = {}, {}
+    for i, source in enumerate(sorted(sample.glob("stage_2_*/*.dcm"))):
+        ds = read_dicom(source)
+        rel = f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/IM{i:04d}"
+        place_file(source, root / rel)
+        ct[rel] = ds.SOPInstanceUID
+    kept = sorted(ct)[0]
+    study, series = kept.split("/")[:2]
+    place_file(get_testdata_file("CT_small.dcm"), root / "cd/CT/CT_small")
+    ct["cd/CT/CT_small"] = read_dicom(get_testdata_file("CT_small.dcm")).SOPInstanceUID
+    place_file(get_testdata_file("MR_small.dcm"), root / "cd/MR/IM0001")
+    skip["cd/MR/IM0001"] = "modality MR, not CT"
+    rewrite_dicom(root / kept, root / study / "scout/IM0001", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+             SOPInstanceUID="ID_scout", SeriesInstanceUID="ID_scout_series")
+    skip[f"{study}/scout/IM0001"] = "a localizer (scout) image"
+    for folder in ("cd/enhanced", "cd/colour"):
+        (root / folder).mkdir(parents=True)
+    make_multiframe_ct(root / "cd/enhanced/IM0001", np.full((3, 8, 8), 1024), Modality="CT")
+    skip["cd/enhanced/IM0001"] = "3 frames (a multi-frame object)"
+    make_ct(root / "cd/colour/IM0001", np.zeros((8, 8)), SamplesPerPixel=3, Modality="CT")
+    skip["cd/colour/IM0001"] = "(colour data)"
+    place_file(get_testdata_file("DICOMDIR"), root / "DICOMDIR")
+    skip["DICOMDIR"] = "a DICOMDIR (the index of a DICOM folder)"
+    data = (root / kept).read_bytes()
+    place_file(None, root / study / series / "IM_damaged", data[:len(data) // 2])
+    skip[f"{study}/{series}/IM_damaged"] = "pixel data is short"
+    rewrite_dicom(root / kept, root / study / series / "zz_copy", SOPInstanceUID="ID_copy")
+    skip[f"{study}/{series}/zz_copy"] = f"the file kept is {kept}"
+    place_file(root / kept, root / "again/IM0001")
+    skip["again/IM0001"] = f"duplicate SOPInstanceUID: the file kept is {min(kept, 'again/IM0001')}"
+    place_file(None, root / "README.TXT", b"Open viewer.exe to see the images.\n")
+    place_file(None, root / "cd/viewer.exe", random.Random(0).randbytes(4000))
+    place_file(None, root / "cd/empty", b"")
+    (root / "cd/loop").symlink_to(root, target_is_directory=True)  # a link back up the tree
+    return ct, skip

@@ -69,6 +69,9 @@ def test_it_stops_with_one_message_saying_what_to_attach(tmp_path, capsys):
     assert "pydicom" in message and "numpy" not in message
     assert "--with-wheels" in message and "pip install --no-index --find-links" in message
     assert capsys.readouterr().out.startswith(f"Python {sys.version.split()[0]} | pydicom ")
+    with pytest.raises(EnvironmentProblem, match="newer environment") as err:  # no wheels of ours help
+        check_environment({"torch": "99.0"}, wheels_root=tmp_path)
+    assert "--with-wheels" not in str(err.value)
 
 
 def test_it_installs_what_is_missing_from_attached_wheels(tmp_path, monkeypatch):

@@ -1,15 +1,12 @@
 """kernel.py --predict DIR: a trained model on a folder of the user's own scans."""
 import json
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
 
 from kernel_runs import TINY, run_kernel
-from test_scans import _build_export
+from factories import build_export, rewrite_dicom
 from utils.labels import LABELS
 from utils.series_results import series_table, top_slices
 
@@ -25,19 +22,11 @@ def trained(tmp_path_factory):
     return out
 
 
-def _with_patient_text(path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
-        ds = pydicom.dcmread(path)
-        ds.PatientName, ds.PatientBirthDate, ds.PatientID = MARKER, "19010203", MARKER
-        ds.save_as(path)
-
-
 def test_a_nested_export_is_predicted_slice_by_slice_and_series_by_series(trained, tmp_path, rsna_sample):
     root = tmp_path / "export"
-    ct, skip = _build_export(root, rsna_sample)
+    ct, skip = build_export(root, rsna_sample)
     for rel in ct:
-        _with_patient_text(root / rel)
+        rewrite_dicom(root / rel, root / rel, PatientName=MARKER, PatientBirthDate="19010203", PatientID=MARKER)
     out = tmp_path / "pred"
     # a low threshold: every series is positive, so predict.html draws heatmaps for each
     result = run_kernel("--predict", root, "--checkpoint", trained, "--out-dir", out,

@@ -1,17 +1,15 @@
 """utils.scans on folder trees as exports and CDs give them: nested, unnamed, mixed, damaged."""
 import math
 import random
-import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from factories import make_ct, make_multiframe_ct, make_series
+from factories import build_export, make_ct, make_multiframe_ct, make_series, rewrite_dicom
 from test_fuzz import _length_fields, _mutate
 from utils.dicom import DicomError, read_header, read_hu, scan_headers
 from utils.scans import NO_GEOMETRY, OTHER_ORIENTATION, SKIPPED_COLUMNS, SLICE_COLUMNS, scan_folder
@@ -29,77 +27,9 @@ STEEP = (1, 0, 0, 0, math.cos(STEEP_TILT), -math.sin(STEEP_TILT))  # the steepes
 SCRAMBLE = [3, 0, 4, 1, 5, 2]  # slice i is written as IM000{SCRAMBLE[i]}: names say nothing
 
 
-def _read(path) -> pydicom.Dataset:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
-        return pydicom.dcmread(path)
-
-
-def _rewrite(source, target, **tags) -> Path:
-    """A copy of ``source`` at ``target`` with ``tags`` set."""
-    ds = _read(source)
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
-        ds.save_as(target, enforce_file_format=True)
-    return Path(target)
-
-
-def _place(source, target, data: bytes | None = None) -> str:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if data is None:
-        shutil.copyfile(source, target)
-    else:
-        target.write_bytes(data)
-    return target.as_posix()
-
-
-def _build_export(root: Path, sample: Path) -> tuple[dict, dict]:
-    """The real sample as a PACS export (study/series folders, no extensions), mixed with
-    what is no CT slice. Returns {path: SOP UID} of the CT slices and {path: reason part}
-    of the files to skip."""
-    ct, skip = {}, {}
-    for i, source in enumerate(sorted(sample.glob("stage_2_*/*.dcm"))):
-        ds = _read(source)
-        rel = f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/IM{i:04d}"
-        _place(source, root / rel)
-        ct[rel] = ds.SOPInstanceUID
-    kept = sorted(ct)[0]
-    study, series = kept.split("/")[:2]
-    _place(get_testdata_file("CT_small.dcm"), root / "cd/CT/CT_small")
-    ct["cd/CT/CT_small"] = _read(get_testdata_file("CT_small.dcm")).SOPInstanceUID
-    _place(get_testdata_file("MR_small.dcm"), root / "cd/MR/IM0001")
-    skip["cd/MR/IM0001"] = "modality MR, not CT"
-    _rewrite(root / kept, root / study / "scout/IM0001", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
-             SOPInstanceUID="ID_scout", SeriesInstanceUID="ID_scout_series")
-    skip[f"{study}/scout/IM0001"] = "a localizer (scout) image"
-    for folder in ("cd/enhanced", "cd/colour"):
-        (root / folder).mkdir(parents=True)
-    make_multiframe_ct(root / "cd/enhanced/IM0001", np.full((3, 8, 8), 1024), Modality="CT")
-    skip["cd/enhanced/IM0001"] = "3 frames (a multi-frame object)"
-    make_ct(root / "cd/colour/IM0001", np.zeros((8, 8)), SamplesPerPixel=3, Modality="CT")
-    skip["cd/colour/IM0001"] = "(colour data)"
-    _place(get_testdata_file("DICOMDIR"), root / "DICOMDIR")
-    skip["DICOMDIR"] = "a DICOMDIR (the index of a DICOM folder)"
-    data = (root / kept).read_bytes()
-    _place(None, root / study / series / "IM_damaged", data[:len(data) // 2])
-    skip[f"{study}/{series}/IM_damaged"] = "pixel data is short"
-    _rewrite(root / kept, root / study / series / "zz_copy", SOPInstanceUID="ID_copy")
-    skip[f"{study}/{series}/zz_copy"] = f"the file kept is {kept}"
-    _place(root / kept, root / "again/IM0001")
-    skip["again/IM0001"] = f"duplicate SOPInstanceUID: the file kept is {min(kept, 'again/IM0001')}"
-    _place(None, root / "README.TXT", b"Open viewer.exe to see the images.\n")
-    _place(None, root / "cd/viewer.exe", random.Random(0).randbytes(4000))
-    _place(None, root / "cd/empty", b"")
-    (root / "cd/loop").symlink_to(root, target_is_directory=True)  # a link back up the tree
-    return ct, skip
-
-
 def test_a_nested_export_gives_each_ct_slice_once_and_a_reason_for_each_file_skipped(tmp_path, rsna_sample):
     root = tmp_path / "export"
-    ct, skip = _build_export(root, rsna_sample)
+    ct, skip = build_export(root, rsna_sample)
     scan = scan_folder(root)
     assert list(scan.slices.columns) == SLICE_COLUMNS and list(scan.skipped.columns) == SKIPPED_COLUMNS
     assert scan.slices["path"].is_unique
@@ -119,7 +49,7 @@ def test_real_series_are_ordered_as_their_z_orders_them(tmp_path, rsna_sample):
     """The sample's series are gantry-tilted but stepped along z, as scanners do: the
     normal's order and z's order agree, and each series is 0..n-1 in (study, series) order."""
     root = tmp_path / "export"
-    _build_export(root, rsna_sample)
+    build_export(root, rsna_sample)
     slices = scan_folder(root).slices
     headers, _ = scan_headers(sorted(str(root / p) for p in slices["path"]))
     z = dict(zip(headers["path"], headers["z"]))
@@ -226,11 +156,11 @@ def test_no_patient_text_reaches_the_outputs(tmp_path, rsna_sample):
     make_ct(tmp_path / "a/s/no_position", np.full((8, 8), 1024), Modality="CT", SOPInstanceUID="9.9",
             ImagePositionPatient=None, **tags)
     for i, source in enumerate(sorted(rsna_sample.glob("stage_2_test/*.dcm"))):
-        _rewrite(source, tmp_path / f"b/{i}", **tags)
-    _rewrite(get_testdata_file("MR_small.dcm"), tmp_path / "c/mr", **tags)
+        rewrite_dicom(source, tmp_path / f"b/{i}", **tags)
+    rewrite_dicom(get_testdata_file("MR_small.dcm"), tmp_path / "c/mr", **tags)
     data = (tmp_path / "b/0").read_bytes()
     (tmp_path / "c/damaged").write_bytes(data[:len(data) - 100])
-    _rewrite(tmp_path / "b/0", tmp_path / "c/colour", SamplesPerPixel=3)
+    rewrite_dicom(tmp_path / "b/0", tmp_path / "c/colour", SamplesPerPixel=3)
     scan = scan_folder(tmp_path)
     assert len(scan.slices) == 3 + 5 and len(scan.skipped) == 3
     text = " ".join([scan.slices.to_csv(), scan.skipped.to_csv(), scan.model_rows().to_csv(),
@@ -305,7 +235,7 @@ def test_a_tree_without_ct_slices_gives_empty_tables(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs/report.pdf").write_bytes(b"%PDF-1.4")
-    _rewrite(get_testdata_file("MR_small.dcm"), tmp_path / "docs/mr")
+    rewrite_dicom(get_testdata_file("MR_small.dcm"), tmp_path / "docs/mr")
     for root, n_files in ((tmp_path / "empty", 0), (tmp_path / "docs", 2)):
         scan = scan_folder(root)
         assert list(scan.slices.columns) == SLICE_COLUMNS and scan.slices.empty

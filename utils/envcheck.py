@@ -102,6 +102,10 @@ def install_from_wheels(folder: Path, names) -> None:
 
 def _message(problems: dict[str, str]) -> str:
     listed = "\n".join(f"  - {name}: {why}" for name, why in problems.items())
+    if set(problems) <= set(STATED_ONLY):  # gigabytes, built for the machine's CUDA: no wheels of ours
+        return (f"This environment cannot run the pipeline:\n{listed}\n"
+                "Choose a newer environment for the notebook (on Kaggle: Settings > Environment > "
+                "Always use latest environment); elsewhere install torch for your CUDA from pytorch.org.")
     return (f"This environment cannot run the pipeline:\n{listed}\n"
             "Attach the wheels dataset made by `python kernel.py --export-kaggle DIR --with-wheels` "
             "(upload it with `kaggle datasets create -p DIR/wheels`) and run this cell again: its "
@@ -118,9 +122,10 @@ def check_environment(floors: dict[str, str] = FLOORS, wheels_root: str | Path =
     if not problems:
         return versions
     folder = find_wheels(wheels_root)
-    if folder is None:
+    installable = [name for name in problems if name not in STATED_ONLY]
+    if folder is None or not installable:
         raise EnvironmentProblem(_message(problems))
-    install_from_wheels(folder, [n for n in problems if n not in STATED_ONLY])
+    install_from_wheels(folder, installable)
     importlib.invalidate_caches()
     still = find_problems(floors)
     if still:
