@@ -39,7 +39,6 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import data as data_utils
-from utils.gradcam import grad_cam, overlay
 from utils.atomic import atomic_write
 from utils.calibration import apply_temperatures, calibration_summary, decide_calibration
 from utils.demo import make_demo_dataset
@@ -49,6 +48,7 @@ from utils.engine import (CheckpointMismatch, Checkpoints, Dist, ResumableSample
                           warmup_cosine, weighted_bce)
 from utils.ensemble import (PRED_COLUMNS, assemble_oof, average, check_same_data, data_fingerprint,
                             shared_scores)
+from utils.gradcam import grad_cam, overlay
 from utils.labels import (LABELS, SUBTYPES, LabelError, check_image_id, format_label_report, label_report,
                           read_labels)
 from utils.metrics import per_class_log_loss, prior_probabilities, weighted_log_loss
@@ -955,8 +955,8 @@ def calibrate_test(decision: dict | None, pred: TestPredictions) -> TestPredicti
     images predicted with the prior keep it."""
     if not decision or not decision["use"]:
         return pred
-    probs = pred.probs.copy()
-    read = [i for i in pred.scanned if i not in set(pred.failed)]
+    probs, failed = pred.probs.copy(), set(pred.failed)
+    read = [i for i in pred.scanned if i not in failed]
     probs.loc[read] = apply_temperatures(probs.loc[read].to_numpy(), np.asarray(decision["temperatures"]))
     return dataclasses.replace(pred, probs=probs)
 
