@@ -46,8 +46,8 @@ from utils.dicom import BRAIN, parse_windows, read_windowed, scan_headers
 from utils.engine import (CheckpointMismatch, Checkpoints, Dist, ResumableSampler, barrier, gather_lists,
                           gather_rows, init_distributed, load_checkpoint, model_state, roc_auc,
                           warmup_cosine, weighted_bce)
-from utils.ensemble import (PRED_COLUMNS, assemble_oof, average, check_same_data, data_fingerprint,
-                            shared_scores)
+from utils.ensemble import (PRED_COLUMNS, REFINED_COLUMNS, assemble_oof, average, check_same_data,
+                            data_fingerprint, final_columns, shared_scores)
 from utils.gradcam import grad_cam, overlay
 from utils.labels import (LABELS, SUBTYPES, LabelError, check_image_id, format_label_report, label_report,
                           read_labels)
@@ -1140,8 +1140,8 @@ def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: 
             if rt.dist.main:
                 save_refiner(refiner, out_dir / "refiner.pt")
             pred = refine_test(refiner, pred, data["test_headers"])
-            oof = oof.assign(**dict(zip([f"refined_{k}" for k in LABELS], refined.T)))
-    final = oof[[f"refined_{k}" for k in LABELS] if "refined_any" in oof else PRED_COLUMNS].to_numpy()
+            oof = oof.assign(**dict(zip(REFINED_COLUMNS, refined.T)))
+    final = oof[final_columns(oof)].to_numpy()
     truth = oof[list(LABELS)]
     metrics.update({f"oof_{k}": v for k, v in calibration_summary(truth.to_numpy(), final).items()})
     if cfg.calibrate:
@@ -1240,8 +1240,7 @@ def first_checkpoint(path: Path) -> Path:
 def heatmaps(path: Path, cfg: Config, rt: Runtime, rows: pd.DataFrame, probs: pd.DataFrame) -> dict:
     """Grad-CAM of each row's most probable subtype, over its brain window."""
     model, trained, _ = load_model(first_checkpoint(path), rt)
-    keys = ("arch", "image_size", "windows", "context", "context_windows")
-    run_cfg = dataclasses.replace(cfg, **{k: trained.get(k, getattr(Config, k)) for k in keys})
+    run_cfg = trained_settings(cfg, trained)
     classes = probs.loc[rows.index, list(SUBTYPES)].to_numpy().argmax(axis=1)  # LABELS starts with them
     loader = data_utils.make_loader(slice_dataset(rows, run_cfg), cfg.batch_size, workers=0)
     cams = [grad_cam(model.float(), data_utils.to_device_normalized(images, rt.device, input_layout(run_cfg)[1]),
@@ -1312,15 +1311,22 @@ def load_model(path: Path, rt: Runtime) -> tuple[torch.nn.Module, dict, np.ndarr
     return model.to(rt.device).to(memory_format=torch.channels_last), state["config"], state["prior"].numpy()
 
 
+# everything of a checkpoint's run that shapes its numbers, the batch included (float sums on the CPU)
+TRAINED_SETTINGS = ("arch", "image_size", "windows", "context", "context_windows", "tta", "batch_size")
+
+
+def trained_settings(cfg: Config, trained: dict) -> Config:
+    """``cfg`` with the settings the checkpoint was trained with (its config.json's)."""
+    return dataclasses.replace(cfg, **{k: trained.get(k, getattr(Config, k)) for k in TRAINED_SETTINGS})
+
+
 def predict_saved(path: Path, cfg: Config, rt: Runtime, data: dict, out_dir: Path) -> TestPredictions:
     """Test predictions re-made from what a run saved. A best.pt alone: that model. A run
     folder: its model, or each fold's averaged, then its refiner; an ensemble folder: its
     runs, averaged with its weights. The run's own submission, byte for byte."""
     if path.is_file():
         model, trained, prior = load_model(path, rt)
-        # everything that shapes the numbers, the batch included (float sums on the CPU)
-        keys = ("arch", "image_size", "windows", "context", "context_windows", "tta", "batch_size")
-        run_cfg = dataclasses.replace(cfg, **{k: trained.get(k, getattr(Config, k)) for k in keys})
+        run_cfg = trained_settings(cfg, trained)
         log(f"Predicting with {path} ({run_cfg.arch}, {run_cfg.image_size}px, windows {run_cfg.windows})")
         return predict_test(model, run_cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt)
     if (path / "ensemble.json").is_file():

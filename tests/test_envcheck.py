@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from utils import envcheck
-from utils.envcheck import FLOORS, EnvironmentProblem, check_environment, find_problems, release
+from utils.envcheck import FLOORS, EnvironmentProblem, check_environment, find_problems, read_pins, release
 from utils.export import wheel_pins
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +33,8 @@ def make_wheel(folder: Path, name: str, version: str) -> Path:
 
 
 def test_floors_are_the_versions_ci_tests():
-    pins = {}
-    for line in (ROOT / "requirements-oldest.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = line.split("==", 1)
-            pins[name.strip().lower()] = version.strip()
+    oldest = read_pins(ROOT / "requirements-oldest.txt")
+    pins = {name: line.split("==", 1)[1].strip() for name, line in oldest.items()}
     for name, floor in FLOORS.items():
         if name in envcheck.STATED_ONLY:
             assert release(pins[name]) >= release(floor), name  # CI runs a newer one than stated

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
 import numpy as np
 import pandas as pd
 
 from utils.labels import LABELS
 from utils.metrics import EPS, check_probabilities, per_class_log_loss, weighted_log_loss
-from utils.split import kfold_by_patient, sorted_codes
+from utils.split import fold_count, kfold_by_patient, sorted_codes
 
 N_BINS = 10
 RELIABILITY_COLUMNS = ("lower", "upper", "count", "mean_predicted", "observed")
@@ -204,12 +203,8 @@ def _check_folds(groups, n_rows: int, n_folds) -> tuple[np.ndarray, int]:
     if isinstance(n_folds, bool) or not isinstance(n_folds, numbers.Integral) or n_folds < 2:
         raise ValueError(f"n_folds must be an int >= 2, got {n_folds!r}")
     _, keys = sorted_codes(group_array, "groups", "; use resolve_groups")
-    if len(keys) < 2:
-        raise ValueError(f"out-of-fold calibration needs at least 2 patient groups, got {len(keys)}")
-    if len(keys) < n_folds:
-        warnings.warn(f"only {len(keys)} patient groups for n_folds={n_folds}; using {len(keys)} folds",
-                      CalibrationWarning, stacklevel=3)
-    return group_array, min(int(n_folds), len(keys))
+    return group_array, fold_count(len(keys), n_folds, "out-of-fold calibration", CalibrationWarning,
+                                   stacklevel=3)
 
 
 def decide_calibration(y, p, groups, n_folds: int = 5, seed: int = 0, n_bins: int = N_BINS) -> dict:

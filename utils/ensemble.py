@@ -14,7 +14,14 @@ from utils.labels import LABELS
 from utils.metrics import weighted_log_loss
 
 PRED_COLUMNS = [f"pred_{k}" for k in LABELS]
+REFINED_COLUMNS = [f"refined_{k}" for k in LABELS]  # oof_predictions.csv, where the refiner was used
 DATA_FILES = ("stage_2_train.csv", "stage_2_sample_submission.csv")
+
+
+def final_columns(predictions: pd.DataFrame) -> list[str]:
+    """The columns of a validation or out-of-fold table that the run submitted like: the
+    refined ones where its refiner was used, else the per-slice ones."""
+    return REFINED_COLUMNS if set(REFINED_COLUMNS) <= set(predictions.columns) else PRED_COLUMNS
 
 
 def assemble_oof(by_fold: dict[int, pd.DataFrame]) -> pd.DataFrame:

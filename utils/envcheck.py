@@ -78,10 +78,10 @@ def find_wheels(root: str | Path = KAGGLE_INPUT) -> Path | None:
     return None
 
 
-def pinned_requirements(folder: Path) -> dict[str, str]:
-    """{package: 'package==version'} of the lines in the wheels dataset's marker file."""
+def read_pins(path: str | Path) -> dict[str, str]:
+    """{package (lower case): 'package==version'} of a requirements file's pinned lines."""
     pins = {}
-    for line in (folder / WHEELS_MARKER).read_text().splitlines():
+    for line in Path(path).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if "==" in line:
             pins[line.split("==", 1)[0].strip().lower()] = line
@@ -90,7 +90,7 @@ def pinned_requirements(folder: Path) -> dict[str, str]:
 
 def install_from_wheels(folder: Path, names) -> None:
     """pip install the pinned versions of `names` from `folder` only, never the internet."""
-    pins = pinned_requirements(folder)
+    pins = read_pins(folder / WHEELS_MARKER)
     wanted = [pins.get(name.lower(), name) for name in names]
     command = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(folder), *wanted]
     print("Installing from the attached wheels:", " ".join(wanted), flush=True)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from utils.atomic import atomic_write
-from utils.envcheck import WHEELS_MARKER
+from utils.envcheck import WHEELS_MARKER, read_pins
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPETITION = "rsna-intracranial-hemorrhage-detection"
@@ -200,12 +200,7 @@ def kernel_metadata(kaggle_id: str, datasets: list[str]) -> dict:
 
 def wheel_pins(root: Path = ROOT) -> list[str]:
     """The `name==version` lines of requirements.txt that go into the wheels dataset."""
-    pins = []
-    for line in (root / "requirements.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line and line.split("==", 1)[0].strip().lower() not in NOT_IN_WHEELS:
-            pins.append(line)
-    return pins
+    return [line for name, line in read_pins(root / "requirements.txt").items() if name not in NOT_IN_WHEELS]
 
 
 def download_wheels(folder: Path, dataset_id: str, root: Path = ROOT) -> list[Path]:

@@ -20,7 +20,6 @@ probabilities.
 from __future__ import annotations
 
 import numbers
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -34,7 +33,7 @@ from utils.atomic import atomic_write
 from utils.engine import weighted_bce
 from utils.labels import LABELS, format_examples
 from utils.metrics import weighted_log_loss
-from utils.split import kfold_by_patient, sorted_codes
+from utils.split import fold_count, kfold_by_patient, sorted_codes
 
 N_LABELS = len(LABELS)
 HIDDEN = 32
@@ -323,12 +322,7 @@ def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed
         raise ValueError(f"{len(bad)} series span several patient groups, which would leak "
                          f"labels across folds: {format_examples(bad)}")
     n_folds = _check_positive_int(n_folds, "n_folds")
-    if len(group_keys) < 2:
-        raise ValueError(f"fit_refiner needs at least 2 patient groups, got {len(group_keys)}")
-    if len(group_keys) < n_folds:
-        warnings.warn(f"only {len(group_keys)} patient groups for n_folds={n_folds}; "
-                      f"using {len(group_keys)} folds", RefinerWarning, stacklevel=2)
-        n_folds = len(group_keys)
+    n_folds = fold_count(len(group_keys), n_folds, "fit_refiner", RefinerWarning, stacklevel=2)
 
     folds = kfold_by_patient(y.astype(np.int64), group_array, n_folds, seed)
     oof_logits = np.empty_like(x)

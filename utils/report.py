@@ -34,6 +34,7 @@ from utils.atomic import atomic_write
 from utils.calibration import N_BINS, check_predictions, expected_calibration_error, reliability
 from utils.dicom import (DEFAULT_WINDOWS, EXPLICIT_LE, HEADER, IMPLICIT_LE, NAMED_WINDOWS, RLE_LOSSLESS,
                          DicomError, parse_windows, read_windowed, wraps_12bit)
+from utils.ensemble import final_columns
 from utils.labels import ANY, LABELS, SUBTYPES, check_label_table, label_report
 
 REPORT_DIR = "report"
@@ -521,12 +522,10 @@ def _reliability_panel(ax, y: np.ndarray, p: np.ndarray, label: str, n_bins: int
 
 def _calibration_section(out_dir: Path) -> Path | str:
     """The reliability figure of the run's final validation or out-of-fold predictions."""
-    for name, columns in (("oof_predictions.csv", ("refined_", "pred_")), ("val_predictions.csv", ("pred_",))):
+    for name in ("oof_predictions.csv", "val_predictions.csv"):
         if (out_dir / name).is_file():
             table = pd.read_csv(out_dir / name)
-            prefix = next(c for c in columns if f"{c}any" in table.columns)
-            return write_reliability_figure(table[list(LABELS)].to_numpy(),
-                                            table[[prefix + k for k in LABELS]].to_numpy(),
+            return write_reliability_figure(table[list(LABELS)].to_numpy(), table[final_columns(table)].to_numpy(),
                                             out_dir / REPORT_DIR / RELIABILITY_PNG)
     return "Not drawn: no validation predictions yet (val_predictions.csv or oof_predictions.csv)."
 

@@ -20,12 +20,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from utils.atomic import atomic_write
+from utils.labels import ANY as ANY_INDEX
 from utils.labels import LABELS
+from utils.report import CLASS_COLORS
 
 SERIES_KEYS = ("study_uid", "series_uid")
-ANY = "any"
+ANY = LABELS[ANY_INDEX]
 POSITIVE, NEGATIVE = "positive", "negative"  # series.csv's flag: is `any` over the threshold anywhere
-CLASS_COLORS = dict(zip(LABELS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#111111")))
 
 
 def series_table(slices: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:

@@ -44,6 +44,7 @@ rule for an ID that headers lack (utils.slices uses it for series keys too).
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -296,6 +297,18 @@ def _assign(counts: np.ndarray, sizes: np.ndarray, shares: np.ndarray, seed: int
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def fold_count(n_groups: int, n_folds: int, what: str, category: type[Warning], stacklevel: int) -> int:
+    """How many patient folds an out-of-fold fit over ``n_groups`` patients can have:
+    ``n_folds``, or one per patient when there are fewer (warned as ``category``, at the
+    caller ``stacklevel`` frames up); fewer than two patients leave nothing to train on."""
+    if n_groups < 2:
+        raise ValueError(f"{what} needs at least 2 patient groups, got {n_groups}")
+    if n_groups < n_folds:
+        warnings.warn(f"only {n_groups} patient groups for n_folds={n_folds}; using {n_groups} folds",
+                      category, stacklevel=stacklevel + 1)
+    return min(int(n_folds), n_groups)
 
 
 def kfold_by_patient(labels, groups, n_folds: int, seed: int) -> np.ndarray:
