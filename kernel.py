@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -55,6 +56,8 @@ from utils.metrics import per_class_log_loss, prior_probabilities, weighted_log_
 from utils.model import WeightsError, build_model, find_weights
 from utils.refiner import RefinerResult, fit_refiner, load_refiner, logit, refine, save_refiner
 from utils.report import write_report
+from utils.runtime import (PRECISIONS, Runtime, RuntimeChoiceError, default_workers, launch, plan_processes,
+                           setup_runtime, under_torchrun)
 from utils.scans import scan_folder
 from utils.series_results import series_table, top_slices, write_predict_html
 from utils.slices import neighbour_paths, order_slices
@@ -80,8 +83,8 @@ class Config:
     weights_strict: bool = True
     image_size: int = 256
     windows: str = "brain,subdural,soft_tissue"
-    batch_size: int = 32
-    workers: int = min(8, os.cpu_count() or 1)
+    batch_size: int = 32             # per process; see the README's GPU table for 16 GB cards
+    workers: int | None = None       # loader workers per process; None: the cores / processes, at most 8
     lr: float = 2e-4
     weight_decay: float = 1e-4
     val_frac: float = 0.1
@@ -97,9 +100,11 @@ class Config:
     refine: bool = False             # refine predictions along each series (a 1-D conv)
     calibrate: bool = False          # temperature per class, used where it helps out of fold
     accum: int = 1                   # batches per optimizer step (gradient accumulation)
-    ckpt_minutes: float = 20.0       # mid-epoch checkpoint interval; 0: after every step
+    ckpt_minutes: float = 20.0       # mid-epoch checkpoint interval (rank 0's clock); 0: at every check
+    log_every: int = 20              # optimizer steps between checks: loss shown, NaN, Ctrl-C, checkpoint due
     compile: bool = False            # torch.compile the model
-    precision: str = "auto"          # auto: bf16 on CUDA (fp16 where bf16 is missing), fp32 on the CPU
+    precision: str = "auto"          # auto: bf16 on GPUs >= sm_80, fp16 below (a grad scaler), fp32 on the CPU
+    processes: int | None = None     # None: one per GPU when there are several (started under torchrun)
     predict_only: bool = False       # only predict the test set from --checkpoint
     checkpoint: str | None = None
     predict: str | None = None       # a folder of your own CT scans to predict with --checkpoint
@@ -142,8 +147,8 @@ def _parser() -> argparse.ArgumentParser:
              "workers": int, "lr": float, "weight_decay": float, "val_frac": float,
              "seed": int, "tta": _bool, "demo_patients": int,
              "header_cache": str, "folds": int, "fold": _fold,
-             "accum": int, "ckpt_minutes": float, "checkpoint": str, "context": int,
-             "precision": str, "predict": str, "threshold": float}
+             "accum": int, "ckpt_minutes": float, "log_every": int, "checkpoint": str, "context": int,
+             "precision": str, "predict": str, "threshold": float, "processes": int}
     for name, kind in types.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"(default: {getattr(Config, name)})")
@@ -180,7 +185,9 @@ def _problems(cfg: Config) -> list[str]:
     """What is wrong with the settings, in the words of the options."""
     problems = [f"--{k.replace('_', '-')} must be positive" for k in
                 ("epochs", "image_size", "batch_size", "demo_patients") if getattr(cfg, k) <= 0]
-    checks = [(cfg.workers < 0, "--workers must be >= 0"),
+    checks = [(cfg.workers is not None and cfg.workers < 0, "--workers must be >= 0"),
+              (cfg.log_every < 1, "--log-every must be >= 1"),
+              (cfg.processes is not None and cfg.processes < 1, "--processes must be >= 1"),
               (cfg.precision not in ("auto", *PRECISIONS), "--precision must be auto, fp32, bf16 or fp16"),
               (cfg.context not in (0, 1), "--context must be 0 or 1"),
               (cfg.context_windows and not cfg.context, "--context-windows needs --context 1"),
@@ -215,6 +222,9 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     if given.get("data_dir") is None and find_kaggle_data() is None:
         cfg = dataclasses.replace(cfg, demo=True, **DEMO_PRESET)
     cfg = dataclasses.replace(cfg, **given)
+    if cfg.workers is None:
+        cfg = dataclasses.replace(cfg, workers=default_workers(os.cpu_count(),
+                                                               int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     problems = _problems(cfg)
     if modes["with_wheels"] and modes["export_kaggle"] is None:
         problems.append("--with-wheels needs --export-kaggle DIR")
@@ -492,31 +502,7 @@ def validation_fold(cfg: Config) -> int:
     return cfg.fold if cfg.folds >= 2 else 1
 
 
-# %% Stage 4: training. Device, precision and processes are decided once, here.
-
-@dataclass
-class Runtime:
-    device: torch.device
-    amp_dtype: torch.dtype | None    # None: full fp32 (the CPU)
-    dist: Dist
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def setup_runtime(d: Dist, precision: str = "auto") -> Runtime:
-    """The device, and the autocast dtype of --precision (fp16 trains with a GradScaler)."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", d.local_rank) if cuda else torch.device("cpu")
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    return Runtime(device, PRECISIONS[precision], d)
-
+# %% Stage 4: training. Device, precision and processes are decided once, in utils.runtime.
 
 def environment() -> dict:
     """The machine and packages a run ran with: where reproducing a submission starts."""
@@ -578,7 +564,8 @@ def input_layout(cfg: Config) -> tuple[int, int]:
 
 @torch.no_grad()
 def predict(model, rows: pd.DataFrame, cfg: Config, rt: Runtime, desc: str, tta: bool = False):
-    """Probabilities (n, 6) and a readable flag per header row; each rank predicts a share."""
+    """Probabilities (n, 6) and a readable flag per header row; each rank predicts a share.
+    The probabilities stay on the device until the end: no wait for the GPU per batch."""
     ds = slice_dataset(rows, cfg)
     mine = np.arange(len(ds))[rt.dist.rank::rt.dist.world]
     loader = data_utils.make_loader(torch.utils.data.Subset(ds, mine), cfg.batch_size * 2,
@@ -594,43 +581,94 @@ def predict(model, rows: pd.DataFrame, cfg: Config, rt: Runtime, desc: str, tta:
             if tta:  # heads are near-symmetric left to right; average with the mirror image
                 logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
         index_parts.append(index.numpy())
-        prob_parts.append(torch.sigmoid(logits).cpu().numpy())
+        prob_parts.append(torch.sigmoid(logits))
         ok_parts.append(ok.numpy())
     index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
-    probs = np.concatenate(prob_parts) if prob_parts else np.zeros((0, len(LABELS)), np.float32)
+    probs = (torch.cat(prob_parts).cpu().numpy() if prob_parts
+             else np.zeros((0, len(LABELS)), np.float32))
     ok = np.concatenate(ok_parts) if ok_parts else np.zeros(0, bool)
     return (gather_rows(rt.dist, index, probs, len(ds)),
             gather_rows(rt.dist, index, ok, len(ds), fill=False))
 
 
 class _StopRequest:
-    """Ctrl-C sets a flag that the loop reads between optimizer steps, so the checkpoint
-    it then writes is never taken halfway through an update."""
+    """Ctrl-C sets a flag that the loop reads at its next check, so the checkpoint it then
+    writes is never taken halfway through an update. A second Ctrl-C aborts a plain run;
+    under torchrun it does not: a terminal signals every rank and torchrun passes the same
+    signal on again, and torchrun itself kills ranks that outlast its shutdown timeout."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, distributed: bool = False):
+        self.requested, self.distributed = False, distributed
 
     def __enter__(self):
         self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop now
+        if self.requested and not self.distributed:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
+        if not self.requested:
+            log("\nInterrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
         self.requested = True
-        log("\nInterrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self._old)
 
 
-def _agree(rt: Runtime, flag: bool) -> bool:
-    """True on every rank if it is true on any (so all ranks stop together)."""
-    if not rt.dist.enabled:
-        return flag
-    t = torch.tensor([float(flag)], device=rt.device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+# A run of fp16 steps skipped in a row (a loss or gradient not finite) beyond which the
+# scaler is not the cure: its scale has been halved this many times.
+MAX_SKIPPED_IN_A_ROW = 25
+
+
+@dataclass
+class Tally:
+    """What the steps between two checks add up, kept on the device so that no step waits
+    for the GPU: summed loss, images, non-finite losses, fp16 steps the scaler skipped, and
+    the current run of skipped steps."""
+    values: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "Tally":
+        return cls(torch.zeros(5, dtype=torch.float64, device=device))
+
+    def add_batch(self, loss: torch.Tensor, n: int) -> None:
+        loss = loss.detach().double()
+        self.values[0] += loss * n
+        self.values[1] += n
+        self.values[2] += (~torch.isfinite(loss)).double()
+
+    def add_step(self, skipped: torch.Tensor) -> None:
+        skipped = skipped.double()
+        self.values[3] += skipped
+        self.values[4] = (self.values[4] + 1) * skipped  # back to 0 after a step taken
+
+
+@dataclass
+class Check:
+    """The ranks' agreed view at a check: one all-reduce, one copy to the host."""
+    loss_sum: float
+    seen: int
+    nonfinite: int
+    skipped: int
+    skipped_in_a_row: int
+    stop: bool
+    save: bool
+
+
+def check_in(tally: Tally, rt: Runtime, stop_requested: bool, save_due: bool) -> Check:
+    """Sum the ranks' tallies and flags. The step counts of the scaler and whether a
+    checkpoint is due come from rank 0 alone: the first are the same on every rank (the
+    gradients are all-reduced), and the second must be one clock's decision, or two ranks
+    could enter different collectives (one saving, one stepping) and hang."""
+    main = float(rt.dist.main)
+    flags = torch.tensor([float(stop_requested), float(save_due) * main], dtype=torch.float64)
+    values = torch.cat([tally.values, flags.to(tally.values.device)])
+    values[3:5] *= main
+    if rt.dist.enabled:
+        torch.distributed.all_reduce(values)
+    v = values.tolist()
+    tally.values[:4] = 0  # the run of skipped steps goes on across checks
+    return Check(v[0], int(v[1]), int(v[2]), int(v[3]), int(v[4]), v[5] > 0, v[6] > 0)
 
 
 @dataclass
@@ -646,9 +684,10 @@ class Training:
     sampler: ResumableSampler
     prior: np.ndarray        # of the training labels: what an unreadable slice is given
     ckpt: Checkpoints
+    tally: Tally             # the steps since the last check, on the device
     pos: dict = dataclasses.field(default_factory=lambda: {
         "epoch": 0, "batch": 0, "running": 0.0, "seen": 0, "best_loss": math.inf,
-        "best_epoch": 0, "unreadable": []})
+        "best_epoch": 0, "unreadable": [], "skipped_steps": 0})
     history: list = dataclasses.field(default_factory=list)
     best_val_probs: np.ndarray | None = None
 
@@ -688,20 +727,22 @@ def start_training(cfg: Config, train_df: pd.DataFrame, headers: pd.DataFrame, o
     net = model
     if rt.dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.dist.local_rank] if rt.device.type == "cuda" else None)
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
     data = slice_dataset(headers.loc[train_df.index], cfg, train_df.to_numpy(), data_utils.train_transform())
     d = rt.dist
     sampler = ResumableSampler(len(data), cfg.batch_size, cfg.seed, rank=d.rank, world=d.world,
                                drop_last=len(data) > cfg.batch_size * d.world)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused on CUDA: one kernel per step, and the grad scaler's skip decision stays on the GPU
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=True if rt.device.type == "cuda" else None)
     steps = cfg.epochs * math.ceil(sampler.batches_per_epoch() / cfg.accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
     run = Training(model, net, optimizer, scheduler, scaler, data, sampler,
                    prior_probabilities(train_df.to_numpy()),
-                   Checkpoints(out_dir / "checkpoints", dataclasses.asdict(cfg)))
+                   Checkpoints(out_dir / "checkpoints", dataclasses.asdict(cfg)), Tally.zeros(rt.device))
     state = run.ckpt.resumable() if cfg.resume else None
     if state is not None:
         run.restore(state)
@@ -722,25 +763,36 @@ def save_last(run: Training, rt: Runtime) -> None:
 
 def training_step(run: Training, cfg: Config, rt: Runtime, images, target, ok) -> bool:
     """Forward and backward on one batch; an optimiser step after every --accum batches.
-    True when a step was taken."""
+    True when a step was taken. Nothing here waits for the GPU: the loss and its checks
+    go into the device-side tally, read at the next check."""
     pos = run.pos
     x = data_utils.to_device_normalized(images, rt.device, input_layout(cfg)[1])
-    target, mask = target.to(rt.device), ok.to(rt.device, torch.float32)
-    with rt.autocast():
-        logits = run.net(x)
-    loss = weighted_bce(logits, target, mask)
-    if _agree(rt, not torch.isfinite(loss).item()):
-        raise TrainingStopped(
-            f"the training loss became {loss.item()} at epoch {pos['epoch'] + 1}, batch "
-            f"{pos['batch'] + 1}; the last good checkpoint, {run.ckpt.last}, is kept. "
-            f"Lower --lr (now {cfg.lr}) and continue with --resume.")
-    (run.scaler.scale(loss / cfg.accum) if run.scaler else loss / cfg.accum).backward()
+    target = target.to(rt.device, non_blocking=True)
+    mask = ok.to(rt.device, torch.float32, non_blocking=True)
     pos["batch"] += 1
-    pos["running"] += loss.item() * len(images)
-    pos["seen"] += len(images)
-    if pos["batch"] % cfg.accum and pos["batch"] < run.sampler.batches_per_epoch():
-        return False  # accumulate: the step comes after --accum batches
+    stepping = pos["batch"] % cfg.accum == 0 or pos["batch"] == run.sampler.batches_per_epoch()
+    # under DDP the gradients are all-reduced on the batch that steps, not on every micro-batch
+    accumulating = run.net.no_sync() if rt.dist.enabled and not stepping else contextlib.nullcontext()
+    try:
+        with accumulating:
+            with rt.autocast():
+                logits = run.net(x)
+            loss = weighted_bce(logits, target, mask)
+            (run.scaler.scale(loss / cfg.accum) if run.scaler else loss / cfg.accum).backward()
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            f"out of GPU memory at --batch-size {cfg.batch_size}, --image-size {cfg.image_size}, "
+            f"{cfg.arch} on {rt.machine.describe()}: pass --batch-size {max(1, cfg.batch_size // 2)} "
+            f"--accum {cfg.accum * 2} (the same batch per optimizer step), and --overwrite or a new "
+            f"--out-dir (the batch size shapes the run)") from None
+    run.tally.add_batch(loss, len(images))
+    if not stepping:
+        return False
     if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+        # the scaler skips the step when a gradient is not finite; the norm says when, on the device
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), math.inf)
+        run.tally.add_step(~torch.isfinite(norm))
         run.scaler.step(run.optimizer)
         run.scaler.update()
     else:
@@ -750,33 +802,58 @@ def training_step(run: Training, cfg: Config, rt: Runtime, images, target, ok) -
     return True
 
 
-def train_one_epoch(run: Training, cfg: Config, rt: Runtime, stop: _StopRequest) -> None:
-    """The rest of the current epoch, from pos["batch"]. Checkpoints every --ckpt-minutes,
-    and on Ctrl-C before stopping."""
+def after_check(run: Training, cfg: Config, rt: Runtime, check: Check) -> None:
+    """Fold a check into the run's position; stop on a diverged loss."""
+    pos = run.pos
+    pos["running"] += check.loss_sum
+    pos["seen"] += check.seen
+    pos["skipped_steps"] += check.skipped
+    diverged = (check.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW if run.scaler is not None
+                else check.nonfinite > 0)
+    if diverged:
+        what = (f"not finite for {check.skipped_in_a_row} fp16 steps in a row (each skipped by the "
+                f"grad scaler)" if run.scaler is not None else "nan or inf")
+        raise TrainingStopped(
+            f"the training loss became {what} by epoch {pos['epoch'] + 1}, batch {pos['batch']}; "
+            f"the last good checkpoint, {run.ckpt.last}, is kept. Lower --lr (now {cfg.lr}) and "
+            f"continue with --resume.")
+
+
+def train_one_epoch(run: Training, cfg: Config, rt: Runtime, stop: _StopRequest) -> float:
+    """The rest of the current epoch, from pos["batch"]. Every --log-every steps the ranks
+    check in together: the loss is shown, a NaN stops the run, and a checkpoint is written
+    when rank 0's clock says --ckpt-minutes have passed, or on Ctrl-C before stopping.
+    Returns the images per second trained (all ranks), kernel.py's own training speed."""
     pos, epoch, batches = run.pos, run.pos["epoch"], run.sampler.batches_per_epoch()
     run.data.epoch = epoch
     run.sampler.set_epoch(epoch, pos["batch"])
     loader = data_utils.make_loader(run.data, cfg.batch_size, workers=cfg.workers, sampler=run.sampler)
     run.net.train()
-    t0, seen_now, last_save = time.perf_counter(), 0, time.monotonic()
+    t0, seen_now, steps, last_save = time.perf_counter(), 0, 0, time.monotonic()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=pos["batch"],
                total=batches, mininterval=2, disable=not rt.dist.main)
     for images, target, index, ok in bar:
         pos["unreadable"] += [run.data.paths[i] for i in index[~ok].tolist()]
         seen_now += len(images)
-        if not training_step(run, cfg, rt, images, target, ok):
+        stepped = training_step(run, cfg, rt, images, target, ok)
+        steps += stepped
+        if not (stepped and (steps % cfg.log_every == 0 or pos["batch"] == batches)):
             continue
-        bar.set_postfix(loss=f"{pos['running'] / pos['seen']:.4f}",
+        check = check_in(run.tally, rt, stop.requested,
+                         time.monotonic() - last_save >= cfg.ckpt_minutes * 60)
+        after_check(run, cfg, rt, check)
+        bar.set_postfix(loss=f"{pos['running'] / max(pos['seen'], 1):.4f}",
                         img_s=f"{seen_now * rt.dist.world / (time.perf_counter() - t0):.1f}")
-        if _agree(rt, stop.requested):
+        if check.stop:
             save_last(run, rt)
             raise TrainingStopped(
                 f"interrupted at epoch {epoch + 1}, batch {pos['batch']}; checkpoint saved to "
                 f"{run.ckpt.last}. Continue with the same command plus --resume.")
-        if pos["batch"] < batches and time.monotonic() - last_save >= cfg.ckpt_minutes * 60:
+        if check.save and pos["batch"] < batches:
             save_last(run, rt)
             last_save = time.monotonic()
     bar.close()
+    return seen_now * rt.dist.world / max(time.perf_counter() - t0, 1e-9)
 
 
 def validate(run: Training, cfg: Config, rt: Runtime, val_df: pd.DataFrame, headers: pd.DataFrame,
@@ -795,7 +872,7 @@ def validate(run: Training, cfg: Config, rt: Runtime, val_df: pd.DataFrame, head
     y_val = val_df.to_numpy()
     row = {"epoch": run.pos["epoch"] + 1, "train_loss": run.pos["running"] / max(run.pos["seen"], 1),
            "val_loss": weighted_log_loss(y_val, val_probs), "lr": run.scheduler.get_last_lr()[0],
-           "seconds": time.perf_counter() - started}
+           "seconds": time.perf_counter() - started, "skipped_steps": run.pos["skipped_steps"]}
     row.update({f"val_loss_{k}": v for k, v in per_class_log_loss(y_val, val_probs).items()})
     row.update({f"val_auc_{k}": roc_auc(y_val[:, j], val_probs[:, j]) for j, k in enumerate(LABELS)})
     return val_probs, row
@@ -814,7 +891,7 @@ def end_epoch(run: Training, rt: Runtime, val_probs: np.ndarray, row: dict, out_
                                               "val_loss": row["val_loss"], "prior": torch.from_numpy(run.prior)})
     if rt.dist.main:
         write_csv(out_dir / "history.csv", pd.DataFrame(run.history), index=False)
-    run.pos.update(epoch=row["epoch"], batch=0, running=0.0, seen=0, unreadable=[])
+    run.pos.update(epoch=row["epoch"], batch=0, running=0.0, seen=0, unreadable=[], skipped_steps=0)
     save_last(run, rt)
 
 
@@ -822,12 +899,12 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
           out_dir: Path, rt: Runtime):
     """Fine-tune for cfg.epochs; returns the best model, its validation predictions, epoch."""
     run = start_training(cfg, train_df, headers, out_dir, rt)
-    with _StopRequest() as stop:
+    with _StopRequest(rt.dist.enabled) as stop:
         while run.pos["epoch"] < cfg.epochs:
             started = time.perf_counter()
-            train_one_epoch(run, cfg, rt, stop)
+            images_s = train_one_epoch(run, cfg, rt, stop)
             val_probs, row = validate(run, cfg, rt, val_df, headers, out_dir, started)
-            end_epoch(run, rt, val_probs, row, out_dir)
+            end_epoch(run, rt, val_probs, {**row, "train_images_s": images_s}, out_dir)
     run.model.load_state_dict(load_checkpoint(run.ckpt.best)["model"])
     return run.model, run.best_val_probs, run.pos["best_epoch"]
 
@@ -1353,9 +1430,27 @@ def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path) -> dic
     return submit(predict_saved(Path(cfg.checkpoint), cfg, rt, data, out_dir), data_dir, out_dir, rt)
 
 
+def notebook_source() -> str:
+    """A notebook has no file for torchrun to start: its cells as run so far (the run cell,
+    running now, aside) make one, as kernel_bundle.py is made from them."""
+    shell = sys.modules["IPython"].get_ipython()
+    cells = shell.user_ns["In"][1:-1]
+    return "\n\n".join(cells) + '\n\nif __name__ == "__main__":\n    sys.exit(cli())\n'
+
+
+def run_under_torchrun(argv: list[str], processes: int) -> int:
+    """This command again, one process per GPU (or --processes N) under torchrun."""
+    log(f"Starting {processes} processes under torchrun ({torch.cuda.device_count()} GPUs here)")
+    if "__file__" in globals():
+        return launch(Path(__file__).resolve(), argv, processes)
+    with tempfile.TemporaryDirectory(prefix="rsna-torchrun-") as folder:
+        script = Path(folder) / "kernel_notebook.py"
+        script.write_text(notebook_source())
+        return launch(script, argv, processes)
+
+
 def main(argv=None) -> int:
-    d = init_distributed()
-    setup_logging(d)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     cfg, modes = parse_args(argv)
     if modes["check_submission"] is not None:
         return check_submission(modes["check_submission"], cfg)
@@ -1365,8 +1460,20 @@ def main(argv=None) -> int:
         return report_only(cfg)
     if modes["ensemble"]:
         return ensemble(modes["ensemble"], modes["ensemble_weights"], cfg)
+    processes = plan_processes(cfg.processes, torch.cuda.device_count(), under_torchrun())
+    if processes > 1:
+        return run_under_torchrun(argv, processes)
+    d = init_distributed()
+    setup_logging(d)
+    if cfg.processes not in (None, d.world):
+        raise UserError(f"--processes {cfg.processes} under torchrun with {d.world} processes: "
+                        f"torchrun's --nproc_per_node decides; leave --processes out")
+    cfg = dataclasses.replace(cfg, processes=d.world)
     started = time.perf_counter()
-    rt = setup_runtime(d, cfg.precision)
+    try:
+        rt = setup_runtime(d, cfg.precision, cfg.compile)
+    except RuntimeChoiceError as err:
+        raise UserError(str(err)) from None
     if cfg.predict is not None:
         return predict_folder(cfg, rt, started)
     out_dir = share(d, prepare_out_dir(cfg) if d.main else None)

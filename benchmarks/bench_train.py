@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernel import PRECISIONS, Runtime, setup_runtime  # noqa: E402
+from utils.runtime import PRECISIONS, Runtime, setup_runtime  # noqa: E402
 from utils import data as data_utils  # noqa: E402
 from utils.atomic import atomic_write  # noqa: E402
 from utils.demo import write_plain_slices  # noqa: E402

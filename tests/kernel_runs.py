@@ -21,7 +21,7 @@ def run_kernel(*args, cwd=ROOT, timeout=600):
 # A checkpoint after every step (resnet18 with its optimizer state is 135 MB, so few steps):
 # 49 training images in batches of 8 are 6 steps an epoch.
 RESUMABLE = ["--demo-patients", "6", "--arch", "resnet18", "--image-size", "32", "--epochs", "2",
-             "--batch-size", "8", "--ckpt-minutes", "0"]
+             "--batch-size", "8", "--ckpt-minutes", "0", "--log-every", "1"]
 
 
 def wait_for_checkpoint(proc, ckpt, epoch, batch, timeout=300):
@@ -66,13 +66,13 @@ def kill_at_write(out, *args, write: str, held: Path, timeout: float = 300):
     proc.communicate()
 
 
-def poison_loss(monkeypatch, at: int) -> None:
-    """Make kernel's training loss NaN at its ``at``-th batch."""
+def poison_loss(monkeypatch, at: int, and_after: bool = False) -> None:
+    """Make kernel's training loss NaN at its ``at``-th batch (and every later one)."""
     import kernel
     real, calls = kernel.weighted_bce, []
 
     def poisoned(logits, target, mask):
         calls.append(1)
         loss = real(logits, target, mask)
-        return loss * float("nan") if len(calls) == at else loss
+        return loss * float("nan") if len(calls) == at or (and_after and len(calls) > at) else loss
     monkeypatch.setattr(kernel, "weighted_bce", poisoned)

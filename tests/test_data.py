@@ -121,3 +121,18 @@ def test_neighbour_channels_are_below_slice_above_and_share_one_augmentation(tmp
         np.testing.assert_array_equal(image[3:6], image[6:9])
         moved += (image[:3] != still[:3]).mean() > 0.05
     assert moved >= 6
+
+
+class _ThreadsSeen(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import cv2
+        return cv2.getNumThreads()
+
+
+def test_loader_workers_run_opencv_on_one_thread_each():
+    # 8 workers with OpenCV's default (a thread per core) would each start a core's worth
+    seen = torch.cat(list(make_loader(_ThreadsSeen(), 2, workers=2)))
+    assert seen.tolist() == [1, 1, 1, 1]

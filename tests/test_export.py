@@ -146,3 +146,31 @@ def test_export_command(tmp_path):
                           "--kaggle-id", "Bad Id"], capture_output=True, text=True, cwd=ROOT,
                          env=_clean_env(), timeout=120)
     assert bad.returncode == 2 and "user/slug" in bad.stderr
+
+
+@pytest.mark.slow
+def test_notebook_with_two_processes_runs_under_torchrun_like_kernel_py(export, tmp_path, monkeypatch):
+    # Kaggle's 2 x T4: one process per GPU. On the CPU, --processes 2 asks for the same
+    # launch (gloo); the notebook, which has no file, hands torchrun the cells it ran.
+    base, _, data = export
+    args = ["--data-dir", str(data), "--arch", "resnet18", "--image-size", "32", "--epochs", "1",
+            "--workers", "0", "--weights", "none", "--seed", "3", "--processes", "2"]
+    env = dict(_clean_env(), OMP_NUM_THREADS="1")
+    ref = subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--out-dir", str(tmp_path / "ref"), *args],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
+    assert "Starting 2 processes under torchrun" in ref.stdout
+    assert json.loads((tmp_path / "ref" / "metrics.json").read_text())["processes"] == 2
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("KERNEL_ARGS", " ".join(["--out-dir", str(tmp_path / "nb"), *args]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    notebook = nbformat.read(base / "kaggle" / "kernel.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(empty)}}).execute()
+    shown = "".join(out.get("text", "") for out in notebook.cells[-1].outputs)
+    assert "Starting 2 processes under torchrun" in shown and "Validation weighted log loss" in shown
+    assert json.loads((tmp_path / "nb" / "config.json").read_text())["processes"] == 2
+    assert (tmp_path / "nb" / "submission.csv").read_text() == (tmp_path / "ref" / "submission.csv").read_text()

@@ -156,7 +156,8 @@ def test_ensemble_of_two_runs_and_refusal_of_other_data(fold_run, tmp_path):
 
 
 def test_a_run_killed_in_the_middle_fold_resumes_there_to_the_same_submission(tmp_path):
-    args = [*TINY[:-4], "--epochs", "2", "--batch-size", "8", "--ckpt-minutes", "0", "--workers", "0", *FOLDS]
+    args = [*TINY[:-4], "--epochs", "2", "--batch-size", "8", "--ckpt-minutes", "0", "--log-every", "1",
+            "--workers", "0", *FOLDS]
     whole = run_kernel("--out-dir", tmp_path / "whole", *args)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "out"

@@ -5,11 +5,13 @@ the PCIe bus); conversion to float and ImageNet normalisation happen on the devi
 """
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network: skip its version check
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -94,6 +96,12 @@ class SliceDataset(Dataset):
 
 def make_loader(dataset: Dataset, batch_size: int, *, workers: int, sampler=None) -> DataLoader:
     """Batches in the sampler's order (the dataset's order without one)."""
+    if workers:
+        # torch gives each worker one thread, OpenCV (resize, albumentations) one per core:
+        # 8 workers on 16 cores would run 128 threads, N processes under torchrun N times
+        # more. Set before the workers fork: set in a forked worker, OpenCV waits forever
+        # for the parent's pool threads, which the fork did not copy.
+        cv2.setNumThreads(1)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
@@ -111,11 +119,18 @@ def channel_stats(channels: int, slices: int = 1) -> tuple[list[float], list[flo
     return [m for m, _ in pairs], [s for _, s in pairs]
 
 
+@functools.lru_cache(maxsize=None)
+def _normalization(channels: int, slices: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """channel_stats as (1, C, 1, 1) tensors on the device, made once: a copy from the host
+    at every step would wait for the GPU."""
+    mean, std = channel_stats(channels, slices)
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, device=device).view(1, -1, 1, 1))
+
+
 def to_device_normalized(images: torch.Tensor, device: torch.device, slices: int = 1) -> torch.Tensor:
     """uint8 NCHW batch of ``slices`` stacked slices -> normalised float on the device,
     channels_last for the convs."""
     x = images.to(device, non_blocking=True).float().div_(255.0)
-    mean, std = channel_stats(x.shape[1], slices)
-    mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    mean, std = _normalization(x.shape[1], slices, torch.device(device))
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)

@@ -7,9 +7,11 @@ batches and augmentations the uninterrupted run saw, whatever the number of work
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +43,30 @@ class Dist:
         return self.world > 1
 
 
+# Rank 0 alone scans the headers (874k files uncached), fits the refiner and writes the
+# report while the other ranks wait in a barrier: NCCL's default 10 minutes would end the run.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
+
+
+def choose_backend(cuda: bool, gpus: int, local_processes: int) -> str:
+    """NCCL when every local process has a GPU of its own; gloo otherwise (the CPU, or
+    several processes sharing one GPU, which NCCL refuses)."""
+    return "nccl" if cuda and gpus >= local_processes else "gloo"
+
+
 def init_distributed() -> Dist:
     """Join the process group when started by torchrun; a plain run is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cuda = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if cuda else 0
+    if cuda:
+        torch.cuda.set_device(local_rank % gpus)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(choose_backend(cuda, gpus, local_world), timeout=PROCESS_GROUP_TIMEOUT)
     return Dist(rank, world, local_rank)
 
 
@@ -143,9 +159,15 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 # ---------------------------------------------------------------------------------------
 # Loss and schedule.
 
+@functools.lru_cache(maxsize=None)
+def _class_weights(device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(CLASS_WEIGHTS, dtype=torch.float32, device=device)
+
+
 def weighted_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """BCE weighted like the competition metric ('any' counts twice), over readable rows."""
-    w = torch.as_tensor(CLASS_WEIGHTS, dtype=torch.float32, device=logits.device)
+    """BCE weighted like the competition metric ('any' counts twice), over readable rows.
+    The weights are copied to the device once, not at every step."""
+    w = _class_weights(logits.device)
     per_row = (torch.nn.functional.binary_cross_entropy_with_logits(
         logits.float(), target, reduction="none") * w).sum(1) / w.sum()
     return (per_row * mask).sum() / mask.sum().clamp(min=1)
@@ -193,8 +215,10 @@ class Checkpoints:
     the run's settings; a resume under settings that shape the model, the data or the
     order of the batches is refused instead of silently mixing two runs."""
 
+    # the processes too: the sampler deals each epoch out among them, and the position
+    # (the batch) and the schedule's steps count batches of one process
     SHAPING = ("arch", "image_size", "windows", "context", "context_windows", "batch_size",
-               "seed", "val_frac", "folds", "fold", "demo_patients")
+               "seed", "val_frac", "folds", "fold", "demo_patients", "processes", "accum")
 
     def __init__(self, folder: Path, config: dict):
         self.folder, self.config = Path(folder), config
