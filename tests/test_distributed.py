@@ -53,15 +53,16 @@ def test_a_resume_under_another_number_of_processes_is_refused(tmp_path):
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["position"] == state["position"]
 
 
-def test_ctrl_c_in_the_terminal_stops_every_rank_with_a_checkpoint(tmp_path):
-    # A terminal's Ctrl-C signals torchrun and every rank (the whole process group), and
-    # torchrun passes it on: the ranks agree to stop, rank 0 saves, and --resume goes on.
+def test_ctrl_c_stops_every_rank_of_a_processes_run_with_a_checkpoint(tmp_path):
+    # kernel.py --processes 2 started as from a terminal (its own process group): Ctrl-C
+    # reaches kernel.py, which passes it to torchrun, which passes it to the ranks; they
+    # agree to stop, rank 0 saves, and the same command with --resume goes on.
     out = tmp_path / "out"
-    args = ["--out-dir", out, *TINY, "--epochs", "2", "--batch-size", "4", "--log-every", "1"]
+    args = ["--out-dir", out, *TINY, "--epochs", "2", "--batch-size", "4", "--log-every", "1",
+            "--processes", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "kernel.py"), *map(str, args)], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "kernel.py"), *map(str, args)], cwd=tmp_path, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     seen = ""
     for line in iter(proc.stdout.readline, ""):
         seen += line
@@ -74,7 +75,8 @@ def test_ctrl_c_in_the_terminal_stops_every_rank_with_a_checkpoint(tmp_path):
     assert "stopped: interrupted at epoch" in rest, (seen + rest)[-3000:]
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["config"]["processes"] == 2
-    resumed = torchrun("--out-dir", out, *args[2:], "--resume")
+    resumed = subprocess.run([sys.executable, str(ROOT / "kernel.py"), *map(str, args), "--resume"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Resuming at epoch" in resumed.stdout and (out / "submission.csv").is_file()
 

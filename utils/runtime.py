@@ -144,9 +144,11 @@ def torchrun_command(script: Path, argv: list[str], processes: int) -> list[str]
 def launch(script: Path, argv: list[str], processes: int) -> int:
     """Run ``script argv`` under torchrun with ``processes`` processes; its output goes
     through this process's sys.stdout and sys.stderr (where a notebook shows it). Ctrl-C
-    (a notebook's interrupt) is passed on: the ranks save a checkpoint and stop."""
+    (a notebook's interrupt) is passed on once: torchrun runs in a session of its own, so a
+    terminal's Ctrl-C reaches this process alone, and torchrun passes it to the ranks, which
+    save a checkpoint and stop."""
     proc = subprocess.Popen(torchrun_command(script, argv, processes), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, bufsize=1)
+                            stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
 
     def relay(stream, target):
         for line in stream:
