@@ -92,6 +92,7 @@ def test_the_check_needs_nothing_but_the_standard_library():
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}
 
 
+@pytest.mark.slow
 def test_export_with_wheels_downloads_every_pin_but_torch(tmp_path):
     index = tmp_path / "index"  # a local package index: pip really runs, offline
     index.mkdir()

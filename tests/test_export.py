@@ -103,6 +103,7 @@ def test_export_is_the_same_from_any_process():
     assert other.stdout.strip() == json.dumps(build_notebook(ROOT))
 
 
+@pytest.mark.slow
 def test_bundle_and_notebook_give_kernel_py_s_submission(export, tmp_path, monkeypatch):
     base, _, data = export
     ref = subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--data-dir", str(data),
@@ -135,6 +136,7 @@ def test_bundle_and_notebook_give_kernel_py_s_submission(export, tmp_path, monke
     assert not (empty / "utils").exists()
 
 
+@pytest.mark.slow
 def test_export_command(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--export-kaggle", str(tmp_path / "k"),
                              "--kaggle-id", "me/my-kernel"], capture_output=True, text=True, cwd=ROOT,

@@ -22,6 +22,8 @@ from utils.labels import LABELS
 REAL_MODE = ["--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--workers", "0",
              "--weights", "none"]
 
+pytestmark = pytest.mark.slow  # every test here trains or runs kernel.py
+
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):

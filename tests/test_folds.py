@@ -12,6 +12,8 @@ from kernel_runs import TINY, kill_at_write, run_kernel
 from utils.labels import LABELS
 from utils.submission import check_submission_file
 
+pytestmark = pytest.mark.slow  # every test here trains or runs kernel.py
+
 FOLDS = ["--folds", "3", "--fold", "all"]
 PRED = [f"pred_{k}" for k in LABELS]
 

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_step(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), TMPDIR=str(tmp_path),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -50,6 +53,7 @@ def test_an_unknown_option_is_refused(tmp_path):
     assert not (tmp_path / "gpu_check.json").exists()
 
 
+@pytest.mark.slow
 def test_it_stops_at_once_when_a_package_cannot_be_imported(tmp_path):
     # the GPU machine without the carried wheels: every later step would fail on it
     blocker = tmp_path / "blocker"

@@ -20,6 +20,7 @@ def tiny_run(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_tiny_demo_writes_every_output(tiny_run):
     out, result = tiny_run
     for name in ("submission.csv", "metrics.json", "config.json", "split.csv",
@@ -36,6 +37,7 @@ def test_tiny_demo_writes_every_output(tiny_run):
         assert (out / "report" / name).stat().st_size > (200 if name.endswith(".csv") else 5000), name
 
 
+@pytest.mark.slow
 def test_report_command_redraws_a_run_s_report(tiny_run, capsys):
     out, _ = tiny_run
     (out / "report" / "examples.png").unlink()
@@ -44,6 +46,7 @@ def test_report_command_redraws_a_run_s_report(tiny_run, capsys):
     assert "report.html" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_submission_is_valid_and_in_sample_order(tiny_run):
     out, _ = tiny_run
     sample = pd.read_csv(out / "demo_data" / "stage_2_sample_submission.csv")
@@ -54,6 +57,7 @@ def test_submission_is_valid_and_in_sample_order(tiny_run):
     assert check_submission_file(out / "submission.csv", out / "demo_data" / "stage_2_sample_submission.csv") == []
 
 
+@pytest.mark.slow
 def test_unreadable_files_are_listed_and_test_image_gets_the_prior(tiny_run):
     out, _ = tiny_run
     bad = pd.read_csv(out / "bad_files.csv")
@@ -67,6 +71,7 @@ def test_unreadable_files_are_listed_and_test_image_gets_the_prior(tiny_run):
     np.testing.assert_allclose(got, np.clip(prior, 1e-6, 1 - 1e-6), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_split_keeps_patients_on_one_side_and_metrics_are_consistent(tiny_run):
     out, _ = tiny_run
     split = pd.read_csv(out / "split.csv")
@@ -94,6 +99,7 @@ def test_split_keeps_patients_on_one_side_and_metrics_are_consistent(tiny_run):
         assert f"val_auc_{k}" in history
 
 
+@pytest.mark.slow
 def test_resume_continues_a_finished_run_with_more_epochs(tiny_run, tmp_path):
     out, _ = tiny_run
     resumed = run_kernel("--out-dir", out, *TINY[:-4], "--epochs", "2", "--workers", "0", "--resume")
@@ -102,6 +108,7 @@ def test_resume_continues_a_finished_run_with_more_epochs(tiny_run, tmp_path):
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
 
 
+@pytest.mark.slow
 def test_resume_under_other_settings_is_refused_and_changes_nothing(tiny_run, capsys):
     out, _ = tiny_run
     config = (out / "config.json").read_text()
@@ -131,6 +138,7 @@ def test_wrong_data_dir_explains_the_layout(tmp_path, capsys):
     assert "stage_2_train.csv" in err and "stage_2_test" in err
 
 
+@pytest.mark.slow
 def test_real_data_without_weights_says_how_to_attach_them(tmp_path, rsna_sample):
     result = run_kernel("--data-dir", rsna_sample, "--out-dir", tmp_path / "out", "--epochs", "1",
                         "--arch", "resnet18", "--image-size", "32", "--workers", "0",
@@ -139,6 +147,7 @@ def test_real_data_without_weights_says_how_to_attach_them(tmp_path, rsna_sample
     assert "--weights" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_real_sample_runs_end_to_end(tmp_path, rsna_sample):
     out = tmp_path / "out"
     result = run_kernel("--data-dir", rsna_sample, "--out-dir", out, "--epochs", "1",
@@ -151,6 +160,7 @@ def test_real_sample_runs_end_to_end(tmp_path, rsna_sample):
     assert pd.read_csv(out / "bad_files.csv").empty
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SKIP_FULL_DEMO") == "1", reason="SKIP_FULL_DEMO=1")
 def test_full_demo_beats_the_constant_prior(tmp_path):
     """The front door: the default demo must really learn, within its time budget."""
@@ -160,6 +170,7 @@ def test_full_demo_beats_the_constant_prior(tmp_path):
     assert metrics["val_weighted_log_loss"] < 0.9 * metrics["prior_weighted_log_loss"], metrics
 
 
+@pytest.mark.slow
 def test_kfold_validation_on_one_fold(tmp_path):
     out = tmp_path / "out"
     result = run_kernel("--out-dir", out, *TINY, "--folds", "3", "--fold", "1")
@@ -186,6 +197,7 @@ def test_bad_option_values(tmp_path, capsys, args, message):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_check_submission_command(tiny_run, tmp_path, capsys):
     out, _ = tiny_run
     data = out / "demo_data"
@@ -203,6 +215,7 @@ def test_check_submission_command(tiny_run, tmp_path, capsys):
     assert "stage_2_sample_submission.csv" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_files_failing_at_pixel_decoding_are_recorded(tiny_run, tmp_path):
     # Their headers and transfer syntax pass the scan (a file whose syntax needs a missing
     # decoder is listed there already: test_dicom); their pixels fail mid-epoch.
@@ -231,6 +244,7 @@ def test_files_failing_at_pixel_decoding_are_recorded(tiny_run, tmp_path):
 
 # --- the training engine: resume, interruption, divergence, many processes, predict-only ---
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_same_result(tmp_path):
     import signal
     cache = ["--header-cache", tmp_path / "cache"]
@@ -254,6 +268,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_result(tmp_path):
     assert (tmp_path / "a" / "submission.csv").read_text() == (tmp_path / "b" / "submission.csv").read_text()
 
 
+@pytest.mark.slow
 def test_predict_only_from_a_checkpoint(tiny_run, tmp_path):
     out, _ = tiny_run
     result = run_kernel("--predict-only", "--checkpoint", out / "checkpoints" / "best.pt",
@@ -268,6 +283,7 @@ def test_predict_only_from_a_checkpoint(tiny_run, tmp_path):
     assert bad.returncode == 2 and "not a checkpoint" in bad.stderr
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_steps(tmp_path):
     import torch
     out = tmp_path / "out"
@@ -280,6 +296,7 @@ def test_gradient_accumulation_steps(tmp_path):
     assert state["scheduler"]["last_epoch"] == 4
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_and_saves_plain_weights(tmp_path):
     import torch
     out = tmp_path / "out"
@@ -290,6 +307,7 @@ def test_compiled_model_trains_and_saves_plain_weights(tmp_path):
     assert json.loads((out / "config.json").read_text())["compile"] is True
 
 
+@pytest.mark.slow
 def test_a_later_kaggle_session_adopts_the_previous_checkpoint(tiny_run, tmp_path):
     import shutil
 
@@ -306,6 +324,7 @@ def test_a_later_kaggle_session_adopts_the_previous_checkpoint(tiny_run, tmp_pat
     assert kernel.adopt_previous_session(working, tmp_path / "nothing-here") is None
 
 
+@pytest.mark.slow
 def test_context_and_refine_options(tmp_path):
     out = tmp_path / "out"
     result = run_kernel("--out-dir", out, *TINY, "--context", "1", "--context-windows", "--refine",
@@ -332,6 +351,7 @@ def test_context_and_refine_options(tmp_path):
     assert predicted.returncode == 0, predicted.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_refiner_that_wins_refines_the_submission(tmp_path, monkeypatch):
     # Whether the refiner wins on a tiny run is chance; force the decision to "use it" and
     # check that the submission is then exactly the refiner applied, series by series, to

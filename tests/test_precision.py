@@ -11,6 +11,7 @@ import torch
 from kernel_runs import RESUMABLE, TINY, cli, kill_at_write, poison_loss, run_kernel
 
 
+@pytest.mark.slow
 def test_bf16_trains_end_to_end_and_the_run_records_its_environment(tmp_path):
     out = tmp_path / "out"
     result = run_kernel("--out-dir", out, *TINY, "--precision", "bf16")
@@ -25,6 +26,7 @@ def test_bf16_trains_end_to_end_and_the_run_records_its_environment(tmp_path):
     assert 0 < metrics["val_weighted_log_loss"] < 5
 
 
+@pytest.mark.slow
 def test_fp16_with_its_scaler_resumes_a_killed_run_exactly(tmp_path):
     args = [*RESUMABLE, "--workers", "0", "--precision", "fp16", "--header-cache", tmp_path / "cache"]
     straight = run_kernel("--out-dir", tmp_path / "a", *args)
@@ -41,6 +43,7 @@ def test_fp16_with_its_scaler_resumes_a_killed_run_exactly(tmp_path):
     assert (tmp_path / "a" / "submission.csv").read_bytes() == (out / "submission.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_under_fp16_a_nan_loss_is_a_step_the_scaler_skips_and_counts(tmp_path, monkeypatch):
     # fp16 overflows now and then; the grad scaler skips that step and lowers its scale.
     # That is no reason to stop, but it is counted.
@@ -56,6 +59,7 @@ def test_under_fp16_a_nan_loss_is_a_step_the_scaler_skips_and_counts(tmp_path, m
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_under_fp16_a_loss_that_stays_nan_stops_cleanly(tmp_path, monkeypatch, capsys):
     import kernel
     monkeypatch.setattr(kernel, "MAX_SKIPPED_IN_A_ROW", 3)

@@ -22,6 +22,7 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_nested_export_is_predicted_slice_by_slice_and_series_by_series(trained, tmp_path, rsna_sample):
     root = tmp_path / "export"
     ct, skip = build_export(root, rsna_sample)
@@ -53,6 +54,7 @@ def test_a_nested_export_is_predicted_slice_by_slice_and_series_by_series(traine
             assert "19010203" not in path.read_text(errors="replace"), path
 
 
+@pytest.mark.slow
 def test_the_folder_gets_the_runs_own_predictions_refiner_included(trained, tmp_path):
     """The demo's test images as a folder: the same probabilities as the run's own
     --predict-only (its refiner along each series), whatever the names and nesting."""
@@ -94,6 +96,7 @@ def test_series_table_against_a_hand_made_case():
         series_table(slices, threshold=1.0)
 
 
+@pytest.mark.slow
 def test_a_folder_without_ct_slices_and_a_missing_checkpoint_are_clear_errors(trained, tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "notes.txt").write_text("no images here\n")

@@ -287,6 +287,7 @@ def test_report_rejects_malformed_json(tmp_path):
         write_report(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
 def test_html_renders_in_chromium(full_report, tmp_path):
     out, _ = full_report

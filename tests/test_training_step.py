@@ -4,9 +4,12 @@ import json
 import traceback
 
 import pandas as pd
+import pytest
 import torch
 
 from kernel_runs import TINY, cli
+
+pytestmark = pytest.mark.slow  # every test here trains or runs kernel.py
 
 # 49 training images in batches of 4 (the last partial one dropped): 12 steps an epoch
 STEPS = ["--batch-size", "4", "--epochs", "1"]
