@@ -56,6 +56,7 @@ from utils.metrics import per_class_log_loss, prior_probabilities, weighted_log_
 from utils.model import WeightsError, build_model, find_weights
 from utils.refiner import RefinerResult, fit_refiner, load_refiner, logit, refine, save_refiner
 from utils.report import write_report
+from utils.rundir import FolderInUse, exclusive
 from utils.runtime import (PRECISIONS, Runtime, RuntimeChoiceError, default_workers, launch, plan_processes,
                            setup_runtime, under_torchrun)
 from utils.scans import scan_folder
@@ -319,13 +320,19 @@ def resolve_data_dir(cfg: Config, out_dir: Path) -> Path:
     return root
 
 
-def prepare_out_dir(cfg: Config) -> Path:
+def prepare_out_dir(cfg: Config, held: contextlib.ExitStack) -> Path:
+    """The run's folder, held by this process until ``held`` closes (a second run on it is
+    refused before it touches anything)."""
     if cfg.out_dir:
         out = Path(cfg.out_dir)
     elif KAGGLE_WORKING.is_dir():
         out = KAGGLE_WORKING
     else:
         out = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        held.enter_context(exclusive(out))
+    except FolderInUse as err:
+        raise UserError(str(err)) from None
     finished = [n for n in ("submission.csv", "metrics.json") if (out / n).exists()]
     if finished and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds a finished run ({', '.join(finished)}); pass "
@@ -1274,7 +1281,13 @@ def ensemble(runs: list[str], weights, cfg: Config) -> int:
     except ValueError as err:
         raise UserError(str(err)) from None
     data_dir = Path(cfg.data_dir or json.loads((dirs[0] / "config.json").read_text())["data_dir"])
-    out_dir = prepare_out_dir(cfg)
+    with contextlib.ExitStack() as held:
+        return write_ensemble(dirs, weights, metrics, blended, data_dir, prepare_out_dir(cfg, held))
+
+
+def write_ensemble(dirs: list[Path], weights, metrics: dict, blended: pd.DataFrame, data_dir: Path,
+                   out_dir: Path) -> int:
+    """The blended submission, its scores on the shared validation images, ensemble.json."""
     result = submit(TestPredictions(blended, list(blended.index), []), data_dir, out_dir,
                     setup_runtime(Dist()))
     validation = {str(r): read_predictions(r / "oof_predictions.csv") if (r / "oof_predictions.csv").is_file()
@@ -1476,24 +1489,31 @@ def main(argv=None) -> int:
         raise UserError(str(err)) from None
     if cfg.predict is not None:
         return predict_folder(cfg, rt, started)
-    out_dir = share(d, prepare_out_dir(cfg) if d.main else None)
-    data_dir = share(d, resolve_data_dir(cfg, out_dir) if d.main else None)
-    cfg = dataclasses.replace(cfg, data_dir=str(data_dir), out_dir=str(out_dir))
-    if cfg.resume and not cfg.predict_only:  # refused before anything of the run is rewritten
-        Checkpoints(out_dir / "checkpoints", dataclasses.asdict(cfg)).resumable()
-    if d.main:
-        write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "environment": environment()})
-    log(f"Run: {out_dir} (data: {data_dir}{', synthetic demo' if cfg.demo else ''}"
-        f"{f', {d.world} processes' if d.enabled else ''})")
-    if cfg.predict_only:
-        predict_only(cfg, rt, out_dir, data_dir)
-        log(f"Done in {time.perf_counter() - started:.0f}s: {out_dir / 'submission.csv'}")
-    elif cfg.fold == FOLD_ALL:
-        run_folds(cfg, rt, out_dir, data_dir, started)
-    else:
-        run_pipeline(cfg, rt, out_dir, data_dir, started)
-    barrier(d)
-    return 0
+    return run_in_out_dir(cfg, rt, started)
+
+
+def run_in_out_dir(cfg: Config, rt: Runtime, started: float) -> int:
+    """A training run, or --predict-only, in its out-dir, which rank 0 holds until the end."""
+    d = rt.dist
+    with contextlib.ExitStack() as held:
+        out_dir = share(d, prepare_out_dir(cfg, held) if d.main else None)
+        data_dir = share(d, resolve_data_dir(cfg, out_dir) if d.main else None)
+        cfg = dataclasses.replace(cfg, data_dir=str(data_dir), out_dir=str(out_dir))
+        if cfg.resume and not cfg.predict_only:  # refused before anything of the run is rewritten
+            Checkpoints(out_dir / "checkpoints", dataclasses.asdict(cfg)).resumable()
+        if d.main:
+            write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "environment": environment()})
+        log(f"Run: {out_dir} (data: {data_dir}{', synthetic demo' if cfg.demo else ''}"
+            f"{f', {d.world} processes' if d.enabled else ''})")
+        if cfg.predict_only:
+            predict_only(cfg, rt, out_dir, data_dir)
+            log(f"Done in {time.perf_counter() - started:.0f}s: {out_dir / 'submission.csv'}")
+        elif cfg.fold == FOLD_ALL:
+            run_folds(cfg, rt, out_dir, data_dir, started)
+        else:
+            run_pipeline(cfg, rt, out_dir, data_dir, started)
+        barrier(d)
+        return 0
 
 
 def load_data(cfg: Config, out_dir: Path, data_dir: Path, d: Dist) -> dict:

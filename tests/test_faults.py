@@ -306,3 +306,17 @@ def test_loader_reads_every_file_once_per_epoch_without_leaking(tmp_path):
         assert (seen == 1).all()
         rss.append(_rss_mb())
     assert rss[2] <= rss[0] * 1.10, rss
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_touches_nothing(tmp_path):
+    out = tmp_path / "out"
+    first = start_kernel("--out-dir", out, *RESUMABLE, "--workers", "0")
+    wait_for_checkpoint(first, out / "checkpoints" / "last.pt", epoch=0, batch=1)
+    second = run_kernel("--out-dir", out, *RESUMABLE, "--workers", "0", "--resume")
+    assert second.returncode == 2
+    assert f"is in use by another run (process {first.pid})" in second.stderr
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]  # its writes in flight were left alone
+    assert (out / "submission.csv").is_file() and (out / "metrics.json").is_file()
+    again = run_kernel("--out-dir", out, *RESUMABLE, "--workers", "0", "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]  # free once the first run ended

@@ -75,7 +75,8 @@ def check_same_data(fingerprints: dict[str, dict]) -> None:
 
 def shared_scores(predictions: dict[str, pd.DataFrame], weights=None) -> dict:
     """On the labelled images every run predicted (validation or out of fold): each run's
-    weighted log loss and the blend's. Empty when the runs share no image."""
+    weighted log loss and the blend's, on the values each run submitted like (its refined
+    ones where its refiner was used: final_columns). Empty when the runs share no image."""
     names = list(predictions)
     shared = predictions[names[0]].index
     for name in names[1:]:
@@ -84,7 +85,8 @@ def shared_scores(predictions: dict[str, pd.DataFrame], weights=None) -> dict:
         return {}
     shared = shared.sort_values()
     y = predictions[names[0]].loc[shared, list(LABELS)].to_numpy()
-    probs = [predictions[n].loc[shared, PRED_COLUMNS] for n in names]
+    probs = [predictions[n].loc[shared, final_columns(predictions[n])].set_axis(PRED_COLUMNS, axis=1)
+             for n in names]
     scores = {n: weighted_log_loss(y, p.to_numpy()) for n, p in zip(names, probs)}
     return {"n_images": len(shared), "runs": scores,
             "blend": weighted_log_loss(y, average(probs, weights).to_numpy())}
