@@ -1309,8 +1309,13 @@ PREDICT_OUTPUTS = ("slices.csv", "series.csv", "skipped.csv")
 HEATMAPS_PER_SERIES = 3
 
 
-def prepare_predict_dir(cfg: Config) -> Path:
+def prepare_predict_dir(cfg: Config, held: contextlib.ExitStack) -> Path:
+    """The folder of --predict's outputs, held by this process until ``held`` closes."""
     out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / datetime.now().strftime("predict-%Y%m%d-%H%M%S")
+    try:
+        held.enter_context(exclusive(out))
+    except FolderInUse as err:
+        raise UserError(str(err)) from None
     done = [n for n in PREDICT_OUTPUTS if (out / n).exists()]
     if done and not cfg.overwrite:
         raise UserError(f"{out} already holds predictions ({', '.join(done)}); pass --overwrite or another --out-dir")
@@ -1347,44 +1352,45 @@ def predict_folder(cfg: Config, rt: Runtime, started: float) -> int:
     grouped by study and series, ordered along the slice normal), predicted with the
     checkpoint's own settings and refiner; what is not a CT slice is listed in skipped.csv."""
     d = rt.dist
-    out_dir = share(d, prepare_predict_dir(cfg) if d.main else None)
-    if d.main:
-        write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "environment": environment()})
-    scan = scan_folder(cfg.predict, workers=cfg.workers)
-    log(f"Scanned {cfg.predict}: {scan.summary()}")
-    if scan.slices.empty:
+    with contextlib.ExitStack() as held:
+        out_dir = share(d, prepare_predict_dir(cfg, held) if d.main else None)
         if d.main:
-            write_csv(out_dir / "skipped.csv", scan.skipped, index=False)
-        raise UserError(f"{cfg.predict}: no CT slice to predict ({scan.summary()}); see {out_dir / 'skipped.csv'}")
-    rows = scan.model_rows().assign(series=scan.slices["series"], position=scan.slices["index"])
-    rows.index = pd.Index(scan.slices["path"], name="image_id")
-    if d.main:
-        write_csv(out_dir / "bad_files.csv", pd.DataFrame(columns=["path", "reason"]), index=False)
-    barrier(d)
-    pred = predict_saved(Path(cfg.checkpoint), cfg, rt, {"test_ids": list(rows.index), "test_headers": rows},
-                         out_dir)
-    undecodable = pd.DataFrame({"path": pred.failed, "reason": "pixel data could not be decoded"})
-    slices = scan.slices.set_index("path", drop=False).drop(index=pred.failed)
-    slices = slices.drop(columns=["prev_path", "next_path", "series"]).join(pred.probs)
-    series = series_table(slices, cfg.threshold)
-    top = top_slices(slices, series, HEATMAPS_PER_SERIES)
-    if d.main:
-        write_csv(out_dir / "slices.csv", slices, index=False)
-        write_csv(out_dir / "series.csv", series, index=False)
-        skipped = pd.concat([scan.skipped, undecodable], ignore_index=True)
-        write_csv(out_dir / "skipped.csv", skipped, index=False)
-        (out_dir / "bad_files.csv").unlink()  # its rows are in skipped.csv
-        maps = heatmaps(Path(cfg.checkpoint), cfg, rt, rows.loc[top["path"]], pred.probs) if len(top) else {}
-        notes = [f"{cfg.predict}: {scan.summary()}", f"Model: {cfg.checkpoint}; heatmaps (Grad-CAM) from "
-                 f"{first_checkpoint(Path(cfg.checkpoint))}, of the most probable subtype"]
-        write_predict_html(out_dir / "report" / "predict.html", slices, series, maps,
-                           threshold=cfg.threshold, notes=notes)
-    log(f"Predicted {len(slices)} slices in {len(series)} series "
-        f"({int((series['flag'] == 'positive').sum())} positive at {cfg.threshold:g}) in "
-        f"{time.perf_counter() - started:.0f}s: {out_dir / 'series.csv'}, {out_dir / 'slices.csv'}, "
-        f"{out_dir / 'report' / 'predict.html'}")
-    barrier(d)
-    return 0
+            write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "environment": environment()})
+        scan = scan_folder(cfg.predict, workers=cfg.workers)
+        log(f"Scanned {cfg.predict}: {scan.summary()}")
+        if scan.slices.empty:
+            if d.main:
+                write_csv(out_dir / "skipped.csv", scan.skipped, index=False)
+            raise UserError(f"{cfg.predict}: no CT slice to predict ({scan.summary()}); see {out_dir / 'skipped.csv'}")
+        rows = scan.model_rows().assign(series=scan.slices["series"], position=scan.slices["index"])
+        rows.index = pd.Index(scan.slices["path"], name="image_id")
+        if d.main:
+            write_csv(out_dir / "bad_files.csv", pd.DataFrame(columns=["path", "reason"]), index=False)
+        barrier(d)
+        pred = predict_saved(Path(cfg.checkpoint), cfg, rt, {"test_ids": list(rows.index), "test_headers": rows},
+                             out_dir)
+        undecodable = pd.DataFrame({"path": pred.failed, "reason": "pixel data could not be decoded"})
+        slices = scan.slices.set_index("path", drop=False).drop(index=pred.failed)
+        slices = slices.drop(columns=["prev_path", "next_path", "series"]).join(pred.probs)
+        series = series_table(slices, cfg.threshold)
+        top = top_slices(slices, series, HEATMAPS_PER_SERIES)
+        if d.main:
+            write_csv(out_dir / "slices.csv", slices, index=False)
+            write_csv(out_dir / "series.csv", series, index=False)
+            skipped = pd.concat([scan.skipped, undecodable], ignore_index=True)
+            write_csv(out_dir / "skipped.csv", skipped, index=False)
+            (out_dir / "bad_files.csv").unlink()  # its rows are in skipped.csv
+            maps = heatmaps(Path(cfg.checkpoint), cfg, rt, rows.loc[top["path"]], pred.probs) if len(top) else {}
+            notes = [f"{cfg.predict}: {scan.summary()}", f"Model: {cfg.checkpoint}; heatmaps (Grad-CAM) from "
+                     f"{first_checkpoint(Path(cfg.checkpoint))}, of the most probable subtype"]
+            write_predict_html(out_dir / "report" / "predict.html", slices, series, maps,
+                               threshold=cfg.threshold, notes=notes)
+        log(f"Predicted {len(slices)} slices in {len(series)} series "
+            f"({int((series['flag'] == 'positive').sum())} positive at {cfg.threshold:g}) in "
+            f"{time.perf_counter() - started:.0f}s: {out_dir / 'series.csv'}, {out_dir / 'slices.csv'}, "
+            f"{out_dir / 'report' / 'predict.html'}")
+        barrier(d)
+        return 0
 
 
 # %% Run: the stages in order; --predict-only and the checks above are the other ways in.

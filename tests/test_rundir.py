@@ -39,3 +39,14 @@ def test_the_lock_of_a_killed_process_is_released_by_the_system(tmp_path):
         holder.wait()
     with exclusive(out):  # no stale lock to clear by hand
         pass
+
+
+@pytest.mark.parametrize("mode", [[], ["--predict", "SCANS", "--checkpoint", "best.pt"]])
+def test_kernel_refuses_a_folder_in_use_before_writing_anything(tmp_path, capsys, mode):
+    from kernel_runs import TINY, cli
+    out = tmp_path / "out"
+    args = [a.replace("SCANS", str(tmp_path)) for a in mode]
+    with exclusive(out):
+        assert cli("--out-dir", out, *TINY, *args) == 2
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert f"is in use by another run (process {os.getpid()})" in capsys.readouterr().err
