@@ -210,12 +210,33 @@ def _problems(cfg: Config) -> list[str]:
     return problems
 
 
+# The ways in besides training, and the options that belong to some of them alone.
+MODES = ("predict_only", "predict", "ensemble", "check_submission", "report", "export_kaggle")
+MODE_OPTIONS = {"checkpoint": ("predict_only", "predict"), "threshold": ("predict",),
+                "ensemble_weights": ("ensemble",), "kaggle_id": ("export_kaggle",),
+                "kaggle_weights_dataset": ("export_kaggle",), "with_wheels": ("export_kaggle",)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _mode_problems(given: dict) -> list[str]:
+    """Modes exclude each other; an option of one mode given without it names that mode."""
+    chosen = [m for m in MODES if m in given]
+    problems = [f"{' and '.join(map(_flag, chosen))} are different modes: give one"] if len(chosen) > 1 else []
+    return problems + [f"{_flag(option)} belongs to {' or '.join(map(_flag, owners))}"
+                       for option, owners in MODE_OPTIONS.items()
+                       if option in given and not set(owners) & set(chosen)]
+
+
 def parse_args(argv=None) -> tuple[Config, dict]:
     """The resolved settings, and the options that run something else than training
     (--check-submission, --report, --export-kaggle and its --kaggle-* options)."""
     p = _parser()
     args = p.parse_args(argv)  # an unknown option exits with usage and code 2
     given = {k: v for k, v in vars(args).items() if v is not None}
+    mode_problems = _mode_problems(given)
     modes = {k: given.pop(k, None) for k in ("check_submission", "export_kaggle", "kaggle_id",
                                              "kaggle_weights_dataset", "with_wheels", "report",
                                              "ensemble", "ensemble_weights")}
@@ -226,9 +247,7 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     if cfg.workers is None:
         cfg = dataclasses.replace(cfg, workers=default_workers(os.cpu_count(),
                                                                int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    problems = _problems(cfg)
-    if modes["with_wheels"] and modes["export_kaggle"] is None:
-        problems.append("--with-wheels needs --export-kaggle DIR")
+    problems = mode_problems + _problems(cfg)
     if problems:
         p.error("; ".join(problems))
     return cfg, modes

@@ -122,4 +122,4 @@ def test_export_with_wheels_downloads_every_pin_but_torch(tmp_path):
     assert broken.returncode == 4 and "pip download failed" in broken.stderr
     alone = subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--with-wheels"], capture_output=True,
                            text=True, cwd=ROOT, env=env, timeout=120)
-    assert alone.returncode == 2 and "--with-wheels needs --export-kaggle" in alone.stderr
+    assert alone.returncode == 2 and "--with-wheels belongs to --export-kaggle" in alone.stderr

@@ -182,6 +182,24 @@ def test_kfold_validation_on_one_fold(tmp_path):
     assert "validating on fold 1 of 3" in result.stdout
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--predict", "scans", "--predict-only", "--checkpoint", "c.pt"],
+     "--predict-only and --predict are different modes: give one"),
+    (["--report", "--export-kaggle", "k"], "--report and --export-kaggle are different modes"),
+    (["--threshold", "0.3"], "--threshold belongs to --predict"),
+    (["--predict-only", "--checkpoint", "c.pt", "--threshold", "0.3"], "--threshold belongs to --predict"),
+    (["--checkpoint", "c.pt"], "--checkpoint belongs to --predict-only or --predict"),
+    (["--ensemble-weights", "1", "2"], "--ensemble-weights belongs to --ensemble"),
+    (["--kaggle-id", "me/k"], "--kaggle-id belongs to --export-kaggle"),
+])
+def test_modes_exclude_each_other_and_an_option_of_another_mode_names_it(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli("--out-dir", tmp_path / "out", *args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--folds", "1"], "--folds must be"),
     (["--folds", "3", "--fold", "3"], "--fold must be between 0 and 2"),
