@@ -18,15 +18,11 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import importlib.metadata
-import json
+import importlib
 import logging
 import math
 import os
-import platform
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,36 +36,33 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import data as data_utils
-from utils.atomic import atomic_write
-from utils.calibration import apply_temperatures, calibration_summary, decide_calibration
-from utils.demo import make_demo_dataset
-from utils.dicom import BRAIN, parse_windows, read_windowed, scan_headers
+from utils import rundir
+from utils.calibration import calibration_summary, decide_calibration
+from utils.demo import DEMO_PRESET, make_demo_dataset
+from utils.dicom import parse_windows, scan_headers
 from utils.engine import (CheckpointMismatch, Checkpoints, Dist, ResumableSampler, barrier, gather_lists,
-                          gather_rows, init_distributed, load_checkpoint, model_state, roc_auc,
-                          warmup_cosine, weighted_bce)
-from utils.ensemble import (PRED_COLUMNS, REFINED_COLUMNS, assemble_oof, average, check_same_data,
-                            data_fingerprint, final_columns, shared_scores)
-from utils.gradcam import grad_cam, overlay
-from utils.labels import (LABELS, SUBTYPES, LabelError, check_image_id, format_label_report, label_report,
-                          read_labels)
-from utils.metrics import per_class_log_loss, prior_probabilities, weighted_log_loss
+                          init_distributed, load_checkpoint, model_state, roc_auc, share, warmup_cosine,
+                          weighted_bce)
+from utils.ensemble import assemble_oof, average, data_fingerprint, run_ensemble
+from utils.errors import (EXIT_OUTPUT, EXIT_STOPPED, EXIT_USAGE, OutputError, TrainingStopped, UserError,
+                          writing)
+from utils.inference import (TestPredictions, calibrate_test, input_layout, predict, predict_saved,
+                             predict_test, refine_test, slice_dataset)
+from utils.labels import LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels
+from utils.metrics import logit, per_class_log_loss, prior_probabilities, weighted_log_loss
 from utils.model import WeightsError, build_model, find_weights
-from utils.refiner import RefinerResult, fit_refiner, load_refiner, logit, refine, save_refiner
-from utils.report import write_report
-from utils.rundir import FolderInUse, exclusive
-from utils.runtime import (PRECISIONS, Runtime, RuntimeChoiceError, default_workers, launch, plan_processes,
-                           setup_runtime, under_torchrun)
-from utils.scans import scan_folder
-from utils.series_results import series_table, top_slices, write_predict_html
+from utils.refiner import RefinerResult, fit_refiner, save_refiner
+from utils.report import report_command, write_run_report
+from utils.rundir import PRED_COLUMNS, REFINED_COLUMNS, write_csv, write_json
+from utils.runtime import (PRECISIONS, Runtime, RuntimeChoiceError, default_workers, environment, launch,
+                           plan_processes, setup_runtime, under_torchrun)
 from utils.slices import neighbour_paths, order_slices
-from utils.split import (fold_table, format_fold_table, kfold_by_patient, resolve_groups,
-                         split_by_patient)
-from utils.submission import (SubmissionError, build_submission, check_submission_file,
-                              read_sample_submission, write_submission)
+from utils.split import fold_table, format_fold_table, kfold_by_patient, resolve_groups, split_by_patient
+from utils.submission import (SubmissionError, build_submission, check_submission_command,
+                              read_sample_submission, write_checked_submission)
 
 DESCRIPTION = "RSNA Intracranial Hemorrhage Detection: the whole pipeline, stage by stage."
 KAGGLE_INPUT, KAGGLE_WORKING = Path("/kaggle/input"), Path("/kaggle/working")
-EXIT_USAGE = 2  # a user mistake: bad option, bad data folder, bad weights
 
 
 # %% Settings: plain typed values; the command line overrides them; saved as config.json.
@@ -112,12 +105,6 @@ class Config:
     threshold: float = 0.5           # --predict: `any` above this makes a slice count, a series positive
     demo_patients: int = 36          # training patients of the synthetic dataset
     header_cache: str | None = None  # folder for the header scan cache; default beside out-dir
-
-
-# No data given: a preset small enough for a laptop CPU, trained from scratch because
-# nothing can be downloaded; an explicit option still wins.
-DEMO_PRESET = dict(arch="resnext50_32x4d", weights="none", image_size=64, batch_size=16,
-                   lr=1e-3, val_frac=0.25, workers=min(2, os.cpu_count() or 1))
 
 
 FOLD_ALL = -1
@@ -253,23 +240,6 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     return cfg, modes
 
 
-class UserError(Exception):
-    """A problem with the user's input: printed as one message, exit code 2, no traceback."""
-
-
-class OutputError(Exception):
-    """An output could not be written (a full disk, a read-only folder): exit code 4. The
-    previous version of the file, if any, is still in place: every write is atomic."""
-
-
-@contextlib.contextmanager
-def writing(path: Path):
-    try:
-        yield
-    except OSError as err:
-        raise OutputError(f"could not write {path}: {err.strerror or err}") from err
-
-
 class _StdoutHandler(logging.StreamHandler):
     """Log lines go to whatever sys.stdout is at the time (a notebook or a test swaps it)."""
 
@@ -293,6 +263,7 @@ def _to_stdout(name: str) -> logging.Logger:
 
 
 LOG = _to_stdout("kernel")
+_to_stdout("utils")  # utils' modules log what they drop, fill or write: shown like ours
 
 
 def log(*parts) -> None:
@@ -340,80 +311,15 @@ def resolve_data_dir(cfg: Config, out_dir: Path) -> Path:
 
 
 def prepare_out_dir(cfg: Config, held: contextlib.ExitStack) -> Path:
-    """The run's folder, held by this process until ``held`` closes (a second run on it is
-    refused before it touches anything)."""
+    """The run's folder (--out-dir; on Kaggle its working folder; else runs/<time>), held by
+    this process until ``held`` closes: utils.rundir.prepare_out_dir."""
     if cfg.out_dir:
         out = Path(cfg.out_dir)
     elif KAGGLE_WORKING.is_dir():
         out = KAGGLE_WORKING
     else:
         out = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:
-        held.enter_context(exclusive(out))
-    except FolderInUse as err:
-        raise UserError(str(err)) from None
-    finished = [n for n in ("submission.csv", "metrics.json") if (out / n).exists()]
-    if finished and not (cfg.resume or cfg.overwrite):
-        raise UserError(f"{out} already holds a finished run ({', '.join(finished)}); pass "
-                        f"--resume to continue it, --overwrite to replace it, or another --out-dir")
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if cfg.resume:
-        for unfinished in out.rglob("*.tmp"):  # utils.atomic's name for a write not finished
-            if unfinished.is_file():
-                unfinished.unlink()
-                log(f"Removed {unfinished}, a file the interrupted run did not finish writing")
-        if not any(out.glob("checkpoints/last.pt")) and not any(out.glob("fold_*")):
-            adopt_previous_session(out, KAGGLE_INPUT)
-    return out
-
-
-def adopt_previous_session(out: Path, inputs: Path) -> Path | None:
-    """Kaggle sessions end after a few hours and start with an empty /kaggle/working: a
-    later session resumes from the previous one's output attached as an input dataset.
-    A --fold all run brings every fold folder, finished or not."""
-    if not inputs.is_dir():
-        return None
-    found = sorted(inputs.rglob("checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        return None
-    previous = found[-1].parent.parent
-    names = ["checkpoints/last.pt", "checkpoints/best.pt", "history.csv"]
-    if previous.name.startswith("fold_"):
-        previous = previous.parent
-        names = [str(p.relative_to(previous)) for p in sorted(previous.glob("fold_*/**/*"))
-                 if p.is_file() and "report" not in p.parts]
-    for name in names:
-        if (previous / name).is_file():
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            write_file(out / name, lambda tmp, name=name: shutil.copyfile(previous / name, tmp))
-    log(f"Resuming from the previous session's checkpoint in {previous}")
-    return previous
-
-
-def write_file(path: Path, write) -> None:
-    """An output through utils.atomic.atomic_write; failing to write it is an OutputError.
-    Only rank 0 writes: every caller under torchrun checks."""
-    with writing(path):
-        atomic_write(path, write)
-
-
-def write_json(path: Path, obj) -> None:
-    write_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
-
-
-def write_csv(path: Path, df: pd.DataFrame, **kwargs) -> None:
-    write_file(path, lambda tmp: df.to_csv(tmp, **kwargs))
-
-
-def record_bad_files(out_dir: Path, paths, reason: str) -> None:
-    """Add files that failed only when their pixels were decoded to bad_files.csv."""
-    table = pd.read_csv(out_dir / "bad_files.csv", dtype=str)
-    new = [p for p in map(str, paths) if p not in set(table["path"])]
-    if new:
-        for p in new:
-            log(f"  unreadable: {p}: {reason}")
-        rows = pd.DataFrame({"path": new, "reason": reason})
-        write_csv(out_dir / "bad_files.csv", pd.concat([table, rows], ignore_index=True), index=False)
+    return rundir.prepare_out_dir(out, held, cfg.resume, cfg.overwrite, inputs=KAGGLE_INPUT)
 
 
 # %% Stage 1: labels.
@@ -428,20 +334,6 @@ def load_labels(data_dir: Path, out_dir: Path, d: Dist) -> pd.DataFrame:
 
 
 # %% Stage 2: DICOM headers (no pixels) for patient, series, position and pixel attributes.
-
-def header_cache(cfg: Config, out_dir: Path, data_dir: Path, split: str) -> Path:
-    """Where the header scan is cached: beside the run folders, so the next run reuses it.
-
-    Parquet, not a pickle: a cache must never be able to run code. Keyed by the data
-    folder; rows are reused only for files whose size and modification time match.
-    """
-    folder = Path(cfg.header_cache) if cfg.header_cache else out_dir.parent / "header_cache"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        folder = out_dir
-    key = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:12]
-    return folder / f"headers_{split}_{key}.parquet"
 
 
 def scan_data(data_dir: Path, ids_by_split: dict[str, list[str]], cfg: Config, out_dir: Path,
@@ -458,7 +350,7 @@ def scan_data(data_dir: Path, ids_by_split: dict[str, list[str]], cfg: Config, o
         bad_rows += [{"path": str(p), "reason": f"named in the {split} CSV but missing on disk"}
                      for p in paths if not p.is_file()]
         t0 = time.perf_counter()
-        cache = header_cache(cfg, out_dir, data_dir, split)
+        cache = rundir.header_cache(cfg.header_cache, out_dir, data_dir, split)
         if not d.main:
             barrier(d)
         headers, bad = scan_headers(present, workers=cfg.workers, cache=cache, update_cache=d.main)
@@ -530,30 +422,6 @@ def validation_fold(cfg: Config) -> int:
 
 # %% Stage 4: training. Device, precision and processes are decided once, in utils.runtime.
 
-def environment() -> dict:
-    """The machine and packages a run ran with: where reproducing a submission starts."""
-    versions = {}
-    for name in ("torch", "torchvision", "pydicom", "numpy", "pandas", "albumentations"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    cuda = torch.cuda.is_available()
-    here = Path(globals().get("__file__", ".")).resolve().parent  # a notebook has no __file__
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"python": platform.python_version(), **versions, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if cuda else None,
-            "gpu": torch.cuda.get_device_name(0) if cuda else None,
-            "gpu_count": torch.cuda.device_count() if cuda else 0, "git_commit": commit}
-
-
-class TrainingStopped(Exception):
-    """Training ended early on purpose (Ctrl-C) or by a fault (a NaN loss): exit code 3."""
-
 
 def resolve_weights(cfg: Config) -> str | None:
     if cfg.weights is not None and cfg.weights.lower() == "none":
@@ -569,52 +437,6 @@ def resolve_weights(cfg: Config) -> str | None:
             f"--weights none to train from random initialisation on purpose.")
     log(f"Weights: found {found}")
     return str(found)
-
-
-def slice_dataset(rows: pd.DataFrame, cfg: Config, labels=None, transform=None):
-    """The dataset of these header rows, with neighbouring slices as channels under --context."""
-    neighbours = rows[["below", "above"]].to_numpy() if cfg.context else None
-    return data_utils.SliceDataset(rows["path"].tolist(), labels, parse_windows(cfg.windows),
-                                   cfg.image_size, transform, seed=cfg.seed, neighbours=neighbours,
-                                   neighbour_windows=cfg.context_windows)
-
-
-def input_layout(cfg: Config) -> tuple[int, int]:
-    """(input channels, slices they are stacked from). --context alone puts the slices
-    below, at and above in the place of the three windows: one slice's worth of channels."""
-    windows = len(parse_windows(cfg.windows))
-    if cfg.context_windows:
-        return 3 * windows, 3
-    return (3 if cfg.context else windows), 1
-
-
-@torch.no_grad()
-def predict(model, rows: pd.DataFrame, cfg: Config, rt: Runtime, desc: str, tta: bool = False):
-    """Probabilities (n, 6) and a readable flag per header row; each rank predicts a share.
-    The probabilities stay on the device until the end: no wait for the GPU per batch."""
-    ds = slice_dataset(rows, cfg)
-    mine = np.arange(len(ds))[rt.dist.rank::rt.dist.world]
-    loader = data_utils.make_loader(torch.utils.data.Subset(ds, mine), cfg.batch_size * 2,
-                                    workers=cfg.workers)
-    model.eval()
-    slices = input_layout(cfg)[1]
-    index_parts, prob_parts, ok_parts = [], [], []
-    for images, _, index, ok in tqdm(loader, desc=desc, leave=False, mininterval=2,
-                                     disable=not rt.dist.main):
-        x = data_utils.to_device_normalized(images, rt.device, slices)
-        with rt.autocast():
-            logits = model(x).float()
-            if tta:  # heads are near-symmetric left to right; average with the mirror image
-                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
-        index_parts.append(index.numpy())
-        prob_parts.append(torch.sigmoid(logits))
-        ok_parts.append(ok.numpy())
-    index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
-    probs = (torch.cat(prob_parts).cpu().numpy() if prob_parts
-             else np.zeros((0, len(LABELS)), np.float32))
-    ok = np.concatenate(ok_parts) if ok_parts else np.zeros(0, bool)
-    return (gather_rows(rt.dist, index, probs, len(ds)),
-            gather_rows(rt.dist, index, ok, len(ds), fill=False))
 
 
 class _StopRequest:
@@ -893,7 +715,7 @@ def validate(run: Training, cfg: Config, rt: Runtime, val_df: pd.DataFrame, head
     val_paths = headers.loc[val_df.index, "path"].tolist()
     unreadable = gather_lists(rt.dist, run.pos["unreadable"]) + [p for p, ok in zip(val_paths, val_ok) if not ok]
     if unreadable and rt.dist.main:
-        record_bad_files(out_dir, unreadable,
+        rundir.record_bad_files(out_dir, unreadable,
                          "pixel data could not be decoded; left out of training, prior in validation")
     y_val = val_df.to_numpy()
     row = {"epoch": run.pos["epoch"] + 1, "train_loss": run.pos["running"] / max(run.pos["seen"], 1),
@@ -937,25 +759,27 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
 
 # %% Stage 5: validation against the constant prior.
 
-def evaluate(train_df: pd.DataFrame, val_df: pd.DataFrame, val_probs: np.ndarray,
-             out_dir: Path) -> dict:
-    y_val = val_df.to_numpy()
-    prior = prior_probabilities(train_df.to_numpy())
-    metrics = {
-        "val_weighted_log_loss": weighted_log_loss(y_val, val_probs),
-        "prior_weighted_log_loss": weighted_log_loss(y_val, np.broadcast_to(prior, y_val.shape)),
-        "val_log_loss_per_class": per_class_log_loss(y_val, val_probs),
-        "prior_log_loss_per_class": per_class_log_loss(y_val, np.broadcast_to(prior, y_val.shape)),
-        "prior": dict(zip(LABELS, map(float, prior))),
-        "n_train": len(train_df), "n_val": len(val_df),
-        **{f"val_{k}": v for k, v in calibration_summary(y_val, val_probs).items()},
-    }
-    preds = pd.DataFrame(val_probs, index=val_df.index, columns=[f"pred_{k}" for k in LABELS])
-    write_csv(out_dir / "val_predictions.csv", pd.concat([val_df, preds], axis=1))
-    log(f"Validation weighted log loss {metrics['val_weighted_log_loss']:.4f} vs constant prior "
-        f"{metrics['prior_weighted_log_loss']:.4f}")
-    return metrics
+def evaluate(truth: pd.DataFrame, probs: np.ndarray, prior: np.ndarray, validated_on: str) -> dict:
+    """The scores of per-slice predictions against the constant prior, in the one metrics
+    schema (utils.rundir.METRIC_KEYS); refine_and_calibrate adds the steps after."""
+    y = truth.to_numpy()
+    prior_probs = np.broadcast_to(prior, y.shape)
+    loss = weighted_log_loss(y, probs)
+    where = {"validation": "Validation", "out_of_fold": "Out-of-fold"}[validated_on]
+    log(f"{where} weighted log loss {loss:.4f} over {len(y)} images vs constant prior "
+        f"{weighted_log_loss(y, prior_probs):.4f}")
+    return {"validated_on": validated_on, "n_validation": len(y), "weighted_log_loss": loss,
+            "weighted_log_loss_per_slice": loss, "prior_weighted_log_loss": weighted_log_loss(y, prior_probs),
+            "log_loss_per_class": per_class_log_loss(y, probs),
+            "prior_log_loss_per_class": per_class_log_loss(y, prior_probs), "prior": dict(zip(LABELS, map(float, prior)))}
 
+
+def predictions_table(truth: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
+    """Labels and pred_* columns: val_predictions.csv, and a fold's share of oof_predictions.csv."""
+    return pd.concat([truth, pd.DataFrame(probs, index=truth.index, columns=PRED_COLUMNS)], axis=1)
+
+
+# %% Stage 6: refine along each series and calibrate, fitted on the validation predictions.
 
 def patient_groups(headers: pd.DataFrame, ids: pd.Index) -> np.ndarray:
     """The patient of each image (with the study and image fallbacks of utils.split)."""
@@ -980,13 +804,11 @@ def fit_calibration(truth: pd.DataFrame, probs: np.ndarray, headers: pd.DataFram
     return decision
 
 
-def calibration_metrics(decision: dict | None, prefix: str) -> dict:
+def calibration_metrics(decision: dict | None) -> dict:
     if decision is None:
         return {}
-    return {"calibration_used": decision["use"],
-            "calibration_temperatures": dict(zip(LABELS, decision["temperatures"])),
-            f"{prefix}_weighted_log_loss_uncalibrated": decision["loss_before"],
-            f"{prefix}_weighted_log_loss_calibrated_oof": decision["loss_after_oof"]}
+    return {"calibration_used": decision["use"], "weighted_log_loss_calibrated": decision["loss_after_oof"],
+            "calibration_temperatures": dict(zip(LABELS, decision["temperatures"]))}
 
 
 def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.DataFrame,
@@ -1015,53 +837,29 @@ def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.
     return result, result.oof_probs, after
 
 
-# %% Stage 6: predict the test set and write a checked submission.
-
-@dataclass
-class TestPredictions:
-    """Probabilities of every test image, in the sample's order; ``scanned`` are the images
-    whose header was read (refinement runs along their series), ``failed`` those among them
-    whose pixels could not be decoded. Unread images hold the training prior."""
-    probs: pd.DataFrame
-    scanned: list[str]
-    failed: list[str]
-
-
-def predict_test(model, cfg: Config, test_ids: list[str], test_headers: pd.DataFrame,
-                 prior: np.ndarray, out_dir: Path, rt: Runtime) -> TestPredictions:
-    scanned = [i for i in test_ids if i in test_headers.index]
-    probs, ok = predict(model, test_headers.loc[scanned], cfg, rt, "predict test", tta=cfg.tta)
-    failed = [i for i, good in zip(scanned, ok) if not good]
-    if failed and rt.dist.main:
-        record_bad_files(out_dir, test_headers.loc[failed, "path"],
-                         "pixel data could not be decoded; prior predicted")
-    table = pd.DataFrame(np.tile(prior, (len(test_ids), 1)), columns=list(LABELS),
-                         index=pd.Index(test_ids, name="image_id"))
-    table.loc[scanned] = np.where(ok[:, None], probs, prior)
-    return TestPredictions(table, scanned, failed)
+def refine_and_calibrate(cfg: Config, table: pd.DataFrame, headers: pd.DataFrame, metrics: dict,
+                         out_dir: Path, d: Dist) -> tuple[RefinerResult | None, dict | None, pd.DataFrame]:
+    """--refine, then --calibrate, fitted on the validation (or out-of-fold) predictions
+    ``table``: the refiner and calibration for the test set, and the table with refined_*
+    where the refiner is used. ``metrics`` is completed: weighted_log_loss becomes the loss
+    of what is submitted (rundir.final_columns)."""
+    truth, refiner, calibration = table[list(LABELS)], None, None
+    if cfg.refine:
+        refiner, refined, loss = fit_series_refiner(truth, table[PRED_COLUMNS].to_numpy(), headers, cfg)
+        metrics.update(refiner_used=refiner is not None, weighted_log_loss_refined=loss)
+        if refiner is not None:
+            table = table.assign(**dict(zip(REFINED_COLUMNS, refined.T)))
+    final = table[rundir.final_columns(table)].to_numpy()
+    metrics.update(weighted_log_loss=weighted_log_loss(truth.to_numpy(), final),
+                   log_loss_per_class=per_class_log_loss(truth.to_numpy(), final),
+                   **calibration_summary(truth.to_numpy(), final))
+    if cfg.calibrate:
+        calibration = fit_calibration(truth, final, headers, cfg, out_dir, d)
+        metrics.update(calibration_metrics(calibration))
+    return refiner, calibration, table
 
 
-def refine_test(refiner: RefinerResult, pred: TestPredictions, test_headers: pd.DataFrame) -> TestPredictions:
-    """The refiner along each test series; an unreadable slice keeps what it had (the
-    prior), and its neighbours are refined with that in its place."""
-    rows = test_headers.loc[pred.scanned]
-    probs = pred.probs.copy()
-    kept = probs.loc[pred.failed].copy()
-    probs.loc[pred.scanned] = refine(refiner, logit(probs.loc[pred.scanned].to_numpy()),
-                                     rows["series"].to_numpy(), rows["position"].to_numpy())
-    probs.loc[pred.failed] = kept
-    return dataclasses.replace(pred, probs=probs)
-
-
-def calibrate_test(decision: dict | None, pred: TestPredictions) -> TestPredictions:
-    """The test predictions scaled by the fitted temperatures, where calibration is used;
-    images predicted with the prior keep it."""
-    if not decision or not decision["use"]:
-        return pred
-    probs, failed = pred.probs.copy(), set(pred.failed)
-    read = [i for i in pred.scanned if i not in failed]
-    probs.loc[read] = apply_temperatures(probs.loc[read].to_numpy(), np.asarray(decision["temperatures"]))
-    return dataclasses.replace(pred, probs=probs)
+# %% Stage 7: predict the test set and write a checked submission.
 
 
 def submit(pred: TestPredictions, data_dir: Path, out_dir: Path, rt: Runtime) -> dict:
@@ -1071,97 +869,46 @@ def submit(pred: TestPredictions, data_dir: Path, out_dir: Path, rt: Runtime) ->
     if n_prior:
         log(f"{n_prior} unreadable test images are predicted with the training prior")
     sample = data_dir / "stage_2_sample_submission.csv"
-    sub = build_submission(sample, pred.probs.index.tolist(), pred.probs.to_numpy())
     if rt.dist.main:
-        with writing(out_dir / "submission.csv"):
-            write_submission(sub, out_dir / "submission.csv", sample)
-        write_csv(out_dir / "test_predictions.csv", pred.probs)
-    log(f"Submission: {out_dir / 'submission.csv'} ({len(sub)} rows, checked against the sample)")
+        rows = write_checked_submission(pred.probs, sample, out_dir)
+    else:  # every rank checks it, so that a bad submission stops them all
+        rows = len(build_submission(sample, pred.probs.index.tolist(), pred.probs.to_numpy()))
+    log(f"Submission: {out_dir / rundir.SUBMISSION} ({rows} rows, checked against the sample)")
     return {"n_test": len(pred.probs), "n_test_predicted_with_prior": n_prior}
 
 
-def check_submission(path: str, cfg: Config) -> int:
-    """--check-submission: validate a file against the sample; 0 when valid, 2 otherwise."""
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else find_kaggle_data()
-    if data_dir is None:
-        raise UserError("--check-submission needs --data-dir, the folder holding "
-                        "stage_2_sample_submission.csv")
-    sample = data_dir / "stage_2_sample_submission.csv"
-    if not sample.is_file():
-        raise UserError(f"{sample} does not exist: --data-dir must hold the sample submission")
-    problems = check_submission_file(path, sample)
-    if problems:
-        print(f"{path} is not a valid submission:", file=sys.stderr)
-        for problem in problems:
-            print(f"  - {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    log(f"{path}: valid, every row of {sample} exactly once, values in [0, 1]")
-    return 0
+# %% The whole run, stages 1 to 7, then metrics.json and the report.
+
+def load_data(cfg: Config, out_dir: Path, data_dir: Path, d: Dist) -> dict:
+    """Labels, test IDs and both header tables (with slice order where it is used)."""
+    labels = load_labels(data_dir, out_dir, d)
+    test_ids = list(read_sample_submission(data_dir / "stage_2_sample_submission.csv").image_ids)
+    headers = scan_data(data_dir, {"train": list(labels.index), "test": test_ids}, cfg, out_dir, d)
+    train_headers, test_headers = headers["train"], headers["test"]
+    if cfg.context or cfg.refine:
+        train_headers = add_slice_order(train_headers, "train")
+        test_headers = add_slice_order(test_headers, "test")
+    return {"labels": labels, "test_ids": test_ids, "train_headers": train_headers,
+            "test_headers": test_headers, "data_dir": data_dir, "fingerprint": data_fingerprint(data_dir)}
 
 
-def write_run_report(out_dir: Path, labels: pd.DataFrame, headers: list[pd.DataFrame],
-                     windows: str) -> None:
-    """The pictures of the data and the training in OUT/report/; a failure here is logged,
-    never allowed to fail a run whose submission is already written."""
-    try:
-        files = write_report(out_dir, labels, pd.concat(headers), windows=windows)
-        log(f"Report: {out_dir / 'report' / 'report.html'} ({len(files)} files)")
-    except Exception as err:  # noqa: BLE001 - the report is a by-product
-        log(f"Report not written: {type(err).__name__}: {err}")
+def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: float) -> None:
+    """One training run on the --val-frac split (or --fold i of --folds K)."""
+    d, data = rt.dist, load_data(cfg, out_dir, data_dir, rt.dist)
+    usable, folds = make_split(data["labels"], data["train_headers"], cfg, out_dir, d)
+    val = folds == validation_fold(cfg)
+    train_df, val_df = usable.loc[~val], usable.loc[val]
+    model, val_probs, best_epoch = train(cfg, train_df, val_df, data["train_headers"], out_dir, rt)
+    if d.enabled:
+        digest = hashlib.sha1(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
+        print(f"rank {d.rank} of {d.world}: final weights sha1 {digest.hexdigest()}", flush=True)
+    prior = prior_probabilities(train_df.to_numpy())
+    metrics = {**evaluate(val_df, val_probs, prior, "validation"), "n_train": len(train_df), "best_epoch": best_epoch}
+    pred = predict_test(model, cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt)
+    finish(cfg, rt, out_dir, data, predictions_table(val_df, val_probs), metrics, pred, started)
 
 
-def report_only(cfg: Config) -> int:
-    """--report: (re)draw the report of the run in --out-dir (or of the data alone)."""
-    if not cfg.out_dir:
-        raise UserError("--report needs --out-dir, the folder of a run (or where to put the report)")
-    out_dir = Path(cfg.out_dir)
-    config = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").is_file() else {}
-    data_dir = Path(config.get("data_dir") or cfg.data_dir or find_kaggle_data() or "")
-    if not (data_dir / "stage_2_train.csv").is_file():
-        raise UserError(f"--report found no data: {out_dir} holds no run's config.json naming it; "
-                        f"pass --data-dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    labels = read_labels(data_dir / "stage_2_train.csv")
-    paths = [data_dir / "stage_2_train" / f"{check_image_id(i)}.dcm" for i in labels.index]
-    headers, _ = scan_headers([p for p in paths if p.is_file()], workers=cfg.workers,
-                              cache=header_cache(cfg, out_dir, data_dir, "train"))
-    files = write_report(out_dir, labels, headers.set_index("image_id"),
-                         windows=config.get("windows", cfg.windows))
-    for path in files:
-        log(f"wrote {path}")
-    return 0
-
-
-def export_notebook(modes: dict) -> int:
-    """--export-kaggle: the pipeline as one uploadable notebook and one script."""
-    try:
-        from utils.export import export_kaggle  # the repository's tool, not in the export itself
-    except ImportError:
-        raise UserError("--export-kaggle runs from the repository's kernel.py, beside utils/") from None
-    kaggle_id = modes["kaggle_id"]
-    if kaggle_id is None:
-        kaggle_id = "your-kaggle-username/rsna-hemorrhage-pipeline"
-        log(f"No --kaggle-id given: kernel-metadata.json says {kaggle_id}; edit it before pushing")
-    out_dir, with_wheels = Path(modes["export_kaggle"]), bool(modes["with_wheels"])
-    try:
-        files = export_kaggle(out_dir, kaggle_id, modes["kaggle_weights_dataset"], with_wheels)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    except OSError as err:
-        raise OutputError(f"--with-wheels: {err}") from err
-    for path in files:
-        if path.suffix != ".whl":
-            log(f"wrote {path}")
-    if with_wheels:
-        wheels = sorted((out_dir / "wheels").glob("*.whl"))
-        size = sum(p.stat().st_size for p in wheels) / 2**20
-        log(f"{len(wheels)} wheels ({size:.0f} MiB) in {out_dir / 'wheels'}: upload them first with "
-            f"kaggle datasets create -p {out_dir / 'wheels'}")
-    log(f"Push it with: kaggle kernels push -p {out_dir}")
-    return 0
-
-
-# %% Stage 7 (--fold all, --ensemble): every fold in turn, out-of-fold predictions, averages.
+# %% The fold loop (--folds K --fold all): every fold in turn, out of fold, one submission.
 
 @dataclass
 class FoldResult:
@@ -1169,26 +916,21 @@ class FoldResult:
     test: pd.DataFrame  # its per-slice probabilities of every test image
 
 
-def read_predictions(path: Path) -> pd.DataFrame:
-    # pyarrow's parser reads back exactly the floats pandas wrote, on every pandas version
-    return pd.read_csv(path, engine="pyarrow").set_index("image_id")
-
-
 def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.ndarray,
              out_dir: Path, rt: Runtime) -> FoldResult:
     """Fold i as a complete run in OUT/fold_<i>/ (checkpoints, history, metrics, submission),
     through the same train() as a single run. A finished fold is read back, not retrained."""
-    fold_dir = out_dir / f"fold_{i}"
-    if (fold_dir / "metrics.json").is_file() and not cfg.overwrite:
+    fold_dir = rundir.fold_dir(out_dir, i)
+    if (fold_dir / rundir.METRICS).is_file() and not cfg.overwrite:
         log(f"Fold {i}: finished earlier in {fold_dir}; not retrained (--overwrite would)")
         return read_fold(fold_dir)
-    resume = cfg.resume and (fold_dir / "checkpoints" / "last.pt").is_file()
+    resume = cfg.resume and rundir.checkpoint(fold_dir, rundir.LAST).is_file()
     fold_cfg = dataclasses.replace(cfg, fold=i, out_dir=str(fold_dir), refine=False, resume=resume)
     log(f"Fold {i} of {cfg.folds}: {fold_dir}{' (resuming)' if resume else ''}")
     if rt.dist.main:
-        (fold_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_json(fold_dir / "config.json", {**dataclasses.asdict(fold_cfg), "environment": environment()})
-        write_file(fold_dir / "bad_files.csv", lambda tmp: shutil.copyfile(out_dir / "bad_files.csv", tmp))
+        (fold_dir / rundir.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        write_json(fold_dir / rundir.CONFIG, {**dataclasses.asdict(fold_cfg), "environment": environment()})
+        rundir.copy_file(out_dir / rundir.BAD_FILES, fold_dir / rundir.BAD_FILES)
     barrier(rt.dist)
     val = folds == i
     train_df, val_df = usable.loc[~val], usable.loc[val]
@@ -1197,9 +939,10 @@ def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.nd
     pred = predict_test(model, fold_cfg, data["test_ids"], data["test_headers"], prior, fold_dir, rt)
     test_metrics = submit(pred, data["data_dir"], fold_dir, rt)
     if rt.dist.main:
-        metrics = {**evaluate(train_df, val_df, val_probs, fold_dir), **test_metrics,
+        write_csv(fold_dir / rundir.VAL_PREDICTIONS, predictions_table(val_df, val_probs))
+        metrics = {**evaluate(val_df, val_probs, prior, "validation"), "n_train": len(train_df), **test_metrics,
                    "best_epoch": best_epoch, "data": data["fingerprint"]}
-        write_json(fold_dir / "metrics.json", metrics)  # last: it marks the fold finished
+        write_json(fold_dir / rundir.METRICS, metrics)  # last: it marks the fold finished
     barrier(rt.dist)
     return read_fold(fold_dir)
 
@@ -1207,20 +950,8 @@ def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.nd
 def read_fold(fold_dir: Path) -> FoldResult:
     """A finished fold's predictions as its files hold them, so that a fold trained now and
     one read back after a restart give the same numbers to what follows."""
-    return FoldResult(read_predictions(fold_dir / "val_predictions.csv"),
-                      read_predictions(fold_dir / "test_predictions.csv"))
-
-
-def oof_metrics(oof: pd.DataFrame, usable: pd.DataFrame) -> dict:
-    """The out-of-fold loss overall, per fold and per class, and the constant prior's."""
-    y, p = oof[list(LABELS)].to_numpy(), oof[PRED_COLUMNS].to_numpy()
-    prior = np.broadcast_to(prior_probabilities(usable.to_numpy()), y.shape)
-    per_fold = {int(f): weighted_log_loss(g[list(LABELS)].to_numpy(), g[PRED_COLUMNS].to_numpy())
-                for f, g in oof.groupby("fold")}
-    return {"oof_weighted_log_loss": weighted_log_loss(y, p), "oof_weighted_log_loss_per_fold": per_fold,
-            "oof_log_loss_per_class": per_class_log_loss(y, p),
-            "prior_weighted_log_loss": weighted_log_loss(y, prior),
-            "prior": dict(zip(LABELS, map(float, prior[0]))), "n_oof": len(oof)}
+    return FoldResult(rundir.read_predictions(fold_dir / rundir.VAL_PREDICTIONS),
+                      rundir.read_predictions(fold_dir / rundir.TEST_PREDICTIONS))
 
 
 def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: float) -> None:
@@ -1231,234 +962,47 @@ def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: 
     usable, folds = make_split(data["labels"], data["train_headers"], cfg, out_dir, rt.dist)
     results = [run_fold(cfg, i, data, usable, folds, out_dir, rt) for i in range(cfg.folds)]
     oof = assemble_oof({i: r.val for i, r in enumerate(results)})
-    metrics = oof_metrics(oof, usable)
-    log(f"Out of fold: weighted log loss {metrics['oof_weighted_log_loss']:.4f} over {len(oof)} images "
-        f"vs constant prior {metrics['prior_weighted_log_loss']:.4f}")
+    metrics = evaluate(oof[list(LABELS)], oof[PRED_COLUMNS].to_numpy(), prior_probabilities(usable.to_numpy()),
+                       "out_of_fold")
+    metrics["weighted_log_loss_per_fold"] = {
+        int(f): weighted_log_loss(g[list(LABELS)].to_numpy(), g[PRED_COLUMNS].to_numpy()) for f, g in oof.groupby("fold")}
     pred = TestPredictions(average([r.test for r in results]), *scanned_and_failed(out_dir, data))
-    if cfg.refine:
-        refiner, refined, loss = fit_series_refiner(oof[list(LABELS)], oof[PRED_COLUMNS].to_numpy(),
-                                                    data["train_headers"], cfg)
-        metrics.update(refiner_used=refiner is not None, oof_weighted_log_loss_refined=loss)
-        if refiner is not None:
-            if rt.dist.main:
-                save_refiner(refiner, out_dir / "refiner.pt")
-            pred = refine_test(refiner, pred, data["test_headers"])
-            oof = oof.assign(**dict(zip(REFINED_COLUMNS, refined.T)))
-    final = oof[final_columns(oof)].to_numpy()
-    truth = oof[list(LABELS)]
-    metrics.update({f"oof_{k}": v for k, v in calibration_summary(truth.to_numpy(), final).items()})
-    if cfg.calibrate:
-        calibration = fit_calibration(truth, final, data["train_headers"], cfg, out_dir, rt.dist)
-        metrics.update(calibration_metrics(calibration, "oof"))
-        pred = calibrate_test(calibration, pred)
-    metrics.update(submit(pred, data_dir, out_dir, rt))
-    if rt.dist.main:
-        write_csv(out_dir / "oof_predictions.csv", oof)
-        merge_bad_files(out_dir, cfg.folds)
-        metrics.update(folds=cfg.folds, data=data["fingerprint"], processes=rt.dist.world,
-                       seconds=round(time.perf_counter() - started, 1))
-        write_json(out_dir / "metrics.json", metrics)
-        write_run_report(out_dir, data["labels"], [data["train_headers"], data["test_headers"]], cfg.windows)
-        log(f"Done in {metrics['seconds']:.0f}s: outputs in {out_dir}")
+    finish(cfg, rt, out_dir, data, oof, {**metrics, "folds": cfg.folds}, pred, started)
 
 
 def scanned_and_failed(out_dir: Path, data: dict) -> tuple[list[str], list[str]]:
     """Which test images had a readable header, and which of those failed to decode."""
     scanned = [i for i in data["test_ids"] if i in data["test_headers"].index]
-    bad = set()
-    for path in sorted(out_dir.glob("fold_*/bad_files.csv")):
-        bad |= set(pd.read_csv(path, dtype=str)["path"])
+    bad = rundir.bad_paths(rundir.fold_dirs(out_dir))
     paths = data["test_headers"]["path"].astype(str)
     return scanned, [i for i in scanned if paths[i] in bad]
 
 
-def merge_bad_files(out_dir: Path, n_folds: int) -> None:
-    """OUT/bad_files.csv: the scan's list and what each fold found when decoding pixels."""
-    tables = [pd.read_csv(out_dir / "bad_files.csv", dtype=str)]
-    tables += [pd.read_csv(out_dir / f"fold_{i}" / "bad_files.csv", dtype=str) for i in range(n_folds)]
-    merged = pd.concat(tables, ignore_index=True).drop_duplicates("path")
-    write_csv(out_dir / "bad_files.csv", merged, index=False)
+def finish(cfg: Config, rt: Runtime, out_dir: Path, data: dict, table: pd.DataFrame, metrics: dict,
+           pred: TestPredictions, started: float) -> None:
+    """A single or fold run's end: refine and calibrate on its validation (or out-of-fold)
+    ``table``, both applied to the test predictions, the submission, the predictions table,
+    metrics.json (last: it marks the run finished) and the report."""
+    refiner, calibration, table = refine_and_calibrate(cfg, table, data["train_headers"], metrics, out_dir, rt.dist)
+    if refiner is not None:
+        pred = refine_test(refiner, pred, data["test_headers"])
+    metrics.update(submit(calibrate_test(calibration, pred), data["data_dir"], out_dir, rt))
+    if rt.dist.main:
+        if refiner is not None:
+            with writing(out_dir / rundir.REFINER):
+                save_refiner(refiner, out_dir / rundir.REFINER)
+        folds = cfg.fold == FOLD_ALL
+        write_csv(out_dir / (rundir.OOF_PREDICTIONS if folds else rundir.VAL_PREDICTIONS), table)
+        if folds:
+            rundir.merge_bad_files(out_dir)
+        metrics.update(n_bad_files=len(pd.read_csv(out_dir / rundir.BAD_FILES)), processes=rt.dist.world,
+                       data=data["fingerprint"], seconds=round(time.perf_counter() - started, 1))
+        write_json(out_dir / rundir.METRICS, metrics)
+        write_run_report(out_dir, data["labels"], [data["train_headers"], data["test_headers"]], cfg.windows)
+        log(f"Done in {metrics['seconds']:.0f}s: outputs in {out_dir}")
 
 
-def ensemble(runs: list[str], weights, cfg: Config) -> int:
-    """--ensemble RUN_DIR ...: the weighted average of finished runs' test predictions, as
-    one checked submission in --out-dir, with each run's and the blend's loss on the
-    validation or out-of-fold images they share."""
-    if not cfg.out_dir:
-        raise UserError("--ensemble needs --out-dir, where the blended submission goes")
-    if weights is not None and len(weights) != len(runs):
-        raise UserError(f"--ensemble-weights needs one weight per run: {len(runs)} runs, {len(weights)} weights")
-    dirs = [Path(r) for r in runs]
-    for run in dirs:
-        for name in ("metrics.json", "test_predictions.csv", "config.json"):
-            if not (run / name).is_file():
-                raise UserError(f"{run} is not a finished run of this pipeline: it has no {name}")
-    metrics = {str(r): json.loads((r / "metrics.json").read_text()) for r in dirs}
-    try:
-        check_same_data({r: m.get("data", {}) for r, m in metrics.items()})
-        blended = average([read_predictions(r / "test_predictions.csv") for r in dirs], weights)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    data_dir = Path(cfg.data_dir or json.loads((dirs[0] / "config.json").read_text())["data_dir"])
-    with contextlib.ExitStack() as held:
-        return write_ensemble(dirs, weights, metrics, blended, data_dir, prepare_out_dir(cfg, held))
-
-
-def write_ensemble(dirs: list[Path], weights, metrics: dict, blended: pd.DataFrame, data_dir: Path,
-                   out_dir: Path) -> int:
-    """The blended submission, its scores on the shared validation images, ensemble.json."""
-    result = submit(TestPredictions(blended, list(blended.index), []), data_dir, out_dir,
-                    setup_runtime(Dist()))
-    validation = {str(r): read_predictions(r / "oof_predictions.csv") if (r / "oof_predictions.csv").is_file()
-                  else read_predictions(r / "val_predictions.csv") for r in dirs}
-    shared = shared_scores(validation, weights)
-    for name, loss in shared.get("runs", {}).items():
-        log(f"  {name}: {loss:.4f} on the {shared['n_images']} validation images all runs share")
-    if shared:
-        log(f"  blend: {shared['blend']:.4f}")
-    write_json(out_dir / "ensemble.json", {"runs": [str(r.resolve()) for r in dirs], "weights": weights})
-    write_json(out_dir / "metrics.json", {**result, "runs": [str(r) for r in dirs], "weights": weights,
-                                          "shared_validation": shared, "data": metrics[str(dirs[0])].get("data")})
-    return 0
-
-
-# %% Stage 8 (--predict DIR): your own scans. Any folder of CT DICOMs, results per series.
-
-PREDICT_OUTPUTS = ("slices.csv", "series.csv", "skipped.csv")
-HEATMAPS_PER_SERIES = 3
-
-
-def prepare_predict_dir(cfg: Config, held: contextlib.ExitStack) -> Path:
-    """The folder of --predict's outputs, held by this process until ``held`` closes."""
-    out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / datetime.now().strftime("predict-%Y%m%d-%H%M%S")
-    try:
-        held.enter_context(exclusive(out))
-    except FolderInUse as err:
-        raise UserError(str(err)) from None
-    done = [n for n in PREDICT_OUTPUTS if (out / n).exists()]
-    if done and not cfg.overwrite:
-        raise UserError(f"{out} already holds predictions ({', '.join(done)}); pass --overwrite or another --out-dir")
-    (out / "report").mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def first_checkpoint(path: Path) -> Path:
-    """The model whose heatmaps predict.html shows: the checkpoint, or a run's first model."""
-    if path.is_file():
-        return path
-    if (path / "ensemble.json").is_file():
-        return first_checkpoint(Path(json.loads((path / "ensemble.json").read_text())["runs"][0]))
-    return (sorted(path.glob("fold_*/checkpoints/best.pt")) or [path / "checkpoints" / "best.pt"])[0]
-
-
-def heatmaps(path: Path, cfg: Config, rt: Runtime, rows: pd.DataFrame, probs: pd.DataFrame) -> dict:
-    """Grad-CAM of each row's most probable subtype, over its brain window."""
-    model, trained, _ = load_model(first_checkpoint(path), rt)
-    run_cfg = trained_settings(cfg, trained)
-    classes = probs.loc[rows.index, list(SUBTYPES)].to_numpy().argmax(axis=1)  # LABELS starts with them
-    loader = data_utils.make_loader(slice_dataset(rows, run_cfg), cfg.batch_size, workers=0)
-    cams = [grad_cam(model.float(), data_utils.to_device_normalized(images, rt.device, input_layout(run_cfg)[1]),
-                     classes[index.numpy()]) for images, _, index, _ in loader]
-    out = {}
-    for key, path_, cam, c in zip(rows.index, rows["path"], np.concatenate(cams), classes):
-        gray = read_windowed(path_, (BRAIN,), run_cfg.image_size)[..., 0]
-        out[key] = (LABELS[c], overlay(gray, cam))
-    return out
-
-
-def predict_folder(cfg: Config, rt: Runtime, started: float) -> int:
-    """--predict DIR --checkpoint PATH: every axial CT slice under DIR (found by content,
-    grouped by study and series, ordered along the slice normal), predicted with the
-    checkpoint's own settings and refiner; what is not a CT slice is listed in skipped.csv."""
-    d = rt.dist
-    with contextlib.ExitStack() as held:
-        out_dir = share(d, prepare_predict_dir(cfg, held) if d.main else None)
-        if d.main:
-            write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "environment": environment()})
-        scan = scan_folder(cfg.predict, workers=cfg.workers)
-        log(f"Scanned {cfg.predict}: {scan.summary()}")
-        if scan.slices.empty:
-            if d.main:
-                write_csv(out_dir / "skipped.csv", scan.skipped, index=False)
-            raise UserError(f"{cfg.predict}: no CT slice to predict ({scan.summary()}); see {out_dir / 'skipped.csv'}")
-        rows = scan.model_rows().assign(series=scan.slices["series"], position=scan.slices["index"])
-        rows.index = pd.Index(scan.slices["path"], name="image_id")
-        if d.main:
-            write_csv(out_dir / "bad_files.csv", pd.DataFrame(columns=["path", "reason"]), index=False)
-        barrier(d)
-        pred = predict_saved(Path(cfg.checkpoint), cfg, rt, {"test_ids": list(rows.index), "test_headers": rows},
-                             out_dir)
-        undecodable = pd.DataFrame({"path": pred.failed, "reason": "pixel data could not be decoded"})
-        slices = scan.slices.set_index("path", drop=False).drop(index=pred.failed)
-        slices = slices.drop(columns=["prev_path", "next_path", "series"]).join(pred.probs)
-        series = series_table(slices, cfg.threshold)
-        top = top_slices(slices, series, HEATMAPS_PER_SERIES)
-        if d.main:
-            write_csv(out_dir / "slices.csv", slices, index=False)
-            write_csv(out_dir / "series.csv", series, index=False)
-            skipped = pd.concat([scan.skipped, undecodable], ignore_index=True)
-            write_csv(out_dir / "skipped.csv", skipped, index=False)
-            (out_dir / "bad_files.csv").unlink()  # its rows are in skipped.csv
-            maps = heatmaps(Path(cfg.checkpoint), cfg, rt, rows.loc[top["path"]], pred.probs) if len(top) else {}
-            notes = [f"{cfg.predict}: {scan.summary()}", f"Model: {cfg.checkpoint}; heatmaps (Grad-CAM) from "
-                     f"{first_checkpoint(Path(cfg.checkpoint))}, of the most probable subtype"]
-            write_predict_html(out_dir / "report" / "predict.html", slices, series, maps,
-                               threshold=cfg.threshold, notes=notes)
-        log(f"Predicted {len(slices)} slices in {len(series)} series "
-            f"({int((series['flag'] == 'positive').sum())} positive at {cfg.threshold:g}) in "
-            f"{time.perf_counter() - started:.0f}s: {out_dir / 'series.csv'}, {out_dir / 'slices.csv'}, "
-            f"{out_dir / 'report' / 'predict.html'}")
-        barrier(d)
-        return 0
-
-
-# %% Run: the stages in order; --predict-only and the checks above are the other ways in.
-
-def load_model(path: Path, rt: Runtime) -> tuple[torch.nn.Module, dict, np.ndarray]:
-    """A checkpoint's model on the device, the settings it was trained with, its prior."""
-    try:
-        state = load_checkpoint(path)
-        model = build_model(state["config"]["arch"], in_channels=state["model"]["conv1.weight"].shape[1])
-        model.load_state_dict(state["model"])
-    except Exception as err:  # unpickling refusals and bad contents come in many types
-        raise UserError(f"{path}: not a checkpoint of this pipeline "
-                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-    return model.to(rt.device).to(memory_format=torch.channels_last), state["config"], state["prior"].numpy()
-
-
-# everything of a checkpoint's run that shapes its numbers, the batch included (float sums on the CPU)
-TRAINED_SETTINGS = ("arch", "image_size", "windows", "context", "context_windows", "tta", "batch_size")
-
-
-def trained_settings(cfg: Config, trained: dict) -> Config:
-    """``cfg`` with the settings the checkpoint was trained with (its config.json's)."""
-    return dataclasses.replace(cfg, **{k: trained.get(k, getattr(Config, k)) for k in TRAINED_SETTINGS})
-
-
-def predict_saved(path: Path, cfg: Config, rt: Runtime, data: dict, out_dir: Path) -> TestPredictions:
-    """Test predictions re-made from what a run saved. A best.pt alone: that model. A run
-    folder: its model, or each fold's averaged, then its refiner; an ensemble folder: its
-    runs, averaged with its weights. The run's own submission, byte for byte."""
-    if path.is_file():
-        model, trained, prior = load_model(path, rt)
-        run_cfg = trained_settings(cfg, trained)
-        log(f"Predicting with {path} ({run_cfg.arch}, {run_cfg.image_size}px, windows {run_cfg.windows})")
-        return predict_test(model, run_cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt)
-    if (path / "ensemble.json").is_file():
-        spec = json.loads((path / "ensemble.json").read_text())
-        parts = [predict_saved(Path(run), cfg, rt, data, out_dir) for run in spec["runs"]]
-        return dataclasses.replace(parts[0], probs=average([p.probs for p in parts], spec["weights"]))
-    checkpoints = sorted(path.glob("fold_*/checkpoints/best.pt")) or [path / "checkpoints" / "best.pt"]
-    if not checkpoints[0].is_file():
-        raise UserError(f"{path} holds no checkpoints/best.pt, fold_*/ or ensemble.json")
-    parts = [predict_saved(c, cfg, rt, data, out_dir) for c in checkpoints]
-    pred = dataclasses.replace(parts[0], probs=average([p.probs for p in parts]))
-    if (path / "refiner.pt").is_file():
-        pred = refine_test(load_refiner(path / "refiner.pt"), pred, data["test_headers"])
-    if (path / "calibration.json").is_file():
-        pred = calibrate_test(json.loads((path / "calibration.json").read_text()), pred)
-    return pred
-
+# %% Run: main() dispatches; the other ways in live in utils, imported when chosen.
 
 def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path) -> dict:
     """--predict-only --checkpoint PATH: a submission from what a run saved (predict_saved)."""
@@ -1487,17 +1031,38 @@ def run_under_torchrun(argv: list[str], processes: int) -> int:
         return launch(script, argv, processes)
 
 
+def repository_tool(module: str, option: str):
+    """A utils module the exported notebook leaves out (see utils.export), imported when chosen."""
+    try:
+        return importlib.import_module(f"utils.{module}")
+    except ModuleNotFoundError as err:
+        if err.name != f"utils.{module}":
+            raise
+        raise UserError(f"{option} runs from the repository's kernel.py, beside utils/") from None
+
+
+def other_mode(cfg: Config, modes: dict) -> int | None:
+    """--check-submission, --export-kaggle, --report or --ensemble, when one was given."""
+    if modes["check_submission"] is not None:
+        data_dir = Path(cfg.data_dir) if cfg.data_dir else find_kaggle_data()
+        return check_submission_command(modes["check_submission"], data_dir)
+    if modes["export_kaggle"] is not None:
+        return repository_tool("export", "--export-kaggle").export_command(
+            modes["export_kaggle"], modes["kaggle_id"], modes["kaggle_weights_dataset"], bool(modes["with_wheels"]))
+    if modes["report"]:
+        data_dir = cfg.data_dir or find_kaggle_data()
+        return report_command(cfg.out_dir, data_dir and str(data_dir), cfg.windows, cfg.workers, cfg.header_cache)
+    if modes["ensemble"]:
+        return run_ensemble(modes["ensemble"], modes["ensemble_weights"], cfg.out_dir, cfg.data_dir, cfg.overwrite)
+    return None
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     cfg, modes = parse_args(argv)
-    if modes["check_submission"] is not None:
-        return check_submission(modes["check_submission"], cfg)
-    if modes["export_kaggle"] is not None:
-        return export_notebook(modes)
-    if modes["report"]:
-        return report_only(cfg)
-    if modes["ensemble"]:
-        return ensemble(modes["ensemble"], modes["ensemble_weights"], cfg)
+    code = other_mode(cfg, modes)
+    if code is not None:
+        return code
     processes = plan_processes(cfg.processes, torch.cuda.device_count(), under_torchrun())
     if processes > 1:
         return run_under_torchrun(argv, processes)
@@ -1513,7 +1078,7 @@ def main(argv=None) -> int:
     except RuntimeChoiceError as err:
         raise UserError(str(err)) from None
     if cfg.predict is not None:
-        return predict_folder(cfg, rt, started)
+        return repository_tool("own_scans", "--predict DIR").predict_folder(cfg, rt, started)
     return run_in_out_dir(cfg, rt, started)
 
 
@@ -1539,71 +1104,6 @@ def run_in_out_dir(cfg: Config, rt: Runtime, started: float) -> int:
             run_pipeline(cfg, rt, out_dir, data_dir, started)
         barrier(d)
         return 0
-
-
-def load_data(cfg: Config, out_dir: Path, data_dir: Path, d: Dist) -> dict:
-    """Labels, test IDs and both header tables (with slice order where it is used)."""
-    labels = load_labels(data_dir, out_dir, d)
-    test_ids = list(read_sample_submission(data_dir / "stage_2_sample_submission.csv").image_ids)
-    headers = scan_data(data_dir, {"train": list(labels.index), "test": test_ids}, cfg, out_dir, d)
-    train_headers, test_headers = headers["train"], headers["test"]
-    if cfg.context or cfg.refine:
-        train_headers = add_slice_order(train_headers, "train")
-        test_headers = add_slice_order(test_headers, "test")
-    return {"labels": labels, "test_ids": test_ids, "train_headers": train_headers,
-            "test_headers": test_headers, "data_dir": data_dir, "fingerprint": data_fingerprint(data_dir)}
-
-
-def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: float) -> None:
-    """Labels -> headers -> split -> train -> (refine) -> submission -> metrics and report."""
-    d, data = rt.dist, load_data(cfg, out_dir, data_dir, rt.dist)
-    train_headers, test_headers = data["train_headers"], data["test_headers"]
-    usable, folds = make_split(data["labels"], train_headers, cfg, out_dir, d)
-    val = folds == validation_fold(cfg)
-    train_df, val_df = usable.loc[~val], usable.loc[val]
-    model, val_probs, best_epoch = train(cfg, train_df, val_df, train_headers, out_dir, rt)
-    refiner, refine_metrics = None, {}
-    if cfg.refine:
-        refiner, refined_probs, refined_loss = fit_series_refiner(val_df, val_probs, train_headers, cfg)
-        refine_metrics = dict(refiner_used=refiner is not None, val_weighted_log_loss_refined_oof=refined_loss,
-                              val_weighted_log_loss_unrefined=weighted_log_loss(val_df.to_numpy(), val_probs))
-        val_probs = refined_probs
-    calibration = None
-    if cfg.calibrate:
-        calibration = fit_calibration(val_df, val_probs, train_headers, cfg, out_dir, d)
-    if d.enabled:
-        digest = hashlib.sha1(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
-        print(f"rank {d.rank} of {d.world}: final weights sha1 {digest.hexdigest()}", flush=True)
-    pred = predict_test(model, cfg, data["test_ids"], test_headers, prior_probabilities(train_df.to_numpy()),
-                        out_dir, rt)
-    if refiner is not None:
-        pred = refine_test(refiner, pred, test_headers)
-    test_metrics = submit(calibrate_test(calibration, pred), data_dir, out_dir, rt)
-    if d.main:
-        if refiner is not None:
-            save_refiner(refiner, out_dir / "refiner.pt")
-        metrics = {**evaluate(train_df, val_df, val_probs, out_dir), **test_metrics, **refine_metrics,
-                   **calibration_metrics(calibration, "val")}
-        metrics.update(best_epoch=best_epoch, n_bad_files=len(pd.read_csv(out_dir / "bad_files.csv")),
-                       processes=d.world, data=data["fingerprint"],
-                       seconds=round(time.perf_counter() - started, 1))
-        write_json(out_dir / "metrics.json", metrics)
-        write_run_report(out_dir, data["labels"], [train_headers, test_headers], cfg.windows)
-        log(f"Done in {metrics['seconds']:.0f}s: outputs in {out_dir}")
-
-
-def share(d: Dist, value):
-    """Rank 0's value of a path, on every rank (rank 0 alone creates folders and files)."""
-    if d.enabled:
-        box = [None if value is None else str(value)]
-        torch.distributed.broadcast_object_list(box, src=0)
-        barrier(d)
-        value = box[0]
-    return Path(value)
-
-
-EXIT_STOPPED = 3  # training stopped early: interrupted, or the loss diverged
-EXIT_OUTPUT = 4   # an output could not be written
 
 
 def cli(argv=None) -> int:

@@ -27,11 +27,11 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from kernel import DEMO_PRESET  # noqa: E402
-from utils.demo import make_demo_dataset  # noqa: E402
+from utils.demo import DEMO_PRESET, make_demo_dataset  # noqa: E402
 from utils.dicom import scan_headers  # noqa: E402
 from utils.labels import LABELS  # noqa: E402
-from utils.refiner import fit_refiner, logit  # noqa: E402
+from utils.metrics import logit  # noqa: E402
+from utils.refiner import fit_refiner  # noqa: E402
 from utils.slices import order_slices  # noqa: E402
 
 VARIANTS = {  # key: (row name, kernel.py options)
@@ -54,7 +54,7 @@ def run_variant(data: Path, out: Path, cache: Path, args, seed: int, extra: list
         sys.exit(f"{' '.join(extra) or 'baseline'} (seed {seed}) failed:\n{run.stderr[-3000:]}")
     m = json.loads((out / "metrics.json").read_text())
     # for --refine: the out-of-fold refined loss, whether or not the run then used it
-    return m.get("val_weighted_log_loss_refined_oof", m["val_weighted_log_loss"]), m["prior_weighted_log_loss"]
+    return m.get("weighted_log_loss_refined", m["weighted_log_loss"]), m["prior_weighted_log_loss"]
 
 
 def refiner_by_patients(data: Path, run: Path, seed: int, sizes=(10, 20, 40)) -> list[tuple]:

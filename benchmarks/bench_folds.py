@@ -126,12 +126,12 @@ def one_seed(seed: int, root: Path, args) -> dict:
         "members": [score(truth, m) for m in members],
         "prior": score(truth, pd.DataFrame(np.tile(prior, (len(truth), 1)), index=truth.index,
                                            columns=list(LABELS))),
-        "single_val": ms["val_weighted_log_loss_unrefined"], "single_refined_oof": ms["val_weighted_log_loss_refined_oof"],
-        "single_used": ms["refiner_used"], "single_rows": ms["n_val"], "single_patients": val_patients(single),
+        "single_val": ms["weighted_log_loss_per_slice"], "single_refined_oof": ms["weighted_log_loss_refined"],
+        "single_used": ms["refiner_used"], "single_rows": ms["n_validation"], "single_patients": val_patients(single),
         "single_train_rows": ms["n_train"],
-        "oof": mf["oof_weighted_log_loss"], "oof_refined": mf["oof_weighted_log_loss_refined"],
-        "folds_used": mf["refiner_used"], "oof_rows": mf["n_oof"],
-        "fold_val": [json.loads((folds / f"fold_{i}" / "metrics.json").read_text())["val_weighted_log_loss"]
+        "oof": mf["weighted_log_loss_per_slice"], "oof_refined": mf["weighted_log_loss_refined"],
+        "folds_used": mf["refiner_used"], "oof_rows": mf["n_validation"],
+        "fold_val": [json.loads((folds / f"fold_{i}" / "metrics.json").read_text())["weighted_log_loss"]
                      for i in range(args.folds)],
         "fold_train_rows": [json.loads((folds / f"fold_{i}" / "metrics.json").read_text())["n_train"]
                             for i in range(args.folds)],

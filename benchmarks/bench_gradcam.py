@@ -39,13 +39,15 @@ from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from kernel import DEMO_PRESET, load_model, read_predictions, setup_runtime  # noqa: E402
 from utils import data as data_utils  # noqa: E402
-from utils.demo import TEST_MASKS, make_demo_dataset  # noqa: E402
+from utils.demo import DEMO_PRESET, TEST_MASKS, make_demo_dataset  # noqa: E402
 from utils.dicom import DicomError, parse_windows, read_hu, read_windowed  # noqa: E402
 from utils.engine import Dist, roc_auc  # noqa: E402
 from utils.gradcam import grad_cam  # noqa: E402
+from utils.inference import load_model  # noqa: E402
 from utils.labels import LABELS, SUBTYPES  # noqa: E402
+from utils.rundir import read_predictions  # noqa: E402
+from utils.runtime import setup_runtime  # noqa: E402
 
 HEAD_HU = -500.0  # above it: skull, brain, scalp; below: air and the padding outside the field of view
 DILATE_PX = 2

@@ -58,9 +58,11 @@ from benchmarks.bench_split import (  # noqa: E402
     P_SUBTYPE_GIVEN_ANY,
     SLICES,
 )
-from utils.ensemble import PRED_COLUMNS, assemble_oof, average  # noqa: E402
+from utils.ensemble import assemble_oof, average  # noqa: E402
 from utils.labels import LABELS, read_labels  # noqa: E402
-from utils.refiner import fit_refiner, logit, refine  # noqa: E402
+from utils.metrics import logit  # noqa: E402
+from utils.refiner import fit_refiner, refine  # noqa: E402
+from utils.rundir import PRED_COLUMNS  # noqa: E402
 from utils.slices import neighbour_paths, order_slices  # noqa: E402
 from utils.split import fold_table, kfold_by_patient, resolve_groups  # noqa: E402
 from utils.submission import build_submission, check_submission_file, write_submission  # noqa: E402

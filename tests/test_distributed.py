@@ -101,6 +101,6 @@ def test_two_processes_train_one_model_and_all_reduce_once_per_accumulated_step(
     assert result.stdout.count("Validation weighted log loss") == 1  # rank 0 alone reports
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2
-    assert "val_weighted_log_loss_unrefined" in metrics  # --refine ran, on rank 0's gathered rows
+    assert "weighted_log_loss_refined" in metrics  # --refine ran, on rank 0's gathered rows
     assert check_submission_file(out / "submission.csv", out / "demo_data" / "stage_2_sample_submission.csv") == []
-    assert len(pd.read_csv(out / "val_predictions.csv")) == metrics["n_val"]
+    assert len(pd.read_csv(out / "val_predictions.csv")) == metrics["n_validation"]

@@ -3,10 +3,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.ensemble import (PRED_COLUMNS, REFINED_COLUMNS, assemble_oof, average, check_same_data,
-                            final_columns, shared_scores)
+from utils.ensemble import assemble_oof, average, check_same_data, shared_scores
 from utils.labels import LABELS
 from utils.metrics import weighted_log_loss
+from utils.rundir import (OOF_PREDICTIONS, PRED_COLUMNS, REFINED_COLUMNS, VAL_PREDICTIONS, final_columns,
+                          validation_predictions)
 
 
 def _table(ids, y, p, refined=None):
@@ -23,18 +24,25 @@ def _data(seed=0, n=40):
     return [f"ID_{i:04x}" for i in range(n)], y, rng.uniform(0.05, 0.95, (n, 6))
 
 
-def test_each_run_is_scored_on_what_it_submitted_its_refined_values_where_used():
-    # a --fold all run whose refiner was used keeps pred_* and submits refined_*
+def test_each_run_is_scored_on_what_it_submitted_its_refined_values_where_used(tmp_path):
+    # a run whose refiner was used keeps pred_* and submits refined_*: a fold run in
+    # oof_predictions.csv, a single run in val_predictions.csv
     ids, y, p = _data()
     refined = np.clip(0.5 * p + 0.5 * y, 0.01, 0.99)  # much better than pred_*
     other = _data(seed=1)[2]
-    runs = {"folds": _table(ids, y, p, refined), "single": _table(ids, y, other)}
+    (tmp_path / "folds").mkdir()
+    (tmp_path / "single").mkdir()
+    _table(ids, y, p, refined).to_csv(tmp_path / "folds" / OOF_PREDICTIONS)
+    _table(ids, y, other).to_csv(tmp_path / "single" / VAL_PREDICTIONS)
+    runs = {name: validation_predictions(tmp_path / name) for name in ("folds", "single")}
+    assert list(runs["folds"].columns) == [*LABELS, *PRED_COLUMNS]
     scores = shared_scores(runs)
     assert scores["n_images"] == 40
     assert scores["runs"]["folds"] == pytest.approx(weighted_log_loss(y, refined))
     assert scores["runs"]["single"] == pytest.approx(weighted_log_loss(y, other))
     assert scores["blend"] == pytest.approx(weighted_log_loss(y, (refined + other) / 2))
-    assert final_columns(runs["folds"]) == REFINED_COLUMNS and final_columns(runs["single"]) == PRED_COLUMNS
+    assert final_columns(_table(ids, y, p, refined)) == REFINED_COLUMNS
+    assert final_columns(_table(ids, y, p)) == PRED_COLUMNS
 
 
 def test_shared_scores_use_only_the_images_every_run_predicted():

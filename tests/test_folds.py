@@ -48,13 +48,17 @@ def test_every_labelled_image_is_predicted_once_by_the_fold_that_did_not_train_o
     metrics = json.loads((out / "metrics.json").read_text())
     y, p = oof[list(LABELS)].to_numpy(), oof[PRED].to_numpy()
     from utils.metrics import weighted_log_loss
-    assert metrics["oof_weighted_log_loss"] == pytest.approx(weighted_log_loss(y, p))
-    assert sorted(metrics["oof_weighted_log_loss_per_fold"]) == ["0", "1", "2"]
-    assert metrics["n_oof"] == len(oof) and "refiner_used" in metrics
+    assert metrics["validated_on"] == "out_of_fold" and metrics["n_validation"] == len(oof)
+    assert metrics["weighted_log_loss_per_slice"] == pytest.approx(weighted_log_loss(y, p))
+    assert sorted(metrics["weighted_log_loss_per_fold"]) == ["0", "1", "2"]
     assert (out / "report" / "training.png").stat().st_size > 5000  # a curve per fold
     final = oof[[f"refined_{k}" for k in LABELS]] if metrics["refiner_used"] else oof[PRED]
+    assert metrics["weighted_log_loss"] == pytest.approx(weighted_log_loss(y, final.to_numpy()))
+    # the report's headline is the loss of what the run submitted, out of fold
+    page = (out / "report" / "report.html").read_text()
+    assert f"Out-of-fold weighted log loss <b>{metrics['weighted_log_loss']:.5f}</b>" in page
     from utils.calibration import expected_calibration_error
-    assert metrics["oof_ece"]["any"] == pytest.approx(expected_calibration_error(y[:, 5], final.to_numpy()[:, 5]))
+    assert metrics["ece"]["any"] == pytest.approx(expected_calibration_error(y[:, 5], final.to_numpy()[:, 5]))
     assert (out / "report" / "reliability.png").stat().st_size > 5000
 
 
@@ -62,8 +66,8 @@ def test_calibration_is_judged_out_of_fold_and_reported_honestly(fold_run):
     out, _ = fold_run
     decision = json.loads((out / "calibration.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["oof_weighted_log_loss_uncalibrated"] == decision["loss_before"]
-    assert metrics["oof_weighted_log_loss_calibrated_oof"] == decision["loss_after_oof"]
+    assert decision["loss_before"] == pytest.approx(metrics["weighted_log_loss"])  # what was submitted
+    assert metrics["weighted_log_loss_calibrated"] == decision["loss_after_oof"]
     assert metrics["calibration_used"] == decision["use"] == (decision["loss_after_oof"] < decision["loss_before"])
     assert len(decision["temperatures"]) == len(LABELS)
 
@@ -93,7 +97,8 @@ def test_a_used_calibration_scales_the_read_images_of_predict_only(fold_run, tmp
 
 def test_the_submission_is_the_folds_average_refined_and_calibrated_where_that_won(fold_run):
     from utils.calibration import apply_temperatures
-    from utils.refiner import load_refiner, logit, refine
+    from utils.metrics import logit
+    from utils.refiner import load_refiner, refine
     from utils.slices import order_slices
     from utils.dicom import scan_headers
     out, _ = fold_run
@@ -142,9 +147,10 @@ def test_ensemble_of_two_runs_and_refusal_of_other_data(fold_run, tmp_path):
     pd.testing.assert_frame_equal(_table(blend / "test_predictions.csv"), expected, rtol=1e-12)
     sample = out / "demo_data" / "stage_2_sample_submission.csv"
     assert check_submission_file(blend / "submission.csv", sample) == []
-    shared = json.loads((blend / "metrics.json").read_text())["shared_validation"]
-    assert shared["n_images"] == len(_table(single / "val_predictions.csv"))  # the OOF covers all
-    assert set(shared["runs"]) == {str(out), str(single)} and shared["blend"] > 0
+    shared = json.loads((blend / "metrics.json").read_text())
+    assert shared["validated_on"] == "shared_validation"
+    assert shared["n_validation"] == len(_table(single / "val_predictions.csv"))  # the OOF covers all
+    assert set(shared["weighted_log_loss_per_run"]) == {str(out), str(single)} and shared["weighted_log_loss"] > 0
     again = run_kernel("--predict-only", "--checkpoint", blend, "--data-dir", out / "demo_data",
                        "--out-dir", tmp_path / "p", "--workers", "0")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -178,7 +184,7 @@ def test_a_run_killed_in_the_middle_fold_resumes_there_to_the_same_submission(tm
 def test_a_later_kaggle_session_adopts_every_fold_of_a_fold_run(fold_run, tmp_path):
     import shutil
 
-    import kernel
+    from utils import rundir
     out, _ = fold_run
     inputs = tmp_path / "input" / "previous-session-output"
     for fold in range(2):  # the session ended during fold 1
@@ -186,7 +192,7 @@ def test_a_later_kaggle_session_adopts_every_fold_of_a_fold_run(fold_run, tmp_pa
     (inputs / "fold_1" / "metrics.json").unlink()
     working = tmp_path / "working"
     working.mkdir()
-    assert kernel.adopt_previous_session(working, tmp_path / "input") == inputs
+    assert rundir.adopt_previous_session(working, tmp_path / "input") == inputs
     for name in ("fold_0/metrics.json", "fold_0/checkpoints/best.pt", "fold_1/checkpoints/last.pt",
                  "fold_1/history.csv", "fold_1/val_predictions.csv"):
         assert (working / name).read_bytes() == (inputs / name).read_bytes(), name

@@ -83,19 +83,20 @@ def test_split_keeps_patients_on_one_side_and_metrics_are_consistent(tiny_run):
     from utils.metrics import weighted_log_loss
     recomputed = weighted_log_loss(preds[list(LABELS)].to_numpy(),
                                    preds[[f"pred_{k}" for k in LABELS]].to_numpy())
-    assert recomputed == pytest.approx(metrics["val_weighted_log_loss"], rel=1e-5)
-    assert set(metrics["val_log_loss_per_class"]) == set(LABELS)
+    assert recomputed == pytest.approx(metrics["weighted_log_loss"], rel=1e-5)
+    assert metrics["validated_on"] == "validation" and metrics["n_validation"] == len(preds)
+    assert set(metrics["log_loss_per_class"]) == set(LABELS)
     from utils.calibration import expected_calibration_error
     for k in LABELS:  # every run says how far to trust its probabilities
-        assert metrics["val_ece"][k] == pytest.approx(expected_calibration_error(
+        assert metrics["ece"][k] == pytest.approx(expected_calibration_error(
             preds[k].to_numpy(), preds[f"pred_{k}"].to_numpy()), rel=1e-6)  # CSV rounds
     assert (out / "report" / "reliability.png").stat().st_size > 5000
     config = json.loads((out / "config.json").read_text())
     assert config["arch"] == "resnet18" and config["demo"] is True and config["weights"] == "none"
     history = pd.read_csv(out / "history.csv")
-    assert history.loc[0, "val_loss"] == pytest.approx(metrics["val_weighted_log_loss"], rel=1e-6)
+    assert history.loc[0, "val_loss"] == pytest.approx(metrics["weighted_log_loss"], rel=1e-6)
     for k in LABELS:
-        assert history.loc[0, f"val_loss_{k}"] == pytest.approx(metrics["val_log_loss_per_class"][k], rel=1e-6)
+        assert history.loc[0, f"val_loss_{k}"] == pytest.approx(metrics["log_loss_per_class"][k], rel=1e-6)
         assert f"val_auc_{k}" in history
 
 
@@ -167,7 +168,7 @@ def test_full_demo_beats_the_constant_prior(tmp_path):
     result = run_kernel("--out-dir", tmp_path / "demo", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert metrics["val_weighted_log_loss"] < 0.9 * metrics["prior_weighted_log_loss"], metrics
+    assert metrics["weighted_log_loss"] < 0.9 * metrics["prior_weighted_log_loss"], metrics
 
 
 @pytest.mark.slow
@@ -280,7 +281,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_result(tmp_path):
     assert f"Resuming at epoch 1, batch {pos['batch']}" in resumed.stdout
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
-    assert b["val_weighted_log_loss"] == pytest.approx(a["val_weighted_log_loss"], abs=1e-6)
+    assert b["weighted_log_loss"] == pytest.approx(a["weighted_log_loss"], abs=1e-6)
     ha, hb = pd.read_csv(tmp_path / "a" / "history.csv"), pd.read_csv(tmp_path / "b" / "history.csv")
     np.testing.assert_allclose(hb["train_loss"], ha["train_loss"], atol=1e-6)
     assert (tmp_path / "a" / "submission.csv").read_text() == (tmp_path / "b" / "submission.csv").read_text()
@@ -329,17 +330,17 @@ def test_compiled_model_trains_and_saves_plain_weights(tmp_path):
 def test_a_later_kaggle_session_adopts_the_previous_checkpoint(tiny_run, tmp_path):
     import shutil
 
-    import kernel
+    from utils import rundir
     out, _ = tiny_run
     inputs = tmp_path / "input" / "my-previous-run-output"
     shutil.copytree(out / "checkpoints", inputs / "checkpoints")
     shutil.copy(out / "history.csv", inputs / "history.csv")
     working = tmp_path / "working"
     (working / "checkpoints").mkdir(parents=True)
-    assert kernel.adopt_previous_session(working, tmp_path / "input") == inputs
+    assert rundir.adopt_previous_session(working, tmp_path / "input") == inputs
     assert (working / "checkpoints" / "last.pt").read_bytes() == (out / "checkpoints" / "last.pt").read_bytes()
     assert (working / "history.csv").is_file()
-    assert kernel.adopt_previous_session(working, tmp_path / "nothing-here") is None
+    assert rundir.adopt_previous_session(working, tmp_path / "nothing-here") is None
 
 
 @pytest.mark.slow
@@ -351,15 +352,14 @@ def test_context_and_refine_options(tmp_path):
     assert "Slice order (train): 6 series" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     decision = json.loads((out / "calibration.json").read_text())  # after the refiner, on what it gives
-    assert metrics["val_weighted_log_loss_uncalibrated"] == pytest.approx(metrics["val_weighted_log_loss"])
+    assert decision["loss_before"] == pytest.approx(metrics["weighted_log_loss"])
     assert metrics["calibration_used"] == decision["use"] == (decision["loss_after_oof"] < decision["loss_before"])
-    assert "Refiner: validation weighted log loss" in result.stdout
-    assert metrics["val_weighted_log_loss_refined_oof"] > 0
-    if metrics["refiner_used"]:  # used only where it beats the per-slice loss out of fold
-        assert metrics["val_weighted_log_loss"] < metrics["val_weighted_log_loss_unrefined"]
-    else:
-        assert metrics["val_weighted_log_loss"] == metrics["val_weighted_log_loss_unrefined"]
-        assert "Refiner not used" in result.stdout
+    # used exactly where it beats the per-slice loss out of fold; the headline is what was submitted
+    refined, per_slice = metrics["weighted_log_loss_refined"], metrics["weighted_log_loss_per_slice"]
+    assert refined > 0 and metrics["refiner_used"] == (refined < per_slice) == (out / "refiner.pt").is_file()
+    assert metrics["weighted_log_loss"] == pytest.approx(min(refined, per_slice))
+    preds = pd.read_csv(out / "val_predictions.csv")
+    assert metrics["refiner_used"] == ("refined_any" in preds)
     import torch
     state = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
     assert state["model"]["conv1.weight"].shape[1] == 9  # 3 windows x 3 slices
@@ -375,7 +375,8 @@ def test_a_refiner_that_wins_refines_the_submission(tmp_path, monkeypatch):
     # check that the submission is then exactly the refiner applied, series by series, to
     # the per-slice predictions of the same weights (--predict-only from its checkpoint).
     import kernel
-    from utils.refiner import fit_refiner, logit, refine
+    from utils.metrics import logit
+    from utils.refiner import fit_refiner, refine
     from utils.slices import order_slices
     from utils.dicom import scan_headers
 
@@ -393,7 +394,8 @@ def test_a_refiner_that_wins_refines_the_submission(tmp_path, monkeypatch):
     assert cli("--out-dir", out, *TINY, "--refine") == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["refiner_used"] is True
-    assert metrics["val_weighted_log_loss"] == pytest.approx(fitted[0].loss_after)
+    assert metrics["weighted_log_loss"] == pytest.approx(fitted[0].loss_after)
+    assert metrics["weighted_log_loss_refined"] == pytest.approx(fitted[0].loss_after)
     per_slice = run_kernel("--predict-only", "--checkpoint", out / "checkpoints" / "best.pt",
                            "--data-dir", out / "demo_data", "--out-dir", tmp_path / "p", "--workers", "0")
     assert per_slice.returncode == 0, per_slice.stderr[-3000:]

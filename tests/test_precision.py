@@ -29,7 +29,7 @@ def test_bf16_trains_end_to_end_and_the_run_records_its_environment(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     val = pd.read_csv(out / "val_predictions.csv")  # the bf16 model's probabilities, scored again
     y, p = val[list(LABELS)].to_numpy(), val[[f"pred_{k}" for k in LABELS]].to_numpy()
-    assert metrics["val_weighted_log_loss"] == pytest.approx(weighted_log_loss(y, p))
+    assert metrics["weighted_log_loss"] == pytest.approx(weighted_log_loss(y, p))
     assert np.isfinite(p).all() and ((p > 0) & (p < 1)).all()
 
 

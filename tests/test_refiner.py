@@ -6,8 +6,8 @@ import torch
 
 from utils.dicom import scan_headers
 from utils.labels import LABELS, read_labels
-from utils.metrics import weighted_log_loss
-from utils.refiner import (RefinerWarning, SeriesRefiner, apply_refiner, fit_refiner, logit, pack_series, refine,
+from utils.metrics import logit, weighted_log_loss
+from utils.refiner import (RefinerWarning, SeriesRefiner, apply_refiner, fit_refiner, pack_series, refine,
                            train_refiner, unpack_series)
 from utils.slices import order_slices
 

@@ -16,7 +16,7 @@ from utils.dicom import BRAIN, EXPLICIT_LE, HEADER, IMPLICIT_LE, scan_headers
 from utils.labels import LABELS, SUBTYPES, read_labels
 from utils.report import (EXAMPLE_ROWS, NORMAL, example_candidates, header_survey, pick_examples,
                           window_title, write_examples, write_header_survey, write_label_figure,
-                          write_report, write_training_figure)
+                          write_html, write_report, write_training_figure)
 
 WINDOWS = "brain,subdural,soft_tissue"
 CHROMIUM_SECONDS = 90
@@ -58,10 +58,10 @@ def make_history(epochs=4, per_class=True):
     return pd.DataFrame(rows)
 
 
-METRICS = {"val_weighted_log_loss": 0.0912345, "prior_weighted_log_loss": 0.287654,
-           "val_log_loss_per_class": {k: 0.05 + 0.01 * i for i, k in enumerate(LABELS)},
+METRICS = {"validated_on": "validation", "weighted_log_loss": 0.0912345, "prior_weighted_log_loss": 0.287654,
+           "log_loss_per_class": {k: 0.05 + 0.01 * i for i, k in enumerate(LABELS)},
            "prior_log_loss_per_class": {k: 0.2 for k in LABELS},
-           "n_train": 57, "n_val": 14, "n_test": 19, "best_epoch": 3, "seconds": 42.5}
+           "n_train": 57, "n_validation": 14, "n_test": 19, "best_epoch": 3, "seconds": 42.5}
 CONFIG = {"arch": "resnet18", "image_size": 128, "windows": WINDOWS, "epochs": 4}
 
 
@@ -261,6 +261,17 @@ def test_html_embeds_every_figure_and_the_metrics(full_report):
     assert "12bit_wrap" in page  # the survey's full table
     # nothing a browser would fetch: one file that opens offline
     assert not re.search(r"<script|<link|@import|url\(|https?://", page)
+
+
+@pytest.mark.parametrize("validated_on, words", [("validation", "Validation"), ("out_of_fold", "Out-of-fold"),
+                                                  ("shared_validation", "Blend's validation")])
+def test_every_kind_of_run_gets_a_headline(tmp_path, validated_on, words):
+    # one metrics schema: a single run, a --fold all run and an ensemble name their final
+    # loss alike (a fold run's report had no headline when its key differed)
+    metrics = {"validated_on": validated_on, "weighted_log_loss": 0.0812345, "prior_weighted_log_loss": 0.1}
+    page = write_html(tmp_path / "r.html", {}, metrics=metrics).read_text()
+    assert f'<p class="headline">{words} weighted log loss <b>0.08123</b> against 0.10000 for the constant ' \
+           f'prior (18.8% lower)</p>' in page
 
 
 def test_report_before_training(demo, tmp_path):

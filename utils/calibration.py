@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from utils.labels import LABELS
-from utils.metrics import EPS, check_probabilities, per_class_log_loss, weighted_log_loss
+from utils.metrics import EPS, check_probabilities, logit, per_class_log_loss, sigmoid, weighted_log_loss
 from utils.split import fold_count, kfold_by_patient, sorted_codes
 
 N_BINS = 10
@@ -132,18 +132,6 @@ def check_predictions(y, p) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------
 # Temperature scaling.
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    # The metric's own clip (1e-15), so the loss fitted is the loss scored, and T = 1
-    # gives back every probability, however confident.
-    p = np.clip(p, EPS, 1 - EPS)
-    return np.log(p) - np.log1p(-p)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    e = np.exp(-np.abs(x))  # never overflows; keeps full precision of tiny probabilities
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
-
-
 def _softplus(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
 
@@ -178,7 +166,7 @@ def fit_temperatures(y, p) -> np.ndarray:
     """One temperature per class (6,), each minimising the binary log loss of
     sigmoid(logit(p) / T) over the rows of (n, 6) labels `y` and predictions `p`."""
     truth, pred = check_predictions(y, p)
-    z = _logit(pred)
+    z = logit(pred, EPS)  # the metric's own clip: the loss fitted is the loss scored
     return np.array([_fit_temperature(z[:, j], truth[:, j]) for j in range(len(LABELS))])
 
 
@@ -190,7 +178,7 @@ def apply_temperatures(p, temperatures) -> np.ndarray:
         raise ValueError(f"temperatures must have shape ({len(LABELS)},) in LABELS order, got {t.shape}")
     if not (np.isfinite(t).all() and (t > 0).all()):
         raise ValueError(f"temperatures must be finite and positive, got {t.tolist()}")
-    return _sigmoid(_logit(pred) / t)
+    return sigmoid(logit(pred, EPS) / t)
 
 
 # ---------------------------------------------------------------------------------------

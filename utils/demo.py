@@ -20,6 +20,7 @@ Besides the Kaggle files it keeps what Kaggle keeps back, for benchmarks: the te
 """
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -32,6 +33,10 @@ from utils.atomic import atomic_write
 from utils.labels import LABELS, SUBTYPES
 
 AIR, BRAIN_HU, CSF_HU, BONE_HU, BLOOD_HU = -1000.0, 32.0, 5.0, 1200.0, 75.0
+# kernel.py with no data given: settings small enough for a laptop CPU, trained from scratch
+# because nothing can be downloaded; an explicit option still wins.
+DEMO_PRESET = dict(arch="resnext50_32x4d", weights="none", image_size=64, batch_size=16,
+                   lr=1e-3, val_frac=0.25, workers=min(2, os.cpu_count() or 1))
 VARIANTS = ("12bit_unsigned", "16bit_signed", "12bit_wrap")
 TEST_MASKS = "test_masks.npz"  # image ID -> bool (size, size): its lesions, all subtypes
 

@@ -75,6 +75,16 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def share(d: Dist, value) -> Path:
+    """Rank 0's value of a path, on every rank (rank 0 alone creates folders and files)."""
+    if d.enabled:
+        box = [None if value is None else str(value)]
+        dist.broadcast_object_list(box, src=0)
+        barrier(d)
+        value = box[0]
+    return Path(value)
+
+
 def gather_rows(d: Dist, index: np.ndarray, values: np.ndarray, n: int, fill=0) -> np.ndarray:
     """Reassemble per-rank predictions (rows ``index`` of an n-row table) on every rank."""
     out = np.full((n,) + values.shape[1:], fill, dtype=values.dtype)
@@ -209,6 +219,11 @@ class CheckpointMismatch(ValueError):
     """A checkpoint made with other settings than the run that would resume from it."""
 
 
+# What a saved model was made with, and a prediction with it must use again (the batch too:
+# float sums on the CPU); a resume must not change these nor the rest of Checkpoints.SHAPING.
+MODEL_SETTINGS = ("arch", "image_size", "windows", "context", "context_windows", "batch_size")
+
+
 class Checkpoints:
     """A run's ``last.pt`` (to resume from) and ``best.pt`` (its best validation epoch),
     in the spirit of timm's CheckpointSaver: each is one dict, written atomically, holding
@@ -217,8 +232,7 @@ class Checkpoints:
 
     # the processes too: the sampler deals each epoch out among them, and the position
     # (the batch) and the schedule's steps count batches of one process
-    SHAPING = ("arch", "image_size", "windows", "context", "context_windows", "batch_size",
-               "seed", "val_frac", "folds", "fold", "demo_patients", "processes", "accum")
+    SHAPING = (*MODEL_SETTINGS, "seed", "val_frac", "folds", "fold", "demo_patients", "processes", "accum")
 
     def __init__(self, folder: Path, config: dict):
         self.folder, self.config = Path(folder), config

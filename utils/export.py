@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -20,7 +21,9 @@ from pathlib import Path
 
 from utils.atomic import atomic_write
 from utils.envcheck import WHEELS_MARKER, read_pins
+from utils.errors import OutputError, UserError
 
+LOG = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 COMPETITION = "rsna-intracranial-hemorrhage-detection"
 STAGE_MARKER = "# %% "  # starts a stage of kernel.py: one notebook cell under its title
@@ -48,19 +51,33 @@ def _module(name: str, source: str) -> None:
 '''
 
 
+def _imported_utils(source: str, top_level_only: bool = False) -> set[str]:
+    """The utils modules ``source`` imports (at module level alone, with top_level_only)."""
+    nodes = ast.parse(source).body if top_level_only else ast.walk(ast.parse(source))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("utils."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "utils":
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("utils.")}
+    return found
+
+
 def _utils_modules(root: Path) -> list[str]:
-    """Module names of utils/, each after the utils modules it imports."""
-    sources = {p.stem: p.read_text() for p in sorted((root / "utils").glob("*.py"))
-               if p.stem not in ("__init__", "export")}
-    deps = {}
-    for name, source in sources.items():
-        found = set()
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("utils."):
-                found.add(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("utils.")}
-        deps[name] = sorted(found & set(sources))
+    """The utils modules kernel.py imports at module level and those they import, each after
+    the ones it imports: the competition pipeline. The tools main() imports when chosen
+    (--predict DIR's own_scans, the export itself) stay in the repository."""
+    sources = {p.stem: p.read_text() for p in sorted((root / "utils").glob("*.py")) if p.stem != "__init__"}
+    deps = {name: sorted(_imported_utils(source) & set(sources)) for name, source in sources.items()}
+    needed, todo = set(), [FIRST_MODULE, *_imported_utils((root / "kernel.py").read_text(), top_level_only=True)]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += deps[name]
+    deps = {name: deps[name] for name in sorted(needed)}
     order, state = [], {}
 
     def visit(name: str) -> None:
@@ -73,7 +90,7 @@ def _utils_modules(root: Path) -> list[str]:
             visit(dep)
         state[name] = "done"
         order.append(name)
-    for name in sorted(sources):
+    for name in deps:
         visit(name)
     order.remove(FIRST_MODULE)
     return [FIRST_MODULE, *order]
@@ -241,3 +258,27 @@ def export_kaggle(out_dir, kaggle_id: str, weights_dataset: str | None = None,
     for name, text in files.items():
         atomic_write(out_dir / name, lambda tmp, text=text: tmp.write_text(text))
     return [out_dir / name for name in files] + written
+
+
+def export_command(out_dir: str, kaggle_id: str | None, weights_dataset: str | None, with_wheels: bool) -> int:
+    """--export-kaggle DIR: export_kaggle with what it wrote and how to push it logged."""
+    if kaggle_id is None:
+        kaggle_id = "your-kaggle-username/rsna-hemorrhage-pipeline"
+        LOG.info(f"No --kaggle-id given: kernel-metadata.json says {kaggle_id}; edit it before pushing")
+    out = Path(out_dir)
+    try:
+        files = export_kaggle(out, kaggle_id, weights_dataset, with_wheels)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    except OSError as err:
+        raise OutputError(f"--with-wheels: {err}") from err
+    for path in files:
+        if path.suffix != ".whl":
+            LOG.info(f"wrote {path}")
+    if with_wheels:
+        wheels = sorted((out / "wheels").glob("*.whl"))
+        size = sum(p.stat().st_size for p in wheels) / 2**20
+        LOG.info(f"{len(wheels)} wheels ({size:.0f} MiB) in {out / 'wheels'}: upload them first with "
+                 f"kaggle datasets create -p {out / 'wheels'}")
+    LOG.info(f"Push it with: kaggle kernels push -p {out}")
+    return 0

@@ -19,6 +19,23 @@ CLASS_WEIGHTS = np.array([2.0 if name == "any" else 1.0 for name in LABELS], dty
 # Predictions are clipped like scikit-learn's log_loss used to (eps=1e-15), so a
 # confident wrong answer costs about 34.5 nats instead of infinity.
 EPS = 1e-15
+# A submission's values lie in [SUBMISSION_EPS, 1 - SUBMISSION_EPS] (utils.submission): the
+# probabilities the refiner turns into logits are clipped so too.
+SUBMISSION_EPS = 1e-6
+
+
+def logit(probs, eps: float = SUBMISSION_EPS) -> np.ndarray:
+    """Probabilities to logits (float64), clipped to [eps, 1 - eps] first."""
+    p = np.clip(np.asarray(probs, np.float64), eps, 1 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(logits) -> np.ndarray:
+    """Logits to probabilities (float64), without overflow and with the full precision of
+    tiny probabilities."""
+    x = np.asarray(logits, np.float64)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
 
 def weighted_log_loss(y_true, y_pred) -> float:

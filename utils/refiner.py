@@ -32,7 +32,7 @@ from torch import nn
 from utils.atomic import atomic_write
 from utils.engine import weighted_bce
 from utils.labels import LABELS, format_examples
-from utils.metrics import weighted_log_loss
+from utils.metrics import sigmoid, weighted_log_loss
 from utils.split import fold_count, kfold_by_patient, sorted_codes
 
 N_LABELS = len(LABELS)
@@ -256,16 +256,6 @@ def apply_refiner(model: SeriesRefiner, logits, series, position) -> np.ndarray:
     return unpack_series(out, packed.index).numpy()
 
 
-def logit(probs) -> np.ndarray:
-    """Probabilities to logits (float64), clipped to [1e-6, 1 - 1e-6] first as a submission is."""
-    p = np.clip(np.asarray(probs, np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return torch.sigmoid(torch.from_numpy(np.asarray(logits, dtype=np.float32))).numpy().astype(np.float64)
-
-
 def _fold_seed(seed: int, fold: int) -> int:
     # SeedSequence mixes (seed, fold) so neighbouring seeds give unrelated folds' inits.
     return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
@@ -337,10 +327,10 @@ def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed
         models.append(model)
         train_index.append(train)
         fold_seeds.append(fold_seed)
-    oof = _sigmoid(oof_logits)
+    oof = sigmoid(oof_logits)
     return RefinerResult(
         models=models, folds=folds, oof_probs=oof, train_index=train_index, fold_seeds=fold_seeds,
-        loss_before=weighted_log_loss(y, _sigmoid(x)), loss_after=weighted_log_loss(y, oof),
+        loss_before=weighted_log_loss(y, sigmoid(x)), loss_after=weighted_log_loss(y, oof),
         settings=dict(n_folds=n_folds, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size,
                       hidden=hidden, kernels=tuple(kernels), weight_decay=WEIGHT_DECAY),
     )
@@ -354,7 +344,7 @@ def refine(result: RefinerResult, logits, series, position) -> np.ndarray:
     """
     if not result.models:
         raise ValueError("result holds no models")
-    probs = [_sigmoid(apply_refiner(model, logits, series, position)) for model in result.models]
+    probs = [sigmoid(apply_refiner(model, logits, series, position)) for model in result.models]
     return np.mean(probs, axis=0)
 
 

@@ -19,6 +19,7 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -30,21 +31,23 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from utils import rundir
 from utils.atomic import atomic_write
 from utils.calibration import N_BINS, check_predictions, expected_calibration_error, reliability
 from utils.dicom import (DEFAULT_WINDOWS, EXPLICIT_LE, HEADER, IMPLICIT_LE, NAMED_WINDOWS, RLE_LOSSLESS,
-                         DicomError, parse_windows, read_windowed, wraps_12bit)
-from utils.ensemble import final_columns
-from utils.labels import ANY, LABELS, SUBTYPES, check_label_table, label_report
+                         DicomError, parse_windows, read_windowed, scan_headers, wraps_12bit)
+from utils.errors import UserError
+from utils.labels import ANY, LABELS, SUBTYPES, check_image_id, check_label_table, label_report, read_labels
 
-REPORT_DIR = "report"
+LOG = logging.getLogger(__name__)
+REPORT_DIR = rundir.REPORT
 LABELS_PNG = "labels.png"
 HEADERS_CSV = "dicom_headers.csv"
 HEADERS_PNG = "dicom_headers.png"
 EXAMPLES_PNG = "examples.png"
 TRAINING_PNG = "training.png"
 REPORT_HTML = "report.html"
-CONFIG_JSON, METRICS_JSON, HISTORY_CSV = "config.json", "metrics.json", "history.csv"
+CONFIG_JSON, METRICS_JSON, HISTORY_CSV = rundir.CONFIG, rundir.METRICS, rundir.HISTORY
 
 NORMAL = "normal"  # the examples row of slices without any hemorrhage
 EXAMPLE_ROWS = (*LABELS, NORMAL)
@@ -404,8 +407,8 @@ def _per_class_panel(ax, history: pd.DataFrame, prefix: str, title: str) -> None
 def _training_section(out_dir: Path, history: pd.DataFrame | None, metrics: dict) -> Path | str:
     """The training figure (one curve per fold for a --fold all run), or why it is missing."""
     path = out_dir / REPORT_DIR / TRAINING_PNG
-    folds = {int(p.parent.name.split("_")[1]): _read_history(p)
-             for p in sorted(out_dir.glob("fold_*/" + HISTORY_CSV))}
+    folds = {int(f.name.split("_")[1]): _read_history(f / HISTORY_CSV)
+             for f in rundir.fold_dirs(out_dir) if (f / HISTORY_CSV).is_file()}
     if history is None and folds:
         return write_folds_figure(folds, path, metrics)
     if history is None or history.empty:
@@ -432,7 +435,7 @@ def write_folds_figure(histories: dict[int, pd.DataFrame], path: str | PathLike,
             continue
         train_ax.plot(history["epoch"], history["train_loss"], marker="o", markersize=3, label=f"fold {fold}")
         val_ax.plot(history["epoch"], history["val_loss"], marker="o", markersize=3, label=f"fold {fold}")
-    for key, text, style in (("oof_weighted_log_loss", "out of fold, all folds", "-"),
+    for key, text, style in (("weighted_log_loss_per_slice", "out of fold, all folds", "-"),
                              ("prior_weighted_log_loss", "constant prior", "--")):
         if isinstance(metrics.get(key), (int, float)):
             val_ax.axhline(metrics[key], color=_GREY, linestyle=style, linewidth=1,
@@ -521,13 +524,14 @@ def _reliability_panel(ax, y: np.ndarray, p: np.ndarray, label: str, n_bins: int
 
 
 def _calibration_section(out_dir: Path) -> Path | str:
-    """The reliability figure of the run's final validation or out-of-fold predictions."""
-    for name in ("oof_predictions.csv", "val_predictions.csv"):
-        if (out_dir / name).is_file():
-            table = pd.read_csv(out_dir / name)
-            return write_reliability_figure(table[list(LABELS)].to_numpy(), table[final_columns(table)].to_numpy(),
-                                            out_dir / REPORT_DIR / RELIABILITY_PNG)
-    return "Not drawn: no validation predictions yet (val_predictions.csv or oof_predictions.csv)."
+    """The reliability figure of what the run submitted on its validation (or out-of-fold)
+    images: rundir.validation_predictions."""
+    if not any((out_dir / n).is_file() for n in (rundir.VAL_PREDICTIONS, rundir.OOF_PREDICTIONS)):
+        return (f"Not drawn: no validation predictions yet ({rundir.VAL_PREDICTIONS} or "
+                f"{rundir.OOF_PREDICTIONS}).")
+    table = rundir.validation_predictions(out_dir)
+    return write_reliability_figure(table[list(LABELS)].to_numpy(), table[rundir.PRED_COLUMNS].to_numpy(),
+                                    out_dir / REPORT_DIR / RELIABILITY_PNG)
 
 
 def write_reliability_figure(y, p, path: str | PathLike, *, n_bins: int = N_BINS,
@@ -614,13 +618,18 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+_VALIDATED_ON = {"validation": "Validation", "out_of_fold": "Out-of-fold",
+                 "shared_validation": "Blend's validation"}
+
+
 def _metrics_html(metrics: Mapping | None) -> str:
     if not metrics:
         return '<p class="note">No metrics.json yet: the run has not finished training.</p>'
     parts = []
-    val, prior = metrics.get("val_weighted_log_loss"), metrics.get("prior_weighted_log_loss")
+    val, prior = metrics.get("weighted_log_loss"), metrics.get("prior_weighted_log_loss")
     if isinstance(val, (int, float)):
-        line = f"Validation weighted log loss <b>{html.escape(_format_value(float(val)))}</b>"
+        where = _VALIDATED_ON.get(metrics.get("validated_on"), "Validation")
+        line = f"{where} weighted log loss <b>{html.escape(_format_value(float(val)))}</b>"
         if isinstance(prior, (int, float)) and prior > 0:
             change = val / prior - 1
             line += (f" against {html.escape(_format_value(float(prior)))} for the constant prior "
@@ -747,3 +756,33 @@ def write_report(out_dir: str | PathLike, labels: pd.DataFrame | None = None,
     written.append(write_html(report_dir / REPORT_HTML, figures, config=config, metrics=metrics,
                               survey=survey, title=title))
     return written
+
+
+def write_run_report(out_dir: Path, labels: pd.DataFrame, headers: list[pd.DataFrame], windows: str) -> None:
+    """The report at the end of a run; a failure here is logged, never allowed to fail a run
+    whose submission is already written."""
+    try:
+        files = write_report(out_dir, labels, pd.concat(headers), windows=windows)
+        LOG.info(f"Report: {out_dir / REPORT_DIR / REPORT_HTML} ({len(files)} files)")
+    except Exception as err:  # noqa: BLE001 - the report is a by-product
+        LOG.info(f"Report not written: {type(err).__name__}: {err}")
+
+
+def report_command(out_dir: str | None, data_dir: str | None, windows: str, workers: int,
+                   header_cache: str | None) -> int:
+    """--report: (re)draw the report of the run in ``out_dir`` (or of the data alone)."""
+    if not out_dir:
+        raise UserError("--report needs --out-dir, the folder of a run (or where to put the report)")
+    out = Path(out_dir)
+    config = _read_json(out / CONFIG_JSON) or {}
+    data = Path(config.get("data_dir") or data_dir or "")
+    if not (data / "stage_2_train.csv").is_file():
+        raise UserError(f"--report found no data: {out} holds no run's config.json naming it; pass --data-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    labels = read_labels(data / "stage_2_train.csv")
+    paths = [data / "stage_2_train" / f"{check_image_id(i)}.dcm" for i in labels.index]
+    headers, _ = scan_headers([p for p in paths if p.is_file()], workers=workers,
+                              cache=rundir.header_cache(header_cache, out, data, "train"))
+    for path in write_report(out, labels, headers.set_index("image_id"), windows=config.get("windows", windows)):
+        LOG.info(f"wrote {path}")
+    return 0

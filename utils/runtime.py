@@ -8,7 +8,9 @@ and applies them. ``launch`` starts the same command under torchrun, one process
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -134,6 +136,27 @@ def setup_runtime(d: Dist, precision: str = "auto", compile: bool = False) -> Ru
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return Runtime(device, PRECISIONS[chosen], d, machine)
+
+
+def environment() -> dict:
+    """The machine and packages a run ran with: where reproducing a submission starts."""
+    versions = {}
+    for name in ("torch", "torchvision", "pydicom", "numpy", "pandas", "albumentations"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    cuda = torch.cuda.is_available()
+    here = Path(__file__).resolve().parent if Path(__file__).is_file() else Path.cwd()  # a notebook: none
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), **versions, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "gpu_count": torch.cuda.device_count() if cuda else 0, "git_commit": commit}
 
 
 def torchrun_command(script: Path, argv: list[str], processes: int) -> list[str]:

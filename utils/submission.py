@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import sys
 from os import PathLike
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -23,7 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from utils import rundir
 from utils.atomic import atomic_write
+from utils.errors import EXIT_USAGE, UserError, writing
 from utils.labels import (
     HEADER,
     LABELS,
@@ -34,14 +37,14 @@ from utils.labels import (
     parse_row_ids,
     read_id_label_csv,
 )
-from utils.metrics import check_probabilities
+from utils.metrics import SUBMISSION_EPS, check_probabilities
 
 logger = logging.getLogger(__name__)
 
 # Log loss punishes a confident miss without limit; keeping every probability this far
 # from 0 and 1 caps the cost of one wrong row at -ln(1e-6) ~ 13.8 nats.
-PROB_MIN = 1e-6
-PROB_MAX = 1 - 1e-6
+PROB_MIN = SUBMISSION_EPS
+PROB_MAX = 1 - SUBMISSION_EPS
 # Nine significant digits round-trip every float32 exactly (model outputs usually are)
 # and keep the clip bounds distinct; "%.6g" would print 1 - 1e-6 as "1".
 FLOAT_FORMAT = "%.9g"
@@ -278,3 +281,32 @@ def _check_fill(fill) -> np.ndarray:
     if array.shape != (len(LABELS),):
         raise ValueError(f"fill must have shape ({len(LABELS)},) in LABELS order, got {array.shape}")
     return check_probabilities(array[None, :], "fill")[0]
+
+
+def write_checked_submission(probs: pd.DataFrame, sample: Path, out_dir: Path) -> int:
+    """OUT/submission.csv, built from ``probs`` (one row per image ID, LABELS columns) and
+    checked against the sample, and OUT/test_predictions.csv: the same probabilities
+    unclipped, what --ensemble averages. Returns the submission's rows."""
+    submission = build_submission(sample, probs.index.tolist(), probs.to_numpy())
+    with writing(out_dir / rundir.SUBMISSION):
+        write_submission(submission, out_dir / rundir.SUBMISSION, sample)
+    rundir.write_csv(out_dir / rundir.TEST_PREDICTIONS, probs)
+    return len(submission)
+
+
+def check_submission_command(path: str, data_dir: Path | None) -> int:
+    """--check-submission PATH: the file checked against the sample submission in
+    ``data_dir``; 0 when it is valid, 2 (its problems on stderr) when not."""
+    if data_dir is None:
+        raise UserError("--check-submission needs --data-dir, the folder holding stage_2_sample_submission.csv")
+    sample = Path(data_dir) / "stage_2_sample_submission.csv"
+    if not sample.is_file():
+        raise UserError(f"{sample} does not exist: --data-dir must hold the sample submission")
+    problems = check_submission_file(path, sample)
+    if problems:
+        print(f"{path} is not a valid submission:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    logger.info(f"{path}: valid, every row of {sample} exactly once, values in [0, 1]")
+    return 0

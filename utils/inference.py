@@ -1,0 +1,171 @@
+"""Prediction with a model: a trained one in the run, or one a run saved.
+
+    model, trained, prior = load_model(path, rt)       # a best.pt on rt's device
+    probs, ok = predict(model, rows, cfg, rt, "test")  # (n, 6) and a readable flag per row
+    pred = predict_saved(path, cfg, rt, data, out)     # a run's submission, made again
+
+``cfg`` is kernel.py's Config (any dataclass with its fields); ``rows`` are header rows
+with a path per image and, under --context, the paths of the slices below and above.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from utils import data as data_utils
+from utils import rundir
+from utils.calibration import apply_temperatures
+from utils.dicom import parse_windows
+from utils.engine import MODEL_SETTINGS, gather_rows, load_checkpoint
+from utils.ensemble import average
+from utils.errors import UserError
+from utils.labels import LABELS
+from utils.metrics import logit
+from utils.model import build_model
+from utils.refiner import load_refiner, refine
+from utils.runtime import Runtime
+
+LOG = logging.getLogger(__name__)
+
+# what a prediction with a saved model takes from the run that trained it
+PREDICTION_SETTINGS = (*MODEL_SETTINGS, "tta")
+
+
+def slice_dataset(rows: pd.DataFrame, cfg, labels=None, transform=None) -> data_utils.SliceDataset:
+    """The dataset of these header rows, with neighbouring slices as channels under --context."""
+    neighbours = rows[["below", "above"]].to_numpy() if cfg.context else None
+    return data_utils.SliceDataset(rows["path"].tolist(), labels, parse_windows(cfg.windows),
+                                   cfg.image_size, transform, seed=cfg.seed, neighbours=neighbours,
+                                   neighbour_windows=cfg.context_windows)
+
+
+def input_layout(cfg) -> tuple[int, int]:
+    """(input channels, slices they are stacked from). --context alone puts the slices
+    below, at and above in the place of the three windows: one slice's worth of channels."""
+    windows = len(parse_windows(cfg.windows))
+    if cfg.context_windows:
+        return 3 * windows, 3
+    return (3 if cfg.context else windows), 1
+
+
+@torch.no_grad()
+def predict(model, rows: pd.DataFrame, cfg, rt: Runtime, desc: str, tta: bool = False):
+    """Probabilities (n, 6) and a readable flag per header row; each rank predicts a share.
+    The probabilities stay on the device until the end: no wait for the GPU per batch."""
+    ds = slice_dataset(rows, cfg)
+    mine = np.arange(len(ds))[rt.dist.rank::rt.dist.world]
+    loader = data_utils.make_loader(torch.utils.data.Subset(ds, mine), cfg.batch_size * 2,
+                                    workers=cfg.workers)
+    model.eval()
+    slices = input_layout(cfg)[1]
+    index_parts, prob_parts, ok_parts = [], [], []
+    for images, _, index, ok in tqdm(loader, desc=desc, leave=False, mininterval=2,
+                                     disable=not rt.dist.main):
+        x = data_utils.to_device_normalized(images, rt.device, slices)
+        with rt.autocast():
+            logits = model(x).float()
+            if tta:  # heads are near-symmetric left to right; average with the mirror image
+                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+        index_parts.append(index.numpy())
+        prob_parts.append(torch.sigmoid(logits))
+        ok_parts.append(ok.numpy())
+    index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
+    probs = (torch.cat(prob_parts).cpu().numpy() if prob_parts
+             else np.zeros((0, len(LABELS)), np.float32))
+    ok = np.concatenate(ok_parts) if ok_parts else np.zeros(0, bool)
+    return (gather_rows(rt.dist, index, probs, len(ds)),
+            gather_rows(rt.dist, index, ok, len(ds), fill=False))
+
+
+def load_model(path: Path, rt: Runtime) -> tuple[torch.nn.Module, dict, np.ndarray]:
+    """A checkpoint's model on the device, the settings it was trained with, its prior."""
+    try:
+        state = load_checkpoint(path)
+        model = build_model(state["config"]["arch"], in_channels=state["model"]["conv1.weight"].shape[1])
+        model.load_state_dict(state["model"])
+    except Exception as err:  # unpickling refusals and bad contents come in many types
+        raise UserError(f"{path}: not a checkpoint of this pipeline "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    return model.to(rt.device).to(memory_format=torch.channels_last), state["config"], state["prior"].numpy()
+
+
+def trained_settings(cfg, trained: dict):
+    """``cfg`` with the settings the checkpoint was trained with (its config.json's)."""
+    return dataclasses.replace(cfg, **{k: trained.get(k, getattr(type(cfg), k)) for k in PREDICTION_SETTINGS})
+
+
+@dataclass
+class TestPredictions:
+    """Probabilities of every test image, in the sample's order; ``scanned`` are the images
+    whose header was read (refinement runs along their series), ``failed`` those among them
+    whose pixels could not be decoded. Unread images hold the training prior."""
+    probs: pd.DataFrame
+    scanned: list[str]
+    failed: list[str]
+
+
+def predict_test(model, cfg, test_ids: list[str], test_headers: pd.DataFrame, prior: np.ndarray,
+                 out_dir: Path, rt: Runtime) -> TestPredictions:
+    scanned = [i for i in test_ids if i in test_headers.index]
+    probs, ok = predict(model, test_headers.loc[scanned], cfg, rt, "predict test", tta=cfg.tta)
+    failed = [i for i, good in zip(scanned, ok) if not good]
+    if failed and rt.dist.main:
+        rundir.record_bad_files(out_dir, test_headers.loc[failed, "path"],
+                                "pixel data could not be decoded; prior predicted")
+    table = pd.DataFrame(np.tile(prior, (len(test_ids), 1)), columns=list(LABELS),
+                         index=pd.Index(test_ids, name="image_id"))
+    table.loc[scanned] = np.where(ok[:, None], probs, prior)
+    return TestPredictions(table, scanned, failed)
+
+
+def refine_test(refiner, pred: TestPredictions, test_headers: pd.DataFrame) -> TestPredictions:
+    """The refiner along each test series; an unreadable slice keeps what it had (the
+    prior), and its neighbours are refined with that in its place."""
+    rows = test_headers.loc[pred.scanned]
+    probs = pred.probs.copy()
+    kept = probs.loc[pred.failed].copy()
+    probs.loc[pred.scanned] = refine(refiner, logit(probs.loc[pred.scanned].to_numpy()),
+                                     rows["series"].to_numpy(), rows["position"].to_numpy())
+    probs.loc[pred.failed] = kept
+    return dataclasses.replace(pred, probs=probs)
+
+
+def calibrate_test(decision: dict | None, pred: TestPredictions) -> TestPredictions:
+    """The test predictions scaled by the fitted temperatures, where calibration is used;
+    images predicted with the prior keep it."""
+    if not decision or not decision["use"]:
+        return pred
+    probs, failed = pred.probs.copy(), set(pred.failed)
+    read = [i for i in pred.scanned if i not in failed]
+    probs.loc[read] = apply_temperatures(probs.loc[read].to_numpy(), np.asarray(decision["temperatures"]))
+    return dataclasses.replace(pred, probs=probs)
+
+
+def predict_saved(path: Path, cfg, rt: Runtime, data: dict, out_dir: Path) -> TestPredictions:
+    """Test predictions re-made from what a run saved (``data``: test_ids, test_headers).
+    A best.pt alone: that model. A run folder: its model, or each fold's averaged, then its
+    refiner and calibration; an ensemble folder: its runs, averaged with its weights."""
+    what = rundir.kind(path)
+    if what == "checkpoint":
+        model, trained, prior = load_model(path, rt)
+        run_cfg = trained_settings(cfg, trained)
+        LOG.info(f"Predicting with {path} ({run_cfg.arch}, {run_cfg.image_size}px, windows {run_cfg.windows})")
+        return predict_test(model, run_cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt)
+    if what == "ensemble":
+        runs, weights = rundir.ensemble_runs(path)
+        parts = [predict_saved(run, cfg, rt, data, out_dir) for run in runs]
+        return dataclasses.replace(parts[0], probs=average([p.probs for p in parts], weights))
+    parts = [predict_saved(c, cfg, rt, data, out_dir) for c in rundir.model_checkpoints(path)]
+    pred = dataclasses.replace(parts[0], probs=average([p.probs for p in parts]))
+    if (path / rundir.REFINER).is_file():
+        pred = refine_test(load_refiner(path / rundir.REFINER), pred, data["test_headers"])
+    if (path / rundir.CALIBRATION).is_file():
+        pred = calibrate_test(rundir.read_json(path / rundir.CALIBRATION), pred)
+    return pred
