@@ -105,9 +105,10 @@ def test_a_series_is_ordered_along_its_normal_where_z_alone_orders_it_wrong(tmp_
     assert (slices["series_description"] == "Schädel – nativ").all()  # UTF-8, as written
     np.testing.assert_allclose(np.diff(slices["position_mm"]), step)
     assert (slices["note"] == "").all()
-    # The pipeline's z order on the same files: neither this order nor its reverse.
+    # Training orders the same files by the same rule; by z it was neither this order nor its reverse.
     headers, _ = scan_headers(sorted((tmp_path / "s").iterdir()))
-    by_z = order_slices(headers).sort_values("position").index.tolist()
+    assert order_slices(headers).sort_values("position").index.tolist() == names
+    by_z = order_slices(headers.drop(columns=["normal_x"])).sort_values("position").index.tolist()
     assert by_z != names and by_z != names[::-1]
 
 
@@ -241,3 +242,28 @@ def test_a_tree_without_ct_slices_gives_empty_tables(tmp_path):
         assert list(scan.slices.columns) == SLICE_COLUMNS and scan.slices.empty
         assert scan.n_files == n_files and scan.model_rows().empty
     assert scan.skipped["reason"].tolist() == ["modality MR, not CT"] and scan.n_non_dicom == 1
+
+
+def test_a_tilted_series_has_the_same_neighbours_in_training_as_in_predict(tmp_path):
+    # 20 degrees of gantry tilt, and the image origin moving within the plane as the table
+    # moves: the slices step 5 mm along the tilted normal while their z falls. One rule
+    # (utils.slices.position_along_normal) orders both paths; by z the order was reversed.
+    import kernel
+    t = math.radians(20)
+    row, col = np.array([1.0, 0, 0]), np.array([0, math.cos(t), math.sin(t)])
+    normal = np.cross(row, col)
+    positions = [k * 5 * normal - k * 15 * col for k in range(5)]
+    assert np.all(np.diff([p[2] for p in positions]) < 0)  # z falls along the stack
+    names = ["IM0003", "IM0001", "IM0004", "IM0000", "IM0002"]  # file order is no guide either
+    paths = make_series(tmp_path / "scans", positions, [*row, *col], names=names)
+    headers, bad = scan_headers(paths)
+    assert bad.empty
+    training = kernel.add_slice_order(headers.set_index("image_id"), "train")
+    predicted = scan_folder(tmp_path).slices.set_index("path")
+    stack = names  # the files of positions k = 0..4
+    below = [stack[0], *stack[:-1]]  # an edge slice is its own neighbour
+    above = [*stack[1:], stack[-1]]
+    name = lambda paths: [Path(p).name for p in paths]  # noqa: E731
+    assert name(training.loc[stack, "below"]) == below and name(training.loc[stack, "above"]) == above
+    relative = [f"scans/{n}" for n in stack]
+    assert name(predicted.loc[relative, "prev_path"]) == below and name(predicted.loc[relative, "next_path"]) == above

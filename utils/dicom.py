@@ -92,6 +92,13 @@ class Header:
     multi_window: bool  # the file lists several windows
     pixel_spacing: float  # row spacing in mm; NaN when absent
     transfer_syntax: str
+    # the rest of the geometry that orders a series along its normal (utils.slices); NaN when
+    # ImagePositionPatient or ImageOrientationPatient is absent
+    x: float = math.nan
+    y: float = math.nan
+    normal_x: float = math.nan
+    normal_y: float = math.nan
+    normal_z: float = math.nan
 
     @property
     def wrapped_12bit(self) -> bool:
@@ -155,11 +162,12 @@ _TEXT = {(0x0010, 0x0020): "PatientID", (0x0020, 0x000D): "StudyInstanceUID",
          (0x0020, 0x0032): "ImagePositionPatient", (0x0028, 0x0004): "PhotometricInterpretation",
          (0x0028, 0x0030): "PixelSpacing", (0x0028, 0x1050): "WindowCenter",
          (0x0028, 0x1051): "WindowWidth", (0x0028, 0x1052): "RescaleIntercept",
-         (0x0028, 0x1053): "RescaleSlope", (0x0028, 0x0008): "NumberOfFrames"}
-# Read for read_slice_info: identity, kind and geometry. No patient text (name, birth
-# date...) is in any table here, so none can reach a scan's outputs.
+         (0x0028, 0x1053): "RescaleSlope", (0x0028, 0x0008): "NumberOfFrames",
+         (0x0020, 0x0037): "ImageOrientationPatient"}
+# Read for read_slice_info: identity and kind. No patient text (name, birth date...) is in
+# any table here, so none can reach a scan's outputs.
 _SLICE_TEXT = {(0x0008, 0x0008): "ImageType", (0x0008, 0x0060): "Modality",
-               (0x0008, 0x103E): "SeriesDescription", (0x0020, 0x0037): "ImageOrientationPatient"}
+               (0x0008, 0x103E): "SeriesDescription"}
 _ALL_TEXT = {**_TEXT, **_SLICE_TEXT}
 _US_NAMES = {(0x0028, 0x0002): "SamplesPerPixel", (0x0028, 0x0010): "Rows",
              (0x0028, 0x0011): "Columns", (0x0028, 0x0100): "BitsAllocated",
@@ -286,30 +294,18 @@ def _whole(path: Path, v: dict, name: str, default: int | None = None) -> int:
         raise DicomError(path, f"{name} {str(text)[:40]!r} is not a whole number") from None
 
 
-def _slice_z(path: Path, position: str) -> float:
-    """ImagePositionPatient's z; NaN when the tag is absent, an error when it is damaged."""
-    if not position:
-        return float("nan")
-    parts = position.split("\\")
-    try:
-        z = float(parts[2]) if len(parts) == 3 else float("nan")
-    except ValueError:
-        z = float("inf")
-    if len(parts) != 3 or not math.isfinite(z):
-        raise DicomError(path, f"header element (0020,0032) ImagePositionPatient {position[:60]!r} "
-                               f"is damaged (expected three finite numbers)")
-    return z
-
-
 def _header_from_values(path: Path, v: dict, syntax: str) -> Header:
     """Build and check a Header from tag values given as DICOM text (ours or pydicom's)."""
     window_center = v.get("WindowCenter") or ""
+    x, y, z = _numbers(path, v, "ImagePositionPatient", "(0020,0032)", 3) or (math.nan,) * 3
+    orientation = _orientation(path, v)
+    normal = _cross(orientation[:3], orientation[3:]) if orientation else (math.nan,) * 3
     h = Header(
         image_id=path.stem,
         patient_id=v.get("PatientID") or "",
         study_uid=v.get("StudyInstanceUID") or "",
         series_uid=v.get("SeriesInstanceUID") or "",
-        z=_slice_z(path, v.get("ImagePositionPatient") or ""),
+        z=z,
         rows=_whole(path, v, "Rows"), columns=_whole(path, v, "Columns"),
         samples_per_pixel=_whole(path, v, "SamplesPerPixel", 1),
         photometric=v.get("PhotometricInterpretation") or "MONOCHROME2",
@@ -322,6 +318,7 @@ def _header_from_values(path: Path, v: dict, syntax: str) -> Header:
         multi_window="\\" in window_center,
         pixel_spacing=_number(path, v, "PixelSpacing"),
         transfer_syntax=syntax,
+        x=x, y=y, normal_x=normal[0], normal_y=normal[1], normal_z=normal[2],
     )
     _check_meaning(path, h)
     frames = _whole(path, v, "NumberOfFrames", 1)
@@ -367,7 +364,8 @@ def _numbers(path: Path, v: dict, name: str, tag: str, count: int) -> tuple | No
     return numbers
 
 
-def _slice_info(path: Path, v: dict) -> SliceInfo:
+def _orientation(path: Path, v: dict) -> tuple | None:
+    """ImageOrientationPatient's row and column cosines; None when absent."""
     orientation = _numbers(path, v, "ImageOrientationPatient", "(0020,0037)", 6)
     if orientation is not None:  # plain floats: numpy's overhead on 3-vectors is ~10x
         row, col = orientation[:3], orientation[3:]
@@ -375,6 +373,18 @@ def _slice_info(path: Path, v: dict) -> SliceInfo:
         if max(abs(dot(row, row) - 1), abs(dot(col, col) - 1), abs(dot(row, col))) > _UNIT_TOLERANCE:
             raise DicomError(path, f"header element (0020,0037) ImageOrientationPatient {orientation} "
                                    f"is damaged (not two perpendicular unit vectors)")
+    return orientation
+
+
+def _cross(a: tuple, b: tuple) -> tuple[float, float, float]:
+    """The unit normal of two perpendicular unit vectors (to within _UNIT_TOLERANCE)."""
+    n = (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+    length = math.sqrt(n[0] * n[0] + n[1] * n[1] + n[2] * n[2])
+    return n[0] / length, n[1] / length, n[2] / length
+
+
+def _slice_info(path: Path, v: dict) -> SliceInfo:
+    orientation = _orientation(path, v)
     description = v.get("SeriesDescription") or ""
     if not description.isascii():  # read as latin-1; most exports now write UTF-8
         with contextlib.suppress(UnicodeError):
@@ -830,6 +840,8 @@ def scan_headers(paths, workers: int = 0, cache: str | Path | None = None,
     cached = {}
     if cache is not None and Path(cache).is_file():
         old = pd.read_parquet(cache)
+        if list(old.columns) != ["path", "file_size", "mtime_ns", "error", *HEADER_COLUMNS]:
+            old = old.iloc[:0]  # written by another version of this reader: read every file again
         for row in old.to_dict("records"):
             if stats.get(row["path"]) == (row["file_size"], row["mtime_ns"]):
                 cached[row["path"]] = row

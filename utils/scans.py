@@ -39,14 +39,13 @@ import numpy as np
 import pandas as pd
 
 from utils.dicom import DicomError, NotPart10, SliceInfo, map_chunks, read_slice_info
-from utils.slices import order_slices
+from utils.slices import order_slices, position_along_normal
 from utils.split import STUDY_PREFIX, fill_missing_keys
 
 SLICE_COLUMNS = ["path", "sop_uid", "study_uid", "series_uid", "series_description", "series",
                  "index", "n_in_series", "position_mm", "prev_path", "next_path", "note"]
 SKIPPED_COLUMNS = ["path", "reason"]
 POSITION_TOLERANCE_MM = 0.01  # closer slices are one position written twice (0.3 mm is the thinnest)
-ORIENTATION_TOLERANCE = 1e-3  # normals' largest difference within one orientation (cosines' rounding)
 _INFO_COLUMNS = ["sop_uid", "study_uid", "series_uid", "series_description", "position",
                  "orientation"]  # what _read_chunk gives of a slice
 MAX_TILT_DEGREES = 45  # gantry tilts of head CT stay within about 30 degrees of axial
@@ -178,8 +177,8 @@ def _not_predictable(info: SliceInfo) -> str:
 
 
 def _positions(ct: pd.DataFrame, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each slice's position along its series' first normal (mm; NaN without geometry), and
-    whether its own normal differs from that one."""
+    """Each slice's position along its series' normal and whether its own normal differs
+    (utils.slices.position_along_normal: the rule training orders slices by too)."""
     n = len(ct)
     ipp = np.full((n, 3), np.nan)
     iop = np.full((n, 6), np.nan)
@@ -189,16 +188,8 @@ def _positions(ct: pd.DataFrame, series: np.ndarray) -> tuple[np.ndarray, np.nda
     normal = np.cross(iop[:, :3], iop[:, 3:])  # read_slice_info checked: near unit length, or NaN
     with np.errstate(invalid="ignore"):
         normal /= np.linalg.norm(normal, axis=1, keepdims=True)
-    has = np.isfinite(ipp).all(axis=1) & np.isfinite(normal).all(axis=1)
-    codes = pd.factorize(series)[0]
     # ct is sorted by path: the first row of a series with geometry gives its normal.
-    first = pd.Series(np.flatnonzero(has)).groupby(codes[has]).first()
-    reference = np.full((codes.max() + 1 if n else 0, 3), np.nan)
-    reference[first.index] = normal[first.to_numpy()]
-    ref = reference[codes] if n else np.zeros((0, 3))
-    position = np.where(has, np.einsum("ij,ij->i", ref, ipp), np.nan)
-    differs = has & (np.abs(normal - ref).max(axis=1, initial=0.0) > ORIENTATION_TOLERANCE)
-    return position, differs
+    return position_along_normal(ipp, normal, series)
 
 
 def _drop_repeated_positions(table: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:

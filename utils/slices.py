@@ -15,11 +15,15 @@ Ordering rules (`order_slices`):
   should not cut a slice off from its neighbours. Otherwise the key is "study:<uid>", then
   "patient:<id>", and a row with no ID at all is a series of its own ("image:<id>"). This
   is utils.split.fill_missing_keys, the rule that also groups patients.
-- Within a series, slices go by ImagePositionPatient z, lowest first; equal z is broken by
-  image ID (a deterministic, if arbitrary, choice) and counted.
-- A slice without a finite z is a one-slice series of its own ("image:<id>"): placing it
-  by any other rule (image ID, file order) would invent neighbours, and a slice whose
-  neighbours are itself is what the edge of every series already looks like.
+- Within a series, slices go by their position along the series' normal (the normal of
+  its first slice with geometry, in the table's order: position_along_normal), lowest
+  first, as --predict DIR orders a folder's scans; in a tilted or oblique series z alone
+  can tie or misorder them. Equal positions are broken by image ID (a deterministic, if
+  arbitrary, choice) and counted. A table without the normal (x, y, normal_* columns)
+  is ordered by its z column.
+- A slice without a finite position is a one-slice series of its own ("image:<id>"):
+  placing it by any other rule (image ID, file order) would invent neighbours, and a slice
+  whose neighbours are itself is what the edge of every series already looks like.
 """
 from __future__ import annotations
 
@@ -35,6 +39,24 @@ PATIENT_PREFIX = "patient:"  # prefixed for the reason split.py's prefixes are
 ALONE_PREFIX = IMAGE_PREFIX  # a slice that is a series of its own
 ID_COLUMNS = ("series_uid", "study_uid", "patient_id")  # the series key's fallback chain
 ORDER_COLUMNS = ("series", "z", "position", "n_in_series", "prev_id", "next_id")
+GEOMETRY_COLUMNS = ("x", "y", "z", "normal_x", "normal_y", "normal_z")  # utils.dicom.Header's
+ORIENTATION_TOLERANCE = 1e-3  # normals' largest difference within one orientation (cosines' rounding)
+
+
+def position_along_normal(xyz: np.ndarray, normal: np.ndarray, series) -> tuple[np.ndarray, np.ndarray]:
+    """Each slice's position (mm) along its series' normal, the unit normal of the series'
+    first row with geometry (NaN where a row has none), and whether the row's own normal
+    differs from it. ``xyz`` is (n, 3) ImagePositionPatient, ``normal`` (n, 3)."""
+    xyz, normal = np.asarray(xyz, np.float64).reshape(-1, 3), np.asarray(normal, np.float64).reshape(-1, 3)
+    has = np.isfinite(xyz).all(axis=1) & np.isfinite(normal).all(axis=1)
+    codes = pd.factorize(np.asarray(series))[0]
+    first = pd.Series(np.flatnonzero(has)).groupby(codes[has]).first()
+    reference = np.full((codes.max() + 1 if len(codes) else 0, 3), np.nan)
+    reference[first.index] = normal[first.to_numpy()]
+    ref = reference[codes] if len(codes) else np.zeros((0, 3))
+    position = np.where(has, np.einsum("ij,ij->i", ref, xyz), np.nan)
+    differs = has & (np.abs(normal - ref).max(axis=1, initial=0.0) > ORIENTATION_TOLERANCE)
+    return position, differs
 
 
 def _check_headers(headers: pd.DataFrame) -> tuple[pd.Series, np.ndarray]:
@@ -109,6 +131,10 @@ def order_slices(headers: pd.DataFrame) -> pd.DataFrame:
     and `n_series`.
     """
     image_id, z = _check_headers(headers)
+    if set(GEOMETRY_COLUMNS) <= set(headers.columns):
+        key = _series_keys(headers, image_id, np.isnan(z))[0]
+        geometry = headers[list(GEOMETRY_COLUMNS)].to_numpy(np.float64, na_value=np.nan)
+        z = position_along_normal(geometry[:, :3], geometry[:, 3:], key.to_numpy())[0]
     no_z = np.isnan(z)
     key, counts = _series_keys(headers, image_id, no_z)
 
