@@ -24,7 +24,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,12 +49,12 @@ from utils.inference import (TestPredictions, calibrate_test, input_layout, pred
                              predict_test, refine_test, slice_dataset)
 from utils.labels import LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels
 from utils.metrics import logit, per_class_log_loss, prior_probabilities, weighted_log_loss
-from utils.model import WeightsError, build_model, find_weights
+from utils.model import WeightsError, build_model, resolve_weights
 from utils.refiner import RefinerResult, fit_refiner, save_refiner
 from utils.report import report_command, write_run_report
 from utils.rundir import PRED_COLUMNS, REFINED_COLUMNS, write_csv, write_json
 from utils.runtime import (PRECISIONS, Runtime, RuntimeChoiceError, default_workers, environment, launch,
-                           plan_processes, setup_runtime, under_torchrun)
+                           log_to_stdout, plan_processes, setup_runtime, under_torchrun)
 from utils.slices import neighbour_paths, order_slices
 from utils.split import fold_table, format_fold_table, kfold_by_patient, resolve_groups, split_by_patient
 from utils.submission import (SubmissionError, build_submission, check_submission_command,
@@ -127,19 +126,44 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+# Each option, its type and what it does; the default is Config's (the demo's without data).
+OPTIONS = {
+    "data_dir": (str, "the folder of stage_2_train.csv and the DICOM folders (default: Kaggle's, else the demo)"),
+    "out_dir": (str, "the run folder (default: runs/<time>, /kaggle/working on Kaggle)"),
+    "epochs": (int, "passes over the training images"),
+    "arch": (str, "the torchvision ResNet or ResNeXt to fine-tune"),
+    "weights": (str, "pretrained weights file, or none for random initialisation (default: searched)"),
+    "weights_strict": (_bool, "refuse weights with missing or unexpected keys"),
+    "image_size": (int, "side of the square input in pixels"),
+    "windows": (str, "comma-separated windows (names or center:width), one channel each"),
+    "batch_size": (int, "images per step per process"),
+    "workers": (int, "data loader workers per process (default: the cores / processes, at most 8)"),
+    "lr": (float, "peak learning rate of AdamW (warm-up, then cosine)"),
+    "weight_decay": (float, "AdamW's weight decay"),
+    "val_frac": (float, "share of patients held out for validation without --folds"),
+    "seed": (int, "seed of the split, the initialisation and the augmentation"),
+    "tta": (_bool, "average each prediction with that of the mirrored image"),
+    "demo_patients": (int, "training patients of the synthetic demo dataset"),
+    "header_cache": (str, "folder of the header scan cache (default: beside the run folders)"),
+    "folds": (int, "K >= 2: K patient-grouped folds (0: one --val-frac split)"),
+    "fold": (_fold, "the fold to validate on, or all: every fold in turn, then their average"),
+    "accum": (int, "batches per optimiser step (gradient accumulation)"),
+    "ckpt_minutes": (float, "minutes between mid-epoch checkpoints (0: at every check)"),
+    "log_every": (int, "optimiser steps between checks: loss shown, NaN, Ctrl-C, checkpoint due"),
+    "checkpoint": (str, "with --predict-only or --predict: a best.pt, a run folder or an ensemble folder"),
+    "context": (int, "1: the slices below and above as channels"),
+    "precision": (str, "auto, fp32, bf16 or fp16 (auto: bf16 from sm_80, fp16 below, fp32 on the CPU)"),
+    "predict": (str, "predict every CT slice in this folder of your own scans with --checkpoint"),
+    "threshold": (float, "with --predict: the `any` probability that makes a slice, and its series, positive"),
+    "processes": (int, "processes to train with (default: one per GPU; started under torchrun)")}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=DESCRIPTION, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    types = {"data_dir": str, "out_dir": str, "epochs": int, "arch": str, "weights": str,
-             "weights_strict": _bool, "image_size": int, "windows": str, "batch_size": int,
-             "workers": int, "lr": float, "weight_decay": float, "val_frac": float,
-             "seed": int, "tta": _bool, "demo_patients": int,
-             "header_cache": str, "folds": int, "fold": _fold,
-             "accum": int, "ckpt_minutes": float, "log_every": int, "checkpoint": str, "context": int,
-             "precision": str, "predict": str, "threshold": float, "processes": int}
-    for name, kind in types.items():
+    for name, (kind, text) in OPTIONS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       help=f"(default: {getattr(Config, name)})")
+                       help=text if "(default" in text else f"{text} (default: {getattr(Config, name)})")
     # Flags default to None, like the options above: only what was given overrides Config.
     flags = {"resume": "continue the run in --out-dir",
              "overwrite": "replace a finished run in --out-dir",
@@ -240,41 +264,12 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     return cfg, modes
 
 
-class _StdoutHandler(logging.StreamHandler):
-    """Log lines go to whatever sys.stdout is at the time (a notebook or a test swaps it)."""
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def _to_stdout(name: str) -> logging.Logger:
-    logger = logging.getLogger(name)
-    if not any(type(h).__name__ == "_StdoutHandler" for h in logger.handlers):  # cells re-run
-        handler = _StdoutHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    return logger
-
-
-LOG = _to_stdout("kernel")
-_to_stdout("utils")  # utils' modules log what they drop, fill or write: shown like ours
+LOG = logging.getLogger("kernel")
+log_to_stdout("kernel", "utils")  # utils' modules log what they drop, fill or write: shown like ours
 
 
 def log(*parts) -> None:
     LOG.info(" ".join(map(str, parts)))
-
-
-def setup_logging(d: Dist) -> None:
-    """Under torchrun rank 0 alone prints: ours and our helpers' messages (utils.*, which
-    log what they drop or fill); other libraries' loggers stay as they are."""
-    for name in ("kernel", "utils"):
-        _to_stdout(name).setLevel(logging.INFO if d.main else logging.ERROR)
 
 
 # %% Data folder and output folder.
@@ -423,22 +418,6 @@ def validation_fold(cfg: Config) -> int:
 # %% Stage 4: training. Device, precision and processes are decided once, in utils.runtime.
 
 
-def resolve_weights(cfg: Config) -> str | None:
-    if cfg.weights is not None and cfg.weights.lower() == "none":
-        return None
-    if cfg.weights is not None:
-        return cfg.weights
-    found = find_weights(cfg.arch)
-    if found is None:
-        raise UserError(
-            f"no pretrained weights for {cfg.arch} were found (searched $TORCH_HOME/hub/checkpoints "
-            f"and /kaggle/input). Attach them as a file and pass --weights PATH (for example "
-            f"ig_resnext101_32x8-c38310e5.pth or torchvision's {cfg.arch}-*.pth), or pass "
-            f"--weights none to train from random initialisation on purpose.")
-    log(f"Weights: found {found}")
-    return str(found)
-
-
 class _StopRequest:
     """Ctrl-C sets a flag that the loop reads at its next check, so the checkpoint it then
     writes is never taken halfway through an update. A second Ctrl-C aborts a plain run;
@@ -567,7 +546,7 @@ def start_training(cfg: Config, train_df: pd.DataFrame, headers: pd.DataFrame, o
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
     channels, slices = input_layout(cfg)
     try:
-        model = build_model(cfg.arch, resolve_weights(cfg), strict=cfg.weights_strict,
+        model = build_model(cfg.arch, resolve_weights(cfg.weights, cfg.arch), strict=cfg.weights_strict,
                             in_channels=channels, slices=slices)
     except WeightsError as err:
         raise UserError(str(err)) from None
@@ -850,9 +829,10 @@ def refine_and_calibrate(cfg: Config, table: pd.DataFrame, headers: pd.DataFrame
         if refiner is not None:
             table = table.assign(**dict(zip(REFINED_COLUMNS, refined.T)))
     final = table[rundir.final_columns(table)].to_numpy()
-    metrics.update(weighted_log_loss=weighted_log_loss(truth.to_numpy(), final),
-                   log_loss_per_class=per_class_log_loss(truth.to_numpy(), final),
-                   **calibration_summary(truth.to_numpy(), final))
+    if refiner is not None:
+        metrics.update(weighted_log_loss=weighted_log_loss(truth.to_numpy(), final),
+                       log_loss_per_class=per_class_log_loss(truth.to_numpy(), final))
+    metrics.update(calibration_summary(truth.to_numpy(), final))
     if cfg.calibrate:
         calibration = fit_calibration(truth, final, headers, cfg, out_dir, d)
         metrics.update(calibration_metrics(calibration))
@@ -1012,25 +992,6 @@ def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path) -> dic
     return submit(predict_saved(Path(cfg.checkpoint), cfg, rt, data, out_dir), data_dir, out_dir, rt)
 
 
-def notebook_source() -> str:
-    """A notebook has no file for torchrun to start: its cells as run so far (the run cell,
-    running now, aside) make one, as kernel_bundle.py is made from them."""
-    shell = sys.modules["IPython"].get_ipython()
-    cells = shell.user_ns["In"][1:-1]
-    return "\n\n".join(cells) + '\n\nif __name__ == "__main__":\n    sys.exit(cli())\n'
-
-
-def run_under_torchrun(argv: list[str], processes: int) -> int:
-    """This command again, one process per GPU (or --processes N) under torchrun."""
-    log(f"Starting {processes} processes under torchrun ({torch.cuda.device_count()} GPUs here)")
-    if "__file__" in globals():
-        return launch(Path(__file__).resolve(), argv, processes)
-    with tempfile.TemporaryDirectory(prefix="rsna-torchrun-") as folder:
-        script = Path(folder) / "kernel_notebook.py"
-        script.write_text(notebook_source())
-        return launch(script, argv, processes)
-
-
 def repository_tool(module: str, option: str):
     """A utils module the exported notebook leaves out (see utils.export), imported when chosen."""
     try:
@@ -1065,9 +1026,10 @@ def main(argv=None) -> int:
         return code
     processes = plan_processes(cfg.processes, torch.cuda.device_count(), under_torchrun())
     if processes > 1:
-        return run_under_torchrun(argv, processes)
+        log(f"Starting {processes} processes under torchrun ({torch.cuda.device_count()} GPUs here)")
+        return launch(globals().get("__file__"), argv, processes)  # a notebook: its cells make the script
     d = init_distributed()
-    setup_logging(d)
+    log_to_stdout("kernel", "utils", quiet=not d.main)
     if cfg.processes not in (None, d.world):
         raise UserError(f"--processes {cfg.processes} under torchrun with {d.world} processes: "
                         f"torchrun's --nproc_per_node decides; leave --processes out")

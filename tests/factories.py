@@ -196,3 +196,30 @@ def build_export(root: Path, sample: Path) -> tuple[dict, dict]:
     place_file(None, root / "cd/empty", b"")
     (root / "cd/loop").symlink_to(root, target_is_directory=True)  # a link back up the tree
     return ct, skip
+
+
+# ---------------------------------------------------------------------------------------
+# A page as a browser draws it (report.html, predict.html).
+
+CHROMIUM_SECONDS = 90
+REQUIRE_CHROMIUM = "RSNA_REQUIRE_CHROMIUM"  # CI sets it: a missing browser fails, never skips
+
+
+def screenshot(page: Path, shot: Path, profile: Path, height: int = 3000) -> Path:
+    """``page`` drawn by headless Chromium into the PNG ``shot``; skips where there is no
+    Chromium, except under RSNA_REQUIRE_CHROMIUM, where that is a failure."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+    if shutil.which("chromium") is None:
+        if os.environ.get(REQUIRE_CHROMIUM):
+            pytest.fail(f"chromium is not installed and {REQUIRE_CHROMIUM} is set")
+        pytest.skip("chromium is not installed")
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+         f"--screenshot={shot}", f"--window-size=1200,{height}", Path(page).as_uri()],
+        check=True, timeout=CHROMIUM_SECONDS, capture_output=True)
+    return shot

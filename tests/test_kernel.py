@@ -460,3 +460,12 @@ def test_the_refiner_is_not_used_where_it_hurts_out_of_fold(capsys):
     assert refiner is None and used_probs is probs
     assert refined_loss > kernel.weighted_log_loss(y, probs) + 0.01
     assert "Refiner not used: it does not beat the per-slice predictions" in capsys.readouterr().out
+
+
+def test_every_option_says_what_it_does():
+    import kernel
+    actions = [a for a in kernel._parser()._actions if a.option_strings != ["-h", "--help"]]
+    assert len(actions) >= 40
+    for action in actions:  # a sentence, not only its default
+        words = (action.help or "").split("(default")[0].split()
+        assert len(words) >= 3, action.option_strings

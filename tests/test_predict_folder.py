@@ -1,12 +1,13 @@
 """kernel.py --predict DIR: a trained model on a folder of the user's own scans."""
 import json
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
 
 from kernel_runs import TINY, run_kernel
-from factories import build_export, rewrite_dicom
+from factories import build_export, rewrite_dicom, screenshot
 from utils.labels import LABELS
 from utils.series_results import series_table, top_slices
 
@@ -52,6 +53,10 @@ def test_a_nested_export_is_predicted_slice_by_slice_and_series_by_series(traine
         if path.is_file():
             assert MARKER.split("^")[0] not in path.read_text(errors="replace"), path
             assert "19010203" not in path.read_text(errors="replace"), path
+    # what a browser draws: the plots and the heatmaps, with the slices' black among them
+    shot = cv2.imread(str(screenshot(out / "report" / "predict.html", tmp_path / "shot.png", tmp_path / "profile")))
+    assert shot is not None and shot.shape[:2] == (3000, 1200) and shot.std() > 5
+    assert (shot < 30).all(axis=2).mean() > 0.01
 
 
 @pytest.mark.slow

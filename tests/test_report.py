@@ -2,8 +2,6 @@
 import base64
 import json
 import re
-import shutil
-import subprocess
 import warnings
 
 import cv2
@@ -11,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from factories import screenshot
 from utils.demo import make_demo_dataset
 from utils.dicom import BRAIN, EXPLICIT_LE, HEADER, IMPLICIT_LE, scan_headers
 from utils.labels import LABELS, SUBTYPES, read_labels
@@ -19,7 +18,6 @@ from utils.report import (EXAMPLE_ROWS, NORMAL, example_candidates, header_surve
                           write_html, write_report, write_training_figure)
 
 WINDOWS = "brain,subdural,soft_tissue"
-CHROMIUM_SECONDS = 90
 
 
 @pytest.fixture(scope="module")
@@ -299,15 +297,9 @@ def test_report_rejects_malformed_json(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
 def test_html_renders_in_chromium(full_report, tmp_path):
     out, _ = full_report
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={shot}", "--window-size=1200,3000", (out / "report" / "report.html").as_uri()],
-        check=True, timeout=CHROMIUM_SECONDS, capture_output=True)
+    shot = screenshot(out / "report" / "report.html", tmp_path / "shot.png", tmp_path / "profile")
     img = assert_picture(shot, 1200, 3000)
     # Broken images would leave a page of text on white: the CT slices' black must show.
     assert (img < 30).all(axis=2).mean() > 0.02

@@ -176,3 +176,21 @@ def build_model(arch: str, weights=None, strict: bool = True, in_channels: int =
     if weights is not None:
         load_pretrained(model, weights, strict=strict)
     return replace_head(adapt_input(model, in_channels, slices, pretrained=weights is not None))
+
+
+def resolve_weights(weights: str | None, arch: str) -> str | None:
+    """The weights file to start from: ``weights``, None for "none" (random init), or the
+    one find_weights finds for ``arch``; a WeightsError saying what to do when none is."""
+    if weights is not None and weights.lower() == "none":
+        return None
+    if weights is not None:
+        return weights
+    found = find_weights(arch)
+    if found is None:
+        raise WeightsError(
+            f"no pretrained weights for {arch} were found (searched $TORCH_HOME/hub/checkpoints "
+            f"and /kaggle/input). Attach them as a file and pass --weights PATH (for example "
+            f"ig_resnext101_32x8-c38310e5.pth or torchvision's {arch}-*.pth), or pass "
+            f"--weights none to train from random initialisation on purpose.")
+    log.info(f"Weights: found {found}")
+    return str(found)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import os
 import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +166,26 @@ def torchrun_command(script: Path, argv: list[str], processes: int) -> list[str]
             "--nproc_per_node", str(processes), str(script), *argv]
 
 
-def launch(script: Path, argv: list[str], processes: int) -> int:
+def notebook_source() -> str:
+    """A notebook has no file for torchrun to start: its cells as run so far (the run cell,
+    running now, aside) make one, as kernel_bundle.py is made from them."""
+    shell = sys.modules["IPython"].get_ipython()
+    cells = shell.user_ns["In"][1:-1]
+    return "\n\n".join(cells) + '\n\nif __name__ == "__main__":\n    sys.exit(cli())\n'
+
+
+def launch(script: str | None, argv: list[str], processes: int) -> int:
+    """``script argv`` again under torchrun, ``processes`` processes; with no script (a
+    notebook's) the notebook's cells make one (notebook_source)."""
+    if script is not None:
+        return run_torchrun(Path(script).resolve(), argv, processes)
+    with tempfile.TemporaryDirectory(prefix="rsna-torchrun-") as folder:
+        path = Path(folder) / "kernel_notebook.py"
+        path.write_text(notebook_source())
+        return run_torchrun(path, argv, processes)
+
+
+def run_torchrun(script: Path, argv: list[str], processes: int) -> int:
     """Run ``script argv`` under torchrun with ``processes`` processes; its output goes
     through this process's sys.stdout and sys.stderr (where a notebook shows it). Ctrl-C
     (a notebook's interrupt) is passed on once: torchrun runs in a session of its own, so a
@@ -190,3 +211,28 @@ def launch(script: Path, argv: list[str], processes: int) -> int:
     for t in threads:
         t.join()
     return code
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Log lines go to whatever sys.stdout is at the time (a notebook or a test swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def log_to_stdout(*names: str, quiet: bool = False) -> None:
+    """The loggers ``names`` (and their children) print their messages as lines on stdout;
+    ``quiet`` (torchrun's ranks but 0) shows errors alone. Other libraries' loggers stay as
+    they are."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(type(h).__name__ == "_StdoutHandler" for h in logger.handlers):  # cells re-run
+            handler = _StdoutHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.ERROR if quiet else logging.INFO)
