@@ -77,10 +77,31 @@ def _write_atomic(path: str | PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def _save_figure(fig: Figure, path: str | PathLike) -> Path:
+def png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
+    """A figure as PNG bytes on white: every picture of report.html and predict.html."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
-    return _write_atomic(path, buf.getvalue())
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+    return buf.getvalue()
+
+
+def png_src(png: bytes) -> str:
+    """A PNG as an <img> source inside the page: the pages open offline, one file each."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def html_page(title: str, style: str, body: str, *, meta: str = "") -> str:
+    """The page around ``body``: report.html's and predict.html's, its title as heading, then
+    when it was written (and ``meta``)."""
+    written = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{html.escape(title)}</title><style>{style}</style></head>\n"
+            f"<body><main><h1>{html.escape(title)}</h1><p class=\"meta\">Written {written}{meta}</p>\n"
+            f"{body}\n</main></body></html>\n")
+
+
+def _save_figure(fig: Figure, path: str | PathLike) -> Path:
+    return _write_atomic(path, png_bytes(fig))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -649,9 +670,9 @@ def _metrics_html(metrics: Mapping | None) -> str:
 def _figure_html(figure: Path | str) -> str:
     if isinstance(figure, str):  # a note why the figure is not there
         return f'<p class="note">{html.escape(figure)}</p>'
-    data = base64.b64encode(Path(figure).read_bytes()).decode("ascii")
+    data = png_src(Path(figure).read_bytes())
     caption = _CAPTIONS.get(Path(figure).name, "")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(Path(figure).name)}">'
+    return (f'<figure><img src="{data}" alt="{html.escape(Path(figure).name)}">'
             f'<figcaption class="caption">{html.escape(caption)}</figcaption></figure>')
 
 
@@ -681,12 +702,7 @@ def write_html(path: str | PathLike, figures: Mapping[str, Path | str], *, confi
     settings = _table(["setting", "value"], [[k, v] for k, v in config.items()]) if config \
         else '<p class="note">No config.json in the run folder.</p>'
     sections.append(f'<section id="s{len(figures) + 1}"><h2>Settings</h2>{settings}</section>')
-    written = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n"
-            f"<body><main><h1>{html.escape(title)}</h1><p class=\"meta\">Written {written}</p>"
-            f"<nav>{nav}</nav>\n" + "\n".join(sections) + "\n</main></body></html>\n")
+    page = html_page(title, _STYLE, f"<nav>{nav}</nav>\n" + "\n".join(sections))
     return _write_atomic(path, page.encode("utf-8"))
 
 

@@ -8,10 +8,7 @@ outputs (utils/scans.py reads no such tag).
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
-from datetime import datetime, timezone
 from os import PathLike
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from matplotlib.figure import Figure
 from utils.atomic import atomic_write
 from utils.labels import ANY as ANY_INDEX
 from utils.labels import LABELS
-from utils.report import CLASS_COLORS
+from utils.report import CLASS_COLORS, html_page, png_bytes, png_src
 
 SERIES_KEYS = ("study_uid", "series_uid")
 ANY = LABELS[ANY_INDEX]
@@ -60,9 +57,7 @@ def top_slices(slices: pd.DataFrame, series: pd.DataFrame, per_series: int = 3) 
 
 
 def _png(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, facecolor="white")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return png_src(png_bytes(fig, dpi=100))
 
 
 def _image_png(rgb: np.ndarray) -> str:
@@ -94,7 +89,7 @@ main{max-width:1100px;margin:0 auto;padding:1.5rem 2rem;background:#fff}
 h2{border-bottom:2px solid #ddd;margin-top:2rem}table{border-collapse:collapse;font-size:.85rem}
 td,th{border:1px solid #ddd;padding:.2rem .5rem;text-align:left}.positive{color:#b00;font-weight:bold}
 figure{display:inline-block;margin:.3rem;font-size:.75rem;max-width:260px}figure img{width:256px}
-.note{color:#555}"""
+.note,.meta{color:#555}"""
 
 
 def write_predict_html(path: str | PathLike, slices: pd.DataFrame, series: pd.DataFrame,
@@ -108,7 +103,7 @@ def write_predict_html(path: str | PathLike, slices: pd.DataFrame, series: pd.Da
         s = s.sort_values("index", kind="stable")
         title = f"{row['series_description'] or 'series'} — {row['n_slices']} slices"
         figures = "".join(
-            f"<figure><img alt='heatmap' src='data:image/png;base64,{_image_png(heatmaps[p][1])}'>"
+            f"<figure><img alt='heatmap' src='{_image_png(heatmaps[p][1])}'>"
             f"<figcaption>{html.escape(p)}<br>{heatmaps[p][0]} {s.loc[s['path'] == p, heatmaps[p][0]].iloc[0]:.2f}"
             f"</figcaption></figure>" for p in s["path"] if p in heatmaps)
         cells = "".join(f"<td>{row[f'max_{k}']:.3f}</td>" for k in LABELS)
@@ -117,11 +112,8 @@ def write_predict_html(path: str | PathLike, slices: pd.DataFrame, series: pd.Da
             f"series {html.escape(row['series_uid'])}</p><table><tr><th>flag</th>"
             + "".join(f"<th>max {k}</th>" for k in LABELS) + f"<th>slices over {threshold:g}</th></tr>"
             f"<tr><td class='{row['flag']}'>{row['flag']}</td>{cells}<td>{row['n_over_threshold']}</td></tr></table>"
-            f"<img alt='probabilities along the series' src='data:image/png;base64,{_series_plot(s, threshold)}'>"
+            f"<img alt='probabilities along the series' src='{_series_plot(s, threshold)}'>"
             + (f"<div>{figures}</div>" if figures else ""))
-    written = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    page = (f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>Predictions</title>"
-            f"<style>{_STYLE}</style></head><body><main><h1>Predictions on your scans</h1>"
-            f"<p class='note'>Written {written}. Research use only: not a medical device.</p>"
-            + "\n".join(parts) + "</main></body></html>\n")
+    page = html_page("Predictions on your scans", _STYLE, "\n".join(parts),
+                     meta=". Research use only: not a medical device.")
     return atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
