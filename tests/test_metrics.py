@@ -145,3 +145,15 @@ def test_prior_log_loss_beats_coin_flip_on_skewed_labels():
     y_train = (rng.random((2000, 6)) < 0.1).astype(float)
     y_valid = (rng.random((500, 6)) < 0.1).astype(float)
     assert prior_log_loss(y_train, y_valid) < weighted_log_loss(y_valid, np.full_like(y_valid, 0.5))
+
+
+def test_logit_and_sigmoid_are_one_pair_with_named_clips():
+    from utils.metrics import EPS, SUBMISSION_EPS, logit, sigmoid
+    x = np.array([-700.0, -30.0, -0.3, 0.0, 2.0, 30.0, 700.0])
+    p = sigmoid(x)  # no overflow at either end, tiny probabilities kept in full
+    assert p.dtype == np.float64 and np.all(np.diff(p) > 0) and p[3] == 0.5
+    assert p[1] == pytest.approx(np.exp(-30.0), rel=1e-12) and p[0] > 0
+    assert np.allclose(logit(p[1:-2], EPS), x[1:-2], atol=1e-9)  # near 1 a float64 keeps ~13 digits
+    edge = logit([0.0, 1.0])  # the default clip is a submission's
+    assert np.allclose(edge, [np.log(SUBMISSION_EPS / (1 - SUBMISSION_EPS)), np.log((1 - SUBMISSION_EPS) / SUBMISSION_EPS)])
+    assert np.allclose(logit([0.0, 1.0], EPS), [np.log(EPS), -np.log(EPS)], rtol=1e-4)  # 1 - 1e-15 rounds
