@@ -38,7 +38,8 @@ from utils import data as data_utils
 from utils import rundir
 from utils.calibration import calibration_summary, decide_calibration
 from utils.demo import DEMO_PRESET, make_demo_dataset
-from utils.dicom import parse_windows, scan_headers
+from utils.dicom import parse_windows
+from utils.headers import scan_headers
 from utils.engine import (CheckpointMismatch, Checkpoints, Dist, ResumableSampler, barrier, gather_lists,
                           init_distributed, load_checkpoint, model_state, roc_auc, share, warmup_cosine,
                           weighted_bce)

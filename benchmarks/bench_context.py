@@ -28,7 +28,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from utils.demo import DEMO_PRESET, make_demo_dataset  # noqa: E402
-from utils.dicom import scan_headers  # noqa: E402
+from utils.headers import scan_headers  # noqa: E402
 from utils.labels import LABELS  # noqa: E402
 from utils.metrics import logit  # noqa: E402
 from utils.refiner import fit_refiner  # noqa: E402

@@ -26,7 +26,8 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.demo import write_plain_slices  # noqa: E402
-from utils.dicom import DEFAULT_WINDOWS, read_header, read_windowed, scan_headers  # noqa: E402
+from utils.dicom import DEFAULT_WINDOWS, read_header, read_windowed  # noqa: E402
+from utils.headers import scan_headers  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna_sample"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from utils.demo import make_demo_dataset  # noqa: E402
-from utils.dicom import scan_headers  # noqa: E402
+from utils.headers import scan_headers  # noqa: E402
 from utils.scans import scan_folder  # noqa: E402
 
 MODEL = ["--arch", "resnet18", "--image-size", "64", "--weights", "none", "--workers", "0"]

@@ -9,9 +9,9 @@ import pytest
 from utils.calibration import (RELIABILITY_COLUMNS, T_MAX, T_MIN, CalibrationWarning, apply_temperatures,
                                calibration_summary, decide_calibration, expected_calibration_error,
                                fit_temperatures, max_calibration_error, reliability)
+from utils.figures import write_reliability_figure
 from utils.labels import LABELS
 from utils.metrics import per_class_log_loss, weighted_log_loss
-from utils.report import write_reliability_figure
 
 
 def sigmoid(x):

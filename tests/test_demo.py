@@ -6,7 +6,8 @@ import pytest
 from scipy import ndimage
 
 from utils.demo import BLOOD_HU, TEST_MASKS, make_demo_dataset
-from utils.dicom import DicomError, read_hu, scan_headers
+from utils.dicom import DicomError, read_hu
+from utils.headers import scan_headers
 from utils.labels import LABELS, read_labels
 
 

@@ -11,9 +11,10 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import RLELossless
 
 from factories import ESCAPED_BEFORE, jpeg_decoder_installed, make_ct, make_undecodable
-from utils import dicom as dicom_module
 from utils.dicom import (BONE, BRAIN, DEFAULT_WINDOWS, HEADER, SOFT_TISSUE, SUBDURAL, DicomError,
-                         parse_windows, read_header, read_hu, read_windowed, scan_headers, window)
+                         parse_windows, read_header, read_hu, read_windowed, window)
+from utils import headers as headers_module
+from utils.headers import scan_headers
 
 
 def pydicom_hu(path) -> np.ndarray:
@@ -299,6 +300,18 @@ def test_wrong_size_header_is_an_error(tmp_path):
 
 # --- header scan --------------------------------------------------------------------------
 
+def test_a_cache_of_other_columns_is_read_again(tmp_path):
+    # a cache written before the header kept the slice geometry lacks its columns
+    axial = make_ct(tmp_path / "axial.dcm", np.full((64, 64), 1064), ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
+    cache = tmp_path / "cache.parquet"
+    headers, _ = scan_headers([axial], cache=cache)
+    pd.read_parquet(cache).drop(columns=["normal_z"]).to_parquet(cache)
+    again, _ = scan_headers([axial], cache=cache)
+    pd.testing.assert_frame_equal(headers, again)
+    assert again.loc[0, ["x", "y", "z", "normal_x", "normal_y", "normal_z"]].tolist() == [-125, -125, 42.5, 0, 0, 1]
+    assert list(pd.read_parquet(cache).columns)[-1] == "normal_z"
+
+
 def test_scan_headers_lists_bad_files_and_uses_cache(tmp_path, good_file, monkeypatch):
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"")
@@ -312,7 +325,7 @@ def test_scan_headers_lists_bad_files_and_uses_cache(tmp_path, good_file, monkey
     assert set(cached["path"]) == {str(good_file), str(bad)}
     # a second scan of unchanged files reads none of them
     read = []
-    monkeypatch.setattr(dicom_module, "_scan_chunk", lambda paths: read.extend(paths) or [])
+    monkeypatch.setattr(headers_module, "_scan_chunk", lambda paths: read.extend(paths) or [])
     headers2, bad2 = scan_headers([good_file, bad], cache=cache)
     assert read == []
     pd.testing.assert_frame_equal(headers, headers2, check_dtype=False)

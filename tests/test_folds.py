@@ -100,7 +100,7 @@ def test_the_submission_is_the_folds_average_refined_and_calibrated_where_that_w
     from utils.metrics import logit
     from utils.refiner import load_refiner, refine
     from utils.slices import order_slices
-    from utils.dicom import scan_headers
+    from utils.headers import scan_headers
     out, _ = fold_run
     folds = [_table(out / f"fold_{i}" / "test_predictions.csv") for i in range(3)]
     mean = pd.DataFrame(sum(f.to_numpy() for f in folds) / 3, index=folds[0].index, columns=list(LABELS))

@@ -17,7 +17,8 @@ from pydicom.data import get_testdata_file
 
 from conftest import SAMPLE_DIR
 from factories import make_ct
-from utils.dicom import DicomError, Header, read_header, read_hu, read_windowed, scan_headers
+from utils.dicom import DicomError, Header, read_header, read_hu, read_windowed
+from utils.headers import scan_headers
 
 # pydicom warns about much of what a damaged file holds; what matters here is what is raised
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -378,7 +378,7 @@ def test_a_refiner_that_wins_refines_the_submission(tmp_path, monkeypatch):
     from utils.metrics import logit
     from utils.refiner import fit_refiner, refine
     from utils.slices import order_slices
-    from utils.dicom import scan_headers
+    from utils.headers import scan_headers
 
     fitted = []
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from utils.dicom import scan_headers
+from utils.headers import scan_headers
 from utils.labels import LABELS, read_labels
 from utils.metrics import logit, weighted_log_loss
 from utils.refiner import (RefinerWarning, SeriesRefiner, apply_refiner, fit_refiner, pack_series, refine,

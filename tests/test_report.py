@@ -1,4 +1,4 @@
-"""utils.report: every figure is a real picture, the survey counts right, the page stands alone."""
+"""utils.report and utils.figures: every figure is a real picture, the survey counts right, the page stands alone."""
 import base64
 import json
 import re
@@ -11,11 +11,12 @@ import pytest
 
 from factories import screenshot
 from utils.demo import make_demo_dataset
-from utils.dicom import BRAIN, EXPLICIT_LE, HEADER, IMPLICIT_LE, scan_headers
+from utils.dicom import BRAIN, EXPLICIT_LE, HEADER, IMPLICIT_LE
+from utils.headers import scan_headers
 from utils.labels import LABELS, SUBTYPES, read_labels
-from utils.report import (EXAMPLE_ROWS, NORMAL, example_candidates, header_survey, pick_examples,
-                          window_title, write_examples, write_header_survey, write_label_figure,
-                          write_html, write_report, write_training_figure)
+from utils.figures import (EXAMPLE_ROWS, NORMAL, example_candidates, header_survey, pick_examples, window_title,
+                           write_examples, write_header_survey, write_label_figure, write_training_figure)
+from utils.report import write_html, write_report
 
 WINDOWS = "brain,subdural,soft_tissue"
 

@@ -11,7 +11,8 @@ from pydicom.data import get_testdata_file
 
 from factories import build_export, make_ct, make_multiframe_ct, make_series, rewrite_dicom
 from test_fuzz import _length_fields, _mutate
-from utils.dicom import DicomError, read_header, read_hu, scan_headers
+from utils.dicom import DicomError, read_header, read_hu
+from utils.headers import scan_headers
 from utils.scans import NO_GEOMETRY, OTHER_ORIENTATION, SKIPPED_COLUMNS, SLICE_COLUMNS, scan_folder
 from utils.slices import order_slices
 

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.dicom import scan_headers
+from utils.headers import scan_headers
 from utils.slices import (ALONE_PREFIX, ORDER_COLUMNS, PATIENT_PREFIX, STUDY_PREFIX, neighbour_ids, neighbour_paths,
                           order_slices)
 

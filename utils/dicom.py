@@ -1,4 +1,4 @@
-"""Read one CT slice to Hounsfield units, window it into uint8 channels, scan headers.
+"""Read one CT slice to Hounsfield units, window it into uint8 channels, read its header.
 
 The hot path (``read_windowed``) never builds a float image: the stored values of a slice
 index a look-up table that maps every possible stored value straight to its windowed
@@ -6,7 +6,8 @@ bytes, all channels packed in one machine word, so one gather does all the work.
 Uncompressed files are parsed by a small reader of our own (pydicom's generic
 machinery costs more than the rest of the path together); anything it does not
 recognise goes to pydicom, which stays the reference. ``read_slice_info`` reads, on the
-same path, what places a file among a folder's scans (utils.scans).
+same path, what places a file among a folder's scans (utils.scans); utils.headers scans
+many files' headers.
 """
 from __future__ import annotations
 
@@ -18,16 +19,13 @@ import re
 import struct
 import threading
 import warnings
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import pydicom
 
-from utils.atomic import atomic_write
 # Windows as (center, width) in Hounsfield units.
 BRAIN = (40.0, 80.0)
 SUBDURAL = (80.0, 200.0)
@@ -785,83 +783,3 @@ def _first_channels(img: np.ndarray, n: int) -> np.ndarray:
         return cv2.extractChannel(img, 0)[:, :, None] if img.shape[2] <= 4 \
             else np.ascontiguousarray(img[:, :, :1])
     return np.ascontiguousarray(img[:, :, :n])
-
-
-# ---------------------------------------------------------------------------------------
-# Header scan of a whole folder, parallel and cached.
-
-HEADER_COLUMNS = [f.name for f in fields(Header)]
-_COLUMN_TYPES = {"str": "str", "int": "int64", "float": "float64", "bool": "bool"}
-
-
-def map_chunks(fn, items: list, workers: int = 0, parallel_min: int = 2000) -> list:
-    """``fn`` (a module-level function of a list, returning a list) over ``items`` in
-    chunks, in ``workers`` processes when there are at least ``parallel_min`` items (below
-    that, starting processes costs more than it saves); the results joined, in order."""
-    if not items:
-        return []
-    if workers <= 1 or len(items) < parallel_min:
-        return fn(items)
-    chunk = max(64, len(items) // (workers * 16))
-    results = []
-    with ProcessPoolExecutor(workers) as pool:
-        for part in pool.map(fn, [items[i:i + chunk] for i in range(0, len(items), chunk)]):
-            results.extend(part)
-    return results
-
-
-def _scan_chunk(paths: list[str]) -> list[tuple[str, dict | None, str]]:
-    out = []
-    for p in paths:
-        try:
-            out.append((p, asdict(read_header(p)), ""))
-        except DicomError as err:
-            out.append((p, None, err.reason))
-    return out
-
-
-def scan_headers(paths, workers: int = 0, cache: str | Path | None = None,
-                 parallel_min: int = 2000, update_cache: bool = True):
-    """Headers of many files -> (headers DataFrame, bad files DataFrame[path, reason]).
-
-    Files are read in ``workers`` processes when there are at least ``parallel_min`` of
-    them (below that, starting processes costs more than it saves). With ``cache`` (a parquet
-    file) rows of files whose size and modification time are unchanged are reused, and the
-    cache is rewritten unless ``update_cache`` is False (torchrun's other ranks).
-    """
-    paths = [str(p) for p in paths]
-    stats = {}
-    for p in paths:
-        try:
-            st = os.stat(p)
-            stats[p] = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            stats[p] = (-1, -1)
-    cached = {}
-    if cache is not None and Path(cache).is_file():
-        old = pd.read_parquet(cache)
-        if list(old.columns) != ["path", "file_size", "mtime_ns", "error", *HEADER_COLUMNS]:
-            old = old.iloc[:0]  # written by another version of this reader: read every file again
-        for row in old.to_dict("records"):
-            if stats.get(row["path"]) == (row["file_size"], row["mtime_ns"]):
-                cached[row["path"]] = row
-    todo = [p for p in paths if p not in cached]
-    results = map_chunks(_scan_chunk, todo, workers, parallel_min)
-    rows = []
-    for p, header, reason in results:
-        row = {"path": p, "file_size": stats[p][0], "mtime_ns": stats[p][1], "error": reason}
-        row.update(header or {c: None for c in HEADER_COLUMNS})
-        if header is None:
-            row["image_id"] = Path(p).stem
-        rows.append(row)
-    rows.extend(cached[p] for p in paths if p in cached)
-    table = pd.DataFrame(rows, columns=["path", "file_size", "mtime_ns", "error", *HEADER_COLUMNS])
-    order = {p: i for i, p in enumerate(paths)}
-    table = table.sort_values("path", key=lambda s: s.map(order)).reset_index(drop=True)
-    if cache is not None and update_cache:  # two runs may write it at once: atomic_write
-        atomic_write(cache, lambda tmp: table.to_parquet(tmp, index=False))
-    bad = table.loc[table["error"] != "", ["path", "error"]].rename(columns={"error": "reason"})
-    good = table.loc[table["error"] == "", ["path", *HEADER_COLUMNS]].reset_index(drop=True)
-    # Unreadable rows held None in every column; the readable ones get their real types back.
-    good = good.astype({f.name: _COLUMN_TYPES[f.type] for f in fields(Header)})
-    return good, bad.reset_index(drop=True)

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils.dicom import DicomError, NotPart10, SliceInfo, map_chunks, read_slice_info
+from utils.dicom import DicomError, NotPart10, SliceInfo, read_slice_info
+from utils.headers import map_chunks
 from utils.slices import order_slices, position_along_normal
 from utils.split import STUDY_PREFIX, fill_missing_keys
 

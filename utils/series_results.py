@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from utils.atomic import atomic_write
 from utils.labels import ANY as ANY_INDEX
 from utils.labels import LABELS
-from utils.report import CLASS_COLORS, html_page, png_bytes, png_src
+from utils.figures import CLASS_COLORS, png_bytes
+from utils.report import html_page, png_src
 
 SERIES_KEYS = ("study_uid", "series_uid")
 ANY = LABELS[ANY_INDEX]
