@@ -83,7 +83,7 @@ class Config:
     weight_decay: float = 1e-4
     val_frac: float = 0.1
     folds: int = 0                   # K >= 2: K patient-grouped folds, validate on --fold
-    fold: int = 0                    # FOLD_ALL (--fold all): every fold in turn, then their average
+    fold: int | str = 0              # FOLD_ALL ("all"): every fold in turn, then their average
     seed: int = 42
     tta: bool = True
     resume: bool = False
@@ -99,18 +99,15 @@ class Config:
     compile: bool = False            # torch.compile the model
     precision: str = "auto"          # auto: bf16 on GPUs >= sm_80, fp16 below (a grad scaler), fp32 on the CPU
     processes: int | None = None     # None: one per GPU when there are several (started under torchrun)
-    predict_only: bool = False       # only predict the test set from --checkpoint
-    checkpoint: str | None = None
-    predict: str | None = None       # a folder of your own CT scans to predict with --checkpoint
-    threshold: float = 0.5           # --predict: `any` above this makes a slice count, a series positive
     demo_patients: int = 36          # training patients of the synthetic dataset
     header_cache: str | None = None  # folder for the header scan cache; default beside out-dir
 
 
-FOLD_ALL = -1
+FOLD_ALL = "all"  # --fold all, as config.json says it
+PREDICT_THRESHOLD = 0.5  # --predict: `any` above it makes a slice count, and its series positive
 
 
-def _fold(text: str) -> int:
+def _fold(text: str) -> int | str:
     if text.lower() == "all":
         return FOLD_ALL
     try:
@@ -151,11 +148,13 @@ OPTIONS = {
     "accum": (int, "batches per optimiser step (gradient accumulation)"),
     "ckpt_minutes": (float, "minutes between mid-epoch checkpoints (0: at every check)"),
     "log_every": (int, "optimiser steps between checks: loss shown, NaN, Ctrl-C, checkpoint due"),
-    "checkpoint": (str, "with --predict-only or --predict: a best.pt, a run folder or an ensemble folder"),
+    "checkpoint": (str, "with --predict-only or --predict: a best.pt, a run folder or an ensemble folder "
+                        "(default: none)"),
     "context": (int, "1: the slices below and above as channels"),
     "precision": (str, "auto, fp32, bf16 or fp16 (auto: bf16 from sm_80, fp16 below, fp32 on the CPU)"),
-    "predict": (str, "predict every CT slice in this folder of your own scans with --checkpoint"),
-    "threshold": (float, "with --predict: the `any` probability that makes a slice, and its series, positive"),
+    "predict": (str, "predict every CT slice in this folder of your own scans with --checkpoint (default: none)"),
+    "threshold": (float, f"with --predict: the `any` probability that makes a slice, and its series, positive "
+                         f"(default: {PREDICT_THRESHOLD})"),
     "processes": (int, "processes to train with (default: one per GPU; started under torchrun)")}
 
 
@@ -206,12 +205,9 @@ def _problems(cfg: Config) -> list[str]:
               (cfg.context_windows and not cfg.context, "--context-windows needs --context 1"),
               (cfg.accum < 1, "--accum must be >= 1"),
               (cfg.ckpt_minutes < 0, "--ckpt-minutes must be >= 0"),
-              (cfg.predict_only and not cfg.checkpoint, "--predict-only needs --checkpoint PATH"),
-              (cfg.predict is not None and not cfg.checkpoint, "--predict needs --checkpoint PATH"),
-              (not 0 < cfg.threshold < 1, "--threshold must be between 0 and 1"),
               (not 0 < cfg.val_frac < 1, "--val-frac must be between 0 and 1"),
               (cfg.folds == 1 or cfg.folds < 0, "--folds must be 0 (a single --val-frac split) or at least 2"),
-              (cfg.folds >= 2 and not (0 <= cfg.fold < cfg.folds or cfg.fold == FOLD_ALL),
+              (cfg.folds >= 2 and not (cfg.fold == FOLD_ALL or 0 <= cfg.fold < cfg.folds),
                f"--fold must be between 0 and {cfg.folds - 1}, or all"),
               (cfg.fold == FOLD_ALL and cfg.folds < 2, "--fold all needs --folds K (K >= 2)")]
     problems += [text for failed, text in checks if failed]
@@ -222,7 +218,8 @@ def _problems(cfg: Config) -> list[str]:
     return problems
 
 
-# The ways in besides training, and the options that belong to some of them alone.
+# The ways in besides training, and the options that belong to some of them alone: not
+# settings of a run (Config), but what parse_args returns beside them.
 MODES = ("predict_only", "predict", "ensemble", "check_submission", "report", "export_kaggle")
 MODE_OPTIONS = {"checkpoint": ("predict_only", "predict"), "threshold": ("predict",),
                 "ensemble_weights": ("ensemble",), "kaggle_id": ("export_kaggle",),
@@ -237,21 +234,23 @@ def _mode_problems(given: dict) -> list[str]:
     """Modes exclude each other; an option of one mode given without it names that mode."""
     chosen = [m for m in MODES if m in given]
     problems = [f"{' and '.join(map(_flag, chosen))} are different modes: give one"] if len(chosen) > 1 else []
+    problems += [f"{_flag(m)} needs --checkpoint PATH" for m in ("predict_only", "predict")
+                 if m in given and "checkpoint" not in given]
+    if not 0 < given.get("threshold", PREDICT_THRESHOLD) < 1:
+        problems.append("--threshold must be between 0 and 1")
     return problems + [f"{_flag(option)} belongs to {' or '.join(map(_flag, owners))}"
                        for option, owners in MODE_OPTIONS.items()
                        if option in given and not set(owners) & set(chosen)]
 
 
 def parse_args(argv=None) -> tuple[Config, dict]:
-    """The resolved settings, and the options that run something else than training
-    (--check-submission, --report, --export-kaggle and its --kaggle-* options)."""
+    """The resolved settings, and the modes (MODES, each None unless given) with their options."""
     p = _parser()
     args = p.parse_args(argv)  # an unknown option exits with usage and code 2
     given = {k: v for k, v in vars(args).items() if v is not None}
     mode_problems = _mode_problems(given)
-    modes = {k: given.pop(k, None) for k in ("check_submission", "export_kaggle", "kaggle_id",
-                                             "kaggle_weights_dataset", "with_wheels", "report",
-                                             "ensemble", "ensemble_weights")}
+    modes = {k: given.pop(k, None) for k in (*MODES, *MODE_OPTIONS)}
+    modes["threshold"] = modes["threshold"] or PREDICT_THRESHOLD
     cfg = Config()
     if given.get("data_dir") is None and find_kaggle_data() is None:
         cfg = dataclasses.replace(cfg, demo=True, **DEMO_PRESET)
@@ -324,7 +323,7 @@ def load_labels(data_dir: Path, out_dir: Path, d: Dist) -> pd.DataFrame:
     labels = read_labels(data_dir / "stage_2_train.csv")
     report = label_report(labels)
     if d.main:
-        write_csv(out_dir / "label_report.csv", report, index=False)
+        write_csv(out_dir / rundir.LABEL_REPORT, report, index=False)
     log(format_label_report(report))
     return labels
 
@@ -358,7 +357,7 @@ def scan_data(data_dir: Path, ids_by_split: dict[str, list[str]], cfg: Config, o
         frames[split] = headers.set_index("image_id")
     bad_files = pd.DataFrame(bad_rows, columns=["path", "reason"])
     if d.main:
-        write_csv(out_dir / "bad_files.csv", bad_files, index=False)
+        write_csv(out_dir / rundir.BAD_FILES, bad_files, index=False)
     for row in bad_files.itertuples():
         log(f"  unreadable: {row.path}: {row.reason}")
     barrier(d)
@@ -407,7 +406,7 @@ def make_split(labels: pd.DataFrame, headers: pd.DataFrame, cfg: Config, out_dir
     if cfg.fold != FOLD_ALL:
         split["is_val"] = folds == validation_fold(cfg)
     if d.main:
-        write_csv(out_dir / "split.csv", split, index=False)
+        write_csv(out_dir / rundir.SPLIT, split, index=False)
     log(format_fold_table(table))
     return usable, folds
 
@@ -570,12 +569,12 @@ def start_training(cfg: Config, train_df: pd.DataFrame, headers: pd.DataFrame, o
     scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
     run = Training(model, net, optimizer, scheduler, scaler, data, sampler,
                    prior_probabilities(train_df.to_numpy()),
-                   Checkpoints(out_dir / "checkpoints", dataclasses.asdict(cfg)), Tally.zeros(rt.device))
+                   Checkpoints(out_dir / rundir.CHECKPOINTS, dataclasses.asdict(cfg)), Tally.zeros(rt.device))
     state = run.ckpt.resumable() if cfg.resume else None
     if state is not None:
         run.restore(state)
-        if (out_dir / "history.csv").is_file():
-            run.history = [r for r in pd.read_csv(out_dir / "history.csv").to_dict("records")
+        if (out_dir / rundir.HISTORY).is_file():
+            run.history = [r for r in pd.read_csv(out_dir / rundir.HISTORY).to_dict("records")
                            if r["epoch"] <= run.pos["epoch"]]
         log(f"Resuming at epoch {run.pos['epoch'] + 1}, batch {run.pos['batch']} of "
             f"{sampler.batches_per_epoch()}, from {run.ckpt.last}")
@@ -718,7 +717,7 @@ def end_epoch(run: Training, rt: Runtime, val_probs: np.ndarray, row: dict, out_
                 run.ckpt.save(run.ckpt.best, {"model": model_state(run.model), "epoch": row["epoch"],
                                               "val_loss": row["val_loss"], "prior": torch.from_numpy(run.prior)})
     if rt.dist.main:
-        write_csv(out_dir / "history.csv", pd.DataFrame(run.history), index=False)
+        write_csv(out_dir / rundir.HISTORY, pd.DataFrame(run.history), index=False)
     run.pos.update(epoch=row["epoch"], batch=0, running=0.0, seen=0, unreadable=[], skipped_steps=0)
     save_last(run, rt)
 
@@ -780,7 +779,7 @@ def fit_calibration(truth: pd.DataFrame, probs: np.ndarray, headers: pd.DataFram
     log(f"Calibration: weighted log loss {decision['loss_before']:.4f} -> {decision['loss_after_oof']:.4f} "
         f"with a temperature per class (out of fold, {decision['n_folds']} patient folds); {verdict}")
     if d.main:
-        write_json(out_dir / "calibration.json", decision)
+        write_json(out_dir / rundir.CALIBRATION, decision)
     return decision
 
 
@@ -985,12 +984,12 @@ def finish(cfg: Config, rt: Runtime, out_dir: Path, data: dict, table: pd.DataFr
 
 # %% Run: main() dispatches; the other ways in live in utils, imported when chosen.
 
-def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path) -> dict:
+def predict_only(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, checkpoint: str) -> dict:
     """--predict-only --checkpoint PATH: a submission from what a run saved (predict_saved)."""
     test_ids = list(read_sample_submission(data_dir / "stage_2_sample_submission.csv").image_ids)
     test_headers = scan_data(data_dir, {"test": test_ids}, cfg, out_dir, rt.dist)["test"]
     data = {"test_ids": test_ids, "test_headers": add_slice_order(test_headers, "test")}
-    return submit(predict_saved(Path(cfg.checkpoint), cfg, rt, data, out_dir), data_dir, out_dir, rt)
+    return submit(predict_saved(Path(checkpoint), cfg, rt, data, out_dir), data_dir, out_dir, rt)
 
 
 def repository_tool(module: str, option: str):
@@ -1040,27 +1039,30 @@ def main(argv=None) -> int:
         rt = setup_runtime(d, cfg.precision, cfg.compile)
     except RuntimeChoiceError as err:
         raise UserError(str(err)) from None
-    if cfg.predict is not None:
-        return repository_tool("own_scans", "--predict DIR").predict_folder(cfg, rt, started)
-    return run_in_out_dir(cfg, rt, started)
+    if modes["predict"] is not None:
+        return repository_tool("own_scans", "--predict DIR").predict_folder(
+            cfg, rt, started, modes["predict"], modes["checkpoint"], modes["threshold"])
+    return run_in_out_dir(cfg, rt, started, modes["checkpoint"] if modes["predict_only"] else None)
 
 
-def run_in_out_dir(cfg: Config, rt: Runtime, started: float) -> int:
-    """A training run, or --predict-only, in its out-dir, which rank 0 holds until the end."""
+def run_in_out_dir(cfg: Config, rt: Runtime, started: float, predict_from: str | None) -> int:
+    """A training run, or --predict-only from the checkpoint ``predict_from``, in its
+    out-dir, which rank 0 holds until the end."""
     d = rt.dist
     with contextlib.ExitStack() as held:
         out_dir = share(d, prepare_out_dir(cfg, held) if d.main else None)
         data_dir = share(d, resolve_data_dir(cfg, out_dir) if d.main else None)
         cfg = dataclasses.replace(cfg, data_dir=str(data_dir), out_dir=str(out_dir))
-        if cfg.resume and not cfg.predict_only:  # refused before anything of the run is rewritten
-            Checkpoints(out_dir / "checkpoints", dataclasses.asdict(cfg)).resumable()
+        if cfg.resume and not predict_from:  # refused before anything of the run is rewritten
+            Checkpoints(out_dir / rundir.CHECKPOINTS, dataclasses.asdict(cfg)).resumable()
         if d.main:
-            write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "environment": environment()})
+            mode = {"predict_only": True, "checkpoint": predict_from} if predict_from else {}
+            write_json(out_dir / rundir.CONFIG, {**dataclasses.asdict(cfg), **mode, "environment": environment()})
         log(f"Run: {out_dir} (data: {data_dir}{', synthetic demo' if cfg.demo else ''}"
             f"{f', {d.world} processes' if d.enabled else ''})")
-        if cfg.predict_only:
-            predict_only(cfg, rt, out_dir, data_dir)
-            log(f"Done in {time.perf_counter() - started:.0f}s: {out_dir / 'submission.csv'}")
+        if predict_from:
+            predict_only(cfg, rt, out_dir, data_dir, predict_from)
+            log(f"Done in {time.perf_counter() - started:.0f}s: {out_dir / rundir.SUBMISSION}")
         elif cfg.fold == FOLD_ALL:
             run_folds(cfg, rt, out_dir, data_dir, started)
         else:

@@ -23,6 +23,7 @@ from torch.utils.data import Sampler
 from utils.atomic import atomic_write
 from utils.metrics import CLASS_WEIGHTS
 from utils.model import clean_state_dict
+from utils.rundir import BEST, LAST
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ class Checkpoints:
 
     def __init__(self, folder: Path, config: dict):
         self.folder, self.config = Path(folder), config
-        self.last, self.best = self.folder / "last.pt", self.folder / "best.pt"
+        self.last, self.best = self.folder / LAST, self.folder / BEST
 
     def save(self, path: Path, state: dict) -> None:
         save_checkpoint(path, {**state, "config": self.config})

@@ -50,51 +50,56 @@ def heatmaps(path: Path, cfg, rt: Runtime, rows: pd.DataFrame, probs: pd.DataFra
     return out
 
 
-def predict_folder(cfg, rt: Runtime, started: float) -> int:
-    """The whole of --predict DIR: scan, predict, tables, predict.html; 0 when done."""
+def predict_folder(cfg, rt: Runtime, started: float, folder: str, checkpoint: str, threshold: float) -> int:
+    """The whole of --predict DIR: the scans in ``folder`` predicted with ``checkpoint``
+    (series over ``threshold`` positive): tables, predict.html; 0 when done."""
     d = rt.dist
     with contextlib.ExitStack() as held:
         out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / datetime.now().strftime("predict-%Y%m%d-%H%M%S")
         out_dir = share(d, rundir.prepare_predict_dir(out, held, cfg.overwrite) if d.main else None)
         if d.main:
-            rundir.write_json(out_dir / rundir.CONFIG, {**dataclasses.asdict(cfg), "environment": environment()})
-        scan = scan_folder(cfg.predict, workers=cfg.workers)
-        LOG.info(f"Scanned {cfg.predict}: {scan.summary()}")
+            rundir.write_json(out_dir / rundir.CONFIG, {**dataclasses.asdict(cfg), "predict": folder, "checkpoint": checkpoint,
+                                                        "threshold": threshold, "environment": environment()})
+        scan = scan_folder(folder, workers=cfg.workers)
+        LOG.info(f"Scanned {folder}: {scan.summary()}")
         if scan.slices.empty:
             if d.main:
-                rundir.write_csv(out_dir / "skipped.csv", scan.skipped, index=False)
-            raise UserError(f"{cfg.predict}: no CT slice to predict ({scan.summary()}); see {out_dir / 'skipped.csv'}")
+                rundir.write_csv(out_dir / rundir.SKIPPED, scan.skipped, index=False)
+            raise UserError(f"{folder}: no CT slice to predict ({scan.summary()}); see {out_dir / rundir.SKIPPED}")
         rows = scan.model_rows().assign(series=scan.slices["series"], position=scan.slices["index"])
         rows.index = pd.Index(scan.slices["path"], name="image_id")
         if d.main:  # where predict_test records what fails to decode
             rundir.write_csv(out_dir / rundir.BAD_FILES, pd.DataFrame(columns=["path", "reason"]), index=False)
         barrier(d)
-        pred = predict_saved(Path(cfg.checkpoint), cfg, rt, {"test_ids": list(rows.index), "test_headers": rows},
+        pred = predict_saved(Path(checkpoint), cfg, rt, {"test_ids": list(rows.index), "test_headers": rows},
                              out_dir)
         slices = scan.slices.set_index("path", drop=False).drop(index=pred.failed)
         slices = slices.drop(columns=["prev_path", "next_path", "series"]).join(pred.probs)
-        series = series_table(slices, cfg.threshold)
+        series = series_table(slices, threshold)
         if d.main:
             undecodable = pd.DataFrame({"path": pred.failed, "reason": "pixel data could not be decoded"})
-            write_outputs(cfg, rt, out_dir, scan, rows, pred.probs, slices, series, undecodable)
+            write_outputs(cfg, rt, out_dir, scan, rows, pred.probs, slices, series, undecodable,
+                          {"folder": folder, "checkpoint": checkpoint, "threshold": threshold})
         LOG.info(f"Predicted {len(slices)} slices in {len(series)} series "
-                 f"({int((series['flag'] == 'positive').sum())} positive at {cfg.threshold:g}) in "
-                 f"{time.perf_counter() - started:.0f}s: {out_dir / 'series.csv'}, {out_dir / 'slices.csv'}, "
-                 f"{out_dir / rundir.REPORT / 'predict.html'}")
+                 f"({int((series['flag'] == 'positive').sum())} positive at {threshold:g}) in "
+                 f"{time.perf_counter() - started:.0f}s: {out_dir / rundir.SERIES}, {out_dir / rundir.SLICES}, "
+                 f"{out_dir / rundir.REPORT / rundir.PREDICT_HTML}")
         barrier(d)
         return 0
 
 
 def write_outputs(cfg, rt: Runtime, out_dir: Path, scan, rows: pd.DataFrame, probs: pd.DataFrame,
-                  slices: pd.DataFrame, series: pd.DataFrame, undecodable: pd.DataFrame) -> None:
-    """slices.csv, series.csv, skipped.csv (the scan's and the undecodable) and predict.html."""
-    rundir.write_csv(out_dir / "slices.csv", slices, index=False)
-    rundir.write_csv(out_dir / "series.csv", series, index=False)
-    rundir.write_csv(out_dir / "skipped.csv", pd.concat([scan.skipped, undecodable], ignore_index=True), index=False)
+                  slices: pd.DataFrame, series: pd.DataFrame, undecodable: pd.DataFrame, asked: dict) -> None:
+    """slices.csv, series.csv, skipped.csv (the scan's and the undecodable) and predict.html;
+    ``asked``: the folder, checkpoint and threshold of the command."""
+    folder, checkpoint, threshold = asked["folder"], asked["checkpoint"], asked["threshold"]
+    rundir.write_csv(out_dir / rundir.SLICES, slices, index=False)
+    rundir.write_csv(out_dir / rundir.SERIES, series, index=False)
+    rundir.write_csv(out_dir / rundir.SKIPPED, pd.concat([scan.skipped, undecodable], ignore_index=True), index=False)
     (out_dir / rundir.BAD_FILES).unlink()  # its rows are in skipped.csv
     top = top_slices(slices, series, HEATMAPS_PER_SERIES)
-    maps = heatmaps(Path(cfg.checkpoint), cfg, rt, rows.loc[top["path"]], probs) if len(top) else {}
-    notes = [f"{cfg.predict}: {scan.summary()}", f"Model: {cfg.checkpoint}; heatmaps (Grad-CAM) from "
-             f"{rundir.first_checkpoint(Path(cfg.checkpoint))}, of the most probable subtype"]
-    write_predict_html(out_dir / rundir.REPORT / "predict.html", slices, series, maps,
-                       threshold=cfg.threshold, notes=notes)
+    maps = heatmaps(Path(checkpoint), cfg, rt, rows.loc[top["path"]], probs) if len(top) else {}
+    notes = [f"{folder}: {scan.summary()}", f"Model: {checkpoint}; heatmaps (Grad-CAM) from "
+             f"{rundir.first_checkpoint(Path(checkpoint))}, of the most probable subtype"]
+    write_predict_html(out_dir / rundir.REPORT / rundir.PREDICT_HTML, slices, series, maps,
+                       threshold=threshold, notes=notes)

@@ -53,7 +53,9 @@ TEST_PREDICTIONS, SUBMISSION = "test_predictions.csv", "submission.csv"
 REFINER, CALIBRATION, ENSEMBLE = "refiner.pt", "calibration.json", "ensemble.json"
 CHECKPOINTS, LAST, BEST = "checkpoints", "last.pt", "best.pt"
 REPORT, LOCK_NAME = "report", ".lock"
-PREDICT_OUTPUTS = ("slices.csv", "series.csv", "skipped.csv")  # --predict DIR's folder
+SLICES, SERIES, SKIPPED = "slices.csv", "series.csv", "skipped.csv"  # --predict DIR's folder
+PREDICT_OUTPUTS = (SLICES, SERIES, SKIPPED)
+PREDICT_HTML = "predict.html"  # in REPORT
 
 PRED_COLUMNS = [f"pred_{k}" for k in LABELS]
 REFINED_COLUMNS = [f"refined_{k}" for k in LABELS]  # oof_predictions.csv, where the refiner was used
