@@ -61,8 +61,11 @@ def test_ctrl_c_stops_every_rank_of_a_processes_run_with_a_checkpoint(tmp_path):
     args = ["--out-dir", out, *TINY, "--epochs", "2", "--batch-size", "4", "--log-every", "1",
             "--ckpt-minutes", "0", "--processes", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # started with SIGINT ignored, as a shell starts a background job (CI's suites are): kernel.py
+    # takes it back; an ignored signal would otherwise stay ignored in torchrun and the ranks
     proc = subprocess.Popen([sys.executable, str(ROOT / "kernel.py"), *map(str, args)], cwd=tmp_path, env=env,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 240
     while not (out / "checkpoints" / "last.pt").exists():  # the loop is running: its first check is saved
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]

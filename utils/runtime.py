@@ -191,26 +191,33 @@ def run_torchrun(script: Path, argv: list[str], processes: int) -> int:
     (a notebook's interrupt) is passed on once: torchrun runs in a session of its own, so a
     terminal's Ctrl-C reaches this process alone, and torchrun passes it to the ranks, which
     save a checkpoint and stop."""
-    proc = subprocess.Popen(torchrun_command(script, argv, processes), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
-
-    def relay(stream, target):
-        for line in stream:
-            target.write(line)
-            target.flush()
-    threads = [threading.Thread(target=relay, args=(proc.stdout, sys.stdout), daemon=True),
-               threading.Thread(target=relay, args=(proc.stderr, sys.stderr), daemon=True)]
-    for t in threads:
-        t.start()
-    while True:
-        try:
-            code = proc.wait()
-            break
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
+    # A shell's background job starts with SIGINT ignored, and an ignored signal stays ignored
+    # across exec (a single run's own handler takes it back): Ctrl-C must reach torchrun too.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(torchrun_command(script, argv, processes), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+        threads = [threading.Thread(target=_relay, args=(proc.stdout, sys.stdout), daemon=True),
+                   threading.Thread(target=_relay, args=(proc.stderr, sys.stderr), daemon=True)]
+        for t in threads:
+            t.start()
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     for t in threads:
         t.join()
     return code
+
+
+def _relay(stream, target) -> None:
+    for line in stream:
+        target.write(line)
+        target.flush()
 
 
 class _StdoutHandler(logging.StreamHandler):
