@@ -743,12 +743,11 @@ def evaluate(truth: pd.DataFrame, probs: np.ndarray, prior: np.ndarray, validate
     schema (utils.rundir.METRIC_KEYS); refine_and_calibrate adds the steps after."""
     y = truth.to_numpy()
     prior_probs = np.broadcast_to(prior, y.shape)
-    loss = weighted_log_loss(y, probs)
+    loss, prior_loss = weighted_log_loss(y, probs), weighted_log_loss(y, prior_probs)
     where = {"validation": "Validation", "out_of_fold": "Out-of-fold"}[validated_on]
-    log(f"{where} weighted log loss {loss:.4f} over {len(y)} images vs constant prior "
-        f"{weighted_log_loss(y, prior_probs):.4f}")
+    log(f"{where} weighted log loss {loss:.4f} over {len(y)} images vs constant prior {prior_loss:.4f}")
     return {"validated_on": validated_on, "n_validation": len(y), "weighted_log_loss": loss,
-            "weighted_log_loss_per_slice": loss, "prior_weighted_log_loss": weighted_log_loss(y, prior_probs),
+            "weighted_log_loss_per_slice": loss, "prior_weighted_log_loss": prior_loss,
             "log_loss_per_class": per_class_log_loss(y, probs),
             "prior_log_loss_per_class": per_class_log_loss(y, prior_probs), "prior": dict(zip(LABELS, map(float, prior)))}
 
