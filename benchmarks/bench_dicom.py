@@ -1,6 +1,7 @@
 """Slice reading speed: the project's path against the naive one, in one process.
 
     python benchmarks/bench_dicom.py [--repeat 20] [--size 512] [--files DIR]
+                                     [--compressed-repeat 7] [--compressed-size 256]
 
 Naive: pydicom ``pixel_array`` -> float32 HU -> three clipped windows -> resize.
 Project: ``utils.dicom.read_windowed(path, size=...)`` (look-up table over the stored
@@ -8,10 +9,16 @@ values, own parser for uncompressed files, one resize). Both run on the same fil
 real RSNA sample when it is present (else 512x512 synthetic slices of each variant);
 the outputs are compared so the speed-up is not bought with a different answer. Also
 times the header scan (headers/second), serial and across processes.
+
+Compressed files: the same slices are written with gdcm as JPEG Lossless SV1, JPEG 2000
+Lossless, RLE Lossless and JPEG-LS Lossless, and ``read_windowed`` (pydicom and its
+decoder plugins) is timed on each against the uncompressed fast path at the training's
+size, after a check that every copy gives exactly its source's image.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -26,10 +33,18 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.demo import write_plain_slices  # noqa: E402
-from utils.dicom import DEFAULT_WINDOWS, read_header, read_windowed  # noqa: E402
+from utils.dicom import DEFAULT_WINDOWS, UNCOMPRESSED, read_header, read_windowed  # noqa: E402
 from utils.headers import scan_headers  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna_sample"
+TRAIN_SIZE = 256  # what training reads, so what the compressed paths are timed at
+# Lossless syntaxes of CT archives: our name -> (gdcm.TransferSyntax's name, the UID).
+COMPRESSED = {
+    "JPEG Lossless SV1": ("JPEGLosslessProcess14_1", pydicom.uid.JPEGLosslessSV1),
+    "JPEG 2000 Lossless": ("JPEG2000Lossless", pydicom.uid.JPEG2000Lossless),
+    "RLE Lossless": ("RLELossless", pydicom.uid.RLELossless),
+    "JPEG-LS Lossless": ("JPEGLSLossless", pydicom.uid.JPEGLSLossless),
+}
 
 
 def naive_read(path, size: int) -> np.ndarray:
@@ -61,34 +76,23 @@ def rates(fns, paths, repeat: int) -> list[float]:
     return [len(paths) / float(np.median(t)) for t in times]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--files", type=Path, default=None)
-    args = ap.parse_args()
-    tmp = tempfile.TemporaryDirectory()
-    if args.files:
-        paths, source = sorted(args.files.glob("*.dcm")), str(args.files)
-    elif (SAMPLE / "stage_2_train").is_dir():
+def source_files(files: Path | None, tmp: str) -> tuple[list[Path], str]:
+    if files:
+        return sorted(files.glob("*.dcm")), str(files)
+    if (SAMPLE / "stage_2_train").is_dir():
         paths = sorted((SAMPLE / "stage_2_train").glob("*.dcm")) + sorted((SAMPLE / "stage_2_test").glob("*.dcm"))
-        source = "real RSNA sample"
-    else:
-        paths, source = write_plain_slices(tmp.name, 30), "synthetic 512x512 slices"
-    if not paths:
-        sys.exit(f"no .dcm files in {source}")
+        return paths, "real RSNA sample"
+    return write_plain_slices(tmp, 30), f"synthetic 512x512 slices: no RSNA sample at {SAMPLE}"
+
+
+def bench_naive(paths: list[Path], source: str, args) -> None:
     # Same answer, except where the naive path is wrong: it knows nothing of the 12-bit wrap.
     wrapped = [p for p in paths if read_header(p).wrapped_12bit]
     worst = max([int(np.abs(read_windowed(p, size=args.size).astype(int)
                             - naive_read(p, args.size).astype(int)).max())
                  for p in paths if p not in wrapped] or [0])
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cv2.setNumThreads(1)  # one core for both paths: the loader scales by processes
     naive, ours = rates([lambda p: naive_read(p, args.size), lambda p: read_windowed(p, size=args.size)],
                         paths, args.repeat)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"numpy {np.__version__}, pydicom {pydicom.__version__}, OpenCV {cv2.__version__}")
     print(f"files: {len(paths)} ({source}), median of {args.repeat} interleaved passes, "
           f"size {args.size}, one core")
     print(f"naive   (pixel_array -> float HU -> 3 windows -> resize): {naive:8.1f} images/s "
@@ -98,6 +102,8 @@ def main() -> None:
     print(f"ratio: {ours / naive:.1f}x   (largest difference between the two: {worst} grey level"
           f"{f'; the naive path misreads the {len(wrapped)} wrapped 12-bit files' if wrapped else ''})")
 
+
+def bench_header_scan(paths: list[Path]) -> None:
     many = [str(p) for p in paths] * max(1, 4000 // len(paths))
     t0 = time.perf_counter()
     scan_headers(many)
@@ -108,6 +114,143 @@ def main() -> None:
     parallel = len(many) / (time.perf_counter() - t0)
     print(f"header scan of {len(many)} files: {serial:,.0f} headers/s serial, "
           f"{parallel:,.0f} headers/s with {workers} processes (page cache warm)")
+
+
+def write_compressed(gdcm, src: Path, dst: Path, syntax: str) -> None:
+    """A copy of ``src`` with its pixels in ``syntax`` (a gdcm.TransferSyntax name)."""
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(src))
+    if not reader.Read():
+        sys.exit(f"gdcm cannot read {src}")
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    if not change.Change():
+        sys.exit(f"gdcm cannot compress {src} as {syntax}")
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(dst))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    if not writer.Write():
+        sys.exit(f"gdcm cannot write {dst}")
+
+
+def check_copies(paths: list[Path], copies: dict[str, list[Path]]) -> int:
+    """Every copy is in its syntax and gives exactly its source's windowed image, so no
+    speed below comes from a wrong or skipped decode. Returns the number checked."""
+    checked = 0
+    for name, files in copies.items():
+        uid = COMPRESSED[name][1]
+        for src, dst in zip(paths, files):
+            if read_header(dst).transfer_syntax != uid:
+                sys.exit(f"{dst}: gdcm wrote {read_header(dst).transfer_syntax}, not {name} ({uid})")
+            if not np.array_equal(read_windowed(dst), read_windowed(src)):
+                sys.exit(f"{dst} ({name}) decodes to another image than {src}")
+            checked += 1
+    return checked
+
+
+def decoding_plugin(path: Path, uid: str) -> str:
+    """The pydicom plugin that decodes ``path``: pixel_array tries the available ones in
+    pydicom's order and keeps the first that succeeds; so does this."""
+    decoder = pydicom.pixels.get_decoder(uid)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds = pydicom.dcmread(path)
+    for name in decoder.available_plugins:
+        with contextlib.suppress(Exception):
+            decoder.as_array(ds, raw=True, decoding_plugin=name)
+            return name
+    return "none"
+
+
+@contextlib.contextmanager
+def one_core():
+    """Pin this process to one CPU: gdcm's OpenJPEG decodes with a thread per CPU, while
+    the loader scales by processes, one per core."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def bench_compressed(paths: list[Path], source: str, folder: Path, args) -> None:
+    try:
+        import gdcm
+    except ImportError:
+        print("compressed files: not measured, python-gdcm is not installed")
+        return
+    not_plain = [p for p in paths if read_header(p).transfer_syntax not in UNCOMPRESSED]
+    if not_plain:
+        sys.exit(f"{not_plain[0]}: the sources must be uncompressed, the baseline is the fast path")
+    copies = {}
+    for name, (syntax, _) in COMPRESSED.items():
+        (folder / syntax).mkdir()
+        copies[name] = [folder / syntax / p.name for p in paths]
+        for src, dst in zip(paths, copies[name]):
+            write_compressed(gdcm, src, dst, syntax)
+    checked = check_copies(paths, copies)
+
+    size = args.compressed_size
+    fns = [lambda p: read_windowed(p, size=size)]
+    for files in copies.values():
+        copy_of = dict(zip(paths, files))
+        fns.append(lambda p, copy_of=copy_of: read_windowed(copy_of[p], size=size))
+    with one_core():
+        measured = rates(fns, paths, args.compressed_repeat)
+
+    megabytes = [sum(p.stat().st_size for p in files) / 1e6 for files in [paths, *copies.values()]]
+    print(f"compressed files: the same {len(paths)} files ({source}) written by gdcm {gdcm.Version.GetVersion()}; "
+          f"{checked} copies decode to exactly their source's image")
+    print(f"read_windowed, {len(DEFAULT_WINDOWS)} windows, size {size}, pinned to one core, "
+          f"median of {args.compressed_repeat} interleaved passes:")
+    print(f"  {'syntax':<44} {'decoded by':<11} {'MB':>6} {'slices/s':>9} {'ms/slice':>9} {'vs uncompressed':>16}")
+    rows = [("uncompressed (fast path)", "own parser")]
+    for name, (_, uid) in COMPRESSED.items():
+        rows.append((f"{name} ({uid})", decoding_plugin(copies[name][0], uid)))
+    for (label, plugin), mb, rate in zip(rows, megabytes, measured):
+        print(f"  {label:<44} {plugin:<11} {mb:6.1f} {rate:9.1f} {1000 / rate:9.2f} "
+              f"{rate / measured[0]:15.3f}x")
+    for name, (_, uid) in COMPRESSED.items():
+        decoder = pydicom.pixels.get_decoder(uid)
+        print(f"  {name}: pydicom's plugins in order of trial {list(decoder.available_plugins)}; "
+              f"missing: {'; '.join(decoder.missing_dependencies) or 'none'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=20, help="passes over the files, naive against project")
+    ap.add_argument("--size", type=int, default=512, help="output side, naive against project")
+    ap.add_argument("--files", type=Path, default=None,
+                    help="a folder of uncompressed .dcm files (default: the RSNA sample, else synthetic)")
+    ap.add_argument("--compressed-repeat", type=int, default=7,
+                    help="passes over the compressed copies (each costs about 40x an uncompressed pass); "
+                         "0 skips them")
+    ap.add_argument("--compressed-size", type=int, default=TRAIN_SIZE,
+                    help="output side for the compressed copies and their uncompressed baseline")
+    args = ap.parse_args()
+    if args.repeat < 1 or args.compressed_repeat < 0 or args.size < 1 or args.compressed_size < 1:
+        ap.error("--repeat and the sizes must be >= 1, --compressed-repeat >= 0")
+    tmp = tempfile.TemporaryDirectory()
+    paths, source = source_files(args.files, tmp.name)
+    if not paths:
+        sys.exit(f"no .dcm files in {source}")
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cv2.setNumThreads(1)  # one core for both paths: the loader scales by processes
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"numpy {np.__version__}, pydicom {pydicom.__version__}, OpenCV {cv2.__version__}")
+    bench_naive(paths, source, args)
+    bench_header_scan(paths)
+    if args.compressed_repeat:
+        compressed = Path(tmp.name) / "compressed"
+        compressed.mkdir()
+        bench_compressed(paths, source, compressed, args)
     tmp.cleanup()
 
 

@@ -9,7 +9,7 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 
 def make_ct(path, stored: np.ndarray, *, bits_stored=16, signed=True, intercept="-1024",
@@ -41,23 +41,6 @@ def make_ct(path, stored: np.ndarray, *, bits_stored=16, signed=True, intercept=
              (32, False): "<u4"}[(bits_allocated, signed)]
     ds.PixelData = stored.astype(dtype).tobytes()
     ds.save_as(path, enforce_file_format=True)
-    return Path(path)
-
-
-def jpeg_decoder_installed() -> bool:
-    return pydicom.pixels.get_decoder(JPEGLosslessSV1).is_available
-
-
-def make_undecodable(path) -> Path:
-    """Rewrite a DICOM file as JPEG Lossless with a dummy frame: its header reads, but
-    its pixels need a decoder plugin that is not installed here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
-        ds = pydicom.dcmread(path)
-        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
-        ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
-        ds["PixelData"].VR = "OB"
-        ds.save_as(path, enforce_file_format=True)
     return Path(path)
 
 
@@ -104,12 +87,134 @@ def make_corrupt_rle(path) -> Path:
 
 
 def make_multiframe_ct(path, frames: np.ndarray, **tags) -> Path:
-    """A CT object of several frames in one file, as Enhanced CT exports are written."""
+    """A CT Image Storage object of several frames: no Enhanced CT file (no functional
+    groups), so no CT volume to read frame by frame."""
     make_ct(path, frames[0], NumberOfFrames=len(frames), **tags)
     ds = pydicom.dcmread(path)
     ds.PixelData = frames.astype("<i2").tobytes()
     ds.save_as(path, enforce_file_format=True)
     return Path(path)
+
+
+# Lossless syntaxes as hospitals' exports write them, each written with python-gdcm's
+# encoders (the decoder package of requirements.txt): name -> gdcm.TransferSyntax member.
+GDCM_SYNTAXES = {"RLE Lossless": "RLELossless", "JPEG-LS Lossless": "JPEGLSLossless",
+                 "JPEG 2000 Lossless": "JPEG2000Lossless", "JPEG Lossless SV1": "JPEGLosslessProcess14_1"}
+
+
+def compress_with_gdcm(source, target, syntax: str) -> Path:
+    """A copy of ``source`` at ``target`` with its pixels written in ``syntax`` (a key of
+    GDCM_SYNTAXES), every other element as it was."""
+    import gdcm
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read(), source
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, GDCM_SYNTAXES[syntax])))
+    change.SetInput(reader.GetImage())
+    assert change.Change(), (source, syntax)
+    writer = gdcm.ImageWriter()
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write(), target
+    return Path(target)
+
+
+_PIXEL_MODULE = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesDescription", "Rows",
+                 "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+                 "PixelRepresentation")
+
+
+def make_enhanced_ct(target, sources: list, syntax: str | None = None, per_frame_orientation: bool = False,
+                     **tags) -> Path:
+    """One Enhanced CT file whose frames are the slices ``sources``, in that order: each
+    frame's position and rescale in its per-frame functional group, the orientation in the
+    shared one (or per frame), the pixels as stored (or compressed in ``syntax``, frame by
+    frame, with compress_with_gdcm)."""
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import UID
+    slices = [read_dicom(s) for s in sources]
+    first = slices[0]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = f"1.2.826.0.1.{abs(hash(str(target))) % 10**12}"
+    for name in _PIXEL_MODULE:
+        if name in first:
+            setattr(ds, name, first[name].value)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.NumberOfFrames = len(slices)
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = first.ImageOrientationPatient
+    shared = Dataset()
+    if not per_frame_orientation:
+        shared.PlaneOrientationSequence = [orientation]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    groups = []
+    for s in slices:
+        group, position, rescale = Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = s.ImagePositionPatient
+        rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = s.RescaleIntercept, s.RescaleSlope, "HU"
+        group.PlanePositionSequence, group.PixelValueTransformationSequence = [position], [rescale]
+        if per_frame_orientation:
+            own = Dataset()
+            own.ImageOrientationPatient = s.ImageOrientationPatient
+            group.PlaneOrientationSequence = [own]
+        groups.append(group)
+    ds.PerFrameFunctionalGroupsSequence = groups
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    if syntax is None:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.PixelData = b"".join(s.PixelData for s in slices)
+    else:
+        frames = []
+        for i, source in enumerate(sources):
+            one = read_dicom(compress_with_gdcm(source, Path(str(target) + f".{i}.tmp"), syntax))
+            Path(str(target) + f".{i}.tmp").unlink()
+            frames.extend(generate_frames(one.PixelData, number_of_frames=1))
+            ds.file_meta.TransferSyntaxUID = UID(one.file_meta.TransferSyntaxUID)
+        ds.PixelData = encapsulate(frames, has_bot=True)
+        ds["PixelData"].VR = "OB"
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds.save_as(target, enforce_file_format=True)
+    return Path(target)
+
+
+def make_nifti(target, sources: list, layout: str = "as_dicom") -> Path:
+    """One NIfTI-1 volume (gzip when ``target`` ends in .gz) of the DICOM slices ``sources``
+    (one series), in HU as int16, its affine from their geometry. ``layout`` stores the
+    array as DICOM does (x along a row, y down a column, z up the series), "transposed"
+    (x and y swapped), or "mirrored" (z from the top, x from the patient's left): the affine
+    says so each time, and a reader must give the same slices."""
+    import nibabel
+    from utils.dicom import read_hu
+    slices = sorted((read_dicom(s) for s in sources), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    hu = np.stack([read_hu(ds.filename) for ds in slices], axis=-1).transpose(1, 0, 2)  # x, y, z
+    first, last = (np.array(ds.ImagePositionPatient, float) for ds in (slices[0], slices[-1]))
+    row_spacing, column_spacing = map(float, slices[0].PixelSpacing)
+    affine = np.eye(4)
+    affine[:3, 0] = np.array(slices[0].ImageOrientationPatient[:3], float) * column_spacing
+    affine[:3, 1] = np.array(slices[0].ImageOrientationPatient[3:], float) * row_spacing
+    affine[:3, 2] = (last - first) / max(1, len(slices) - 1)
+    affine[:3, 3] = first
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # DICOM's LPS -> NIfTI's RAS
+    if layout == "transposed":
+        hu, affine = hu.transpose(1, 0, 2), affine[:, [1, 0, 2, 3]]
+    elif layout == "mirrored":
+        flip = np.eye(4)
+        flip[[0, 2], [0, 2]] = -1
+        flip[0, 3], flip[2, 3] = hu.shape[0] - 1, hu.shape[2] - 1
+        hu, affine = hu[::-1, :, ::-1], affine @ flip
+    elif layout != "as_dicom":
+        raise ValueError(layout)
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(nibabel.Nifti1Image(np.ascontiguousarray(hu).astype(np.int16), affine), str(target))
+    return Path(target)
 
 
 def make_series(folder, positions, orientation, names=None, series_uid="1.2.3.5", start=0,
@@ -179,7 +284,7 @@ def build_export(root: Path, sample: Path) -> tuple[dict, dict]:
     for folder in ("cd/enhanced", "cd/colour"):
         (root / folder).mkdir(parents=True)
     make_multiframe_ct(root / "cd/enhanced/IM0001", np.full((3, 8, 8), 1024), Modality="CT")
-    skip["cd/enhanced/IM0001"] = "3 frames (a multi-frame object)"
+    skip["cd/enhanced/IM0001"] = "3 frames of a CT Image Storage: not a CT volume"
     make_ct(root / "cd/colour/IM0001", np.zeros((8, 8)), SamplesPerPixel=3, Modality="CT")
     skip["cd/colour/IM0001"] = "(colour data)"
     place_file(get_testdata_file("DICOMDIR"), root / "DICOMDIR")

@@ -8,13 +8,14 @@ import pandas as pd
 import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import RLELossless
+from pydicom.uid import JPEGLosslessSV1, RLELossless
 
-from factories import ESCAPED_BEFORE, jpeg_decoder_installed, make_ct, make_undecodable
+from factories import ESCAPED_BEFORE, GDCM_SYNTAXES, compress_with_gdcm, make_ct
 from utils.dicom import (BONE, BRAIN, DEFAULT_WINDOWS, HEADER, SOFT_TISSUE, SUBDURAL, DicomError,
                          parse_windows, read_header, read_hu, read_windowed, window)
 from utils import headers as headers_module
 from utils.headers import scan_headers
+from utils.scans import scan_folder
 
 
 def pydicom_hu(path) -> np.ndarray:
@@ -157,15 +158,36 @@ def test_rle_compressed_decodes_with_pydicom_alone(tmp_path):
     assert read_header(tmp_path / "rle.dcm").transfer_syntax == RLELossless
 
 
-def test_jpeg_without_plugin_names_what_to_install(tmp_path):
-    if jpeg_decoder_installed():
-        pytest.skip("a JPEG Lossless decoder is installed here")
-    path = make_undecodable(make_ct(tmp_path / "j.dcm", np.zeros((8, 8))))
-    with pytest.raises(DicomError, match="pylibjpeg") as err:
+def test_a_syntax_whose_decoder_is_missing_names_what_to_install(tmp_path, monkeypatch):
+    """As in an environment without python-gdcm: the file is named with the reason, at
+    header-scan time, and a folder scan skips it rather than stopping."""
+    path = compress_with_gdcm(make_ct(tmp_path / "plain.dcm", np.full((8, 8), 1064), Modality="CT"),
+                              tmp_path / "scans" / "j.dcm", "JPEG Lossless SV1")
+    decoder = pydicom.pixels.get_decoder(JPEGLosslessSV1)
+    monkeypatch.setattr(decoder, "_available", {})
+    monkeypatch.setattr(decoder, "_unavailable", {"gdcm": ("python-gdcm",)})
+    with pytest.raises(DicomError, match="needs a decoder that is not installed: gdcm - requires python-gdcm") as err:
         read_windowed(path)
     assert str(path) in str(err.value)
     with pytest.raises(DicomError, match="needs a decoder that is not installed"):
         read_header(path)  # so the header scan lists it, before any epoch
+    scan = scan_folder(tmp_path / "scans")
+    assert scan.slices.empty and "python-gdcm" in scan.skipped.set_index("path").at["j.dcm", "reason"]
+
+
+@pytest.mark.parametrize("syntax", list(GDCM_SYNTAXES))
+def test_real_slices_written_losslessly_in_each_syntax_read_as_the_uncompressed_files(tmp_path, rsna_sample, syntax):
+    """Real sample slices of each header variant (12-bit wrapped, 16-bit signed with padding,
+    implicit VR...) through the decoders of requirements.txt: the same HU and windowed
+    images (all 70, and --predict on them: test_formats.py)."""
+    train = sorted(rsna_sample.glob("stage_2_train/*.dcm"))
+    sources = sorted(rsna_sample.glob("stage_2_test/*.dcm")) + [train[0], train[-1]]  # each header variant
+    assert len({read_header(s).bits_stored for s in sources}) == 2 and len(sources) == 7
+    for source in sources:
+        copy = compress_with_gdcm(source, tmp_path / "copy.dcm", syntax)
+        assert read_header(copy).transfer_syntax != read_header(source).transfer_syntax
+        np.testing.assert_array_equal(read_hu(copy), read_hu(source), err_msg=str(source))
+        np.testing.assert_array_equal(read_windowed(copy, size=64), read_windowed(source, size=64), err_msg=str(source))
 
 
 # --- bad files ----------------------------------------------------------------------------

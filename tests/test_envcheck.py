@@ -40,6 +40,8 @@ def test_floors_are_the_versions_ci_tests():
             assert release(pins[name]) >= release(floor), name  # CI runs a newer one than stated
         else:
             assert pins[name] == floor, name
+    for name, (floor, _) in envcheck.OPTIONAL.items():
+        assert pins[name] == floor, name
 
 
 def test_release_reads_the_numbers_of_a_version():
@@ -83,6 +85,33 @@ def test_it_installs_what_is_missing_from_attached_wheels(tmp_path, monkeypatch)
     versions = check_environment({"rsna-fake-package": "1.0", "numpy": "1.0"}, wheels_root=tmp_path / "input")
     assert versions["rsna-fake-package"] == "1.2.0"
     assert (site / "rsna_fake_package_module.py").is_file()
+
+
+def test_a_missing_optional_package_never_stops_the_run(tmp_path, capsys):
+    optional = {"rsna-no-such-decoder": ("1.0", "files of its kind are skipped"), "numpy": ("1.0", "never")}
+    versions = check_environment({"numpy": "1.0"}, wheels_root=tmp_path, optional=optional)
+    assert set(versions) == {"numpy"}
+    out = capsys.readouterr().out
+    assert "rsna-no-such-decoder" in out and "files of its kind are skipped" in out and "never" not in out
+    # with mandatory problems too, the message names the mandatory ones only
+    with pytest.raises(EnvironmentProblem) as err:
+        check_environment({"pydicom": "99.0"}, wheels_root=tmp_path, optional=optional)
+    assert "rsna-no-such-decoder" not in str(err.value)
+
+
+def test_an_optional_package_is_installed_from_attached_wheels_and_a_failed_install_is_no_error(tmp_path, monkeypatch):
+    dataset = tmp_path / "input" / "my-wheels"
+    dataset.mkdir(parents=True)
+    make_wheel(dataset, "rsna-fake-decoder", "2.0.0")
+    (dataset / envcheck.WHEELS_MARKER).write_text("rsna-fake-decoder==2.0.0\nrsna-absent-decoder==1.0\n")
+    site = tmp_path / "site"
+    monkeypatch.setenv("PIP_TARGET", str(site))
+    monkeypatch.syspath_prepend(str(site))
+    site.mkdir()
+    left = envcheck.check_optional({"rsna-fake-decoder": ("2.0", "skipped")}, wheels_root=tmp_path / "input")
+    assert left == {} and (site / "rsna_fake_decoder_module.py").is_file()
+    left = envcheck.check_optional({"rsna-absent-decoder": ("1.0", "skipped")}, wheels_root=tmp_path / "input")
+    assert set(left) == {"rsna-absent-decoder"}  # pip failed: said, not raised
 
 
 def test_the_check_needs_nothing_but_the_standard_library():

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils.dicom import DEFAULT_WINDOWS, DicomError, read_windowed
+from utils.dicom import DEFAULT_WINDOWS, DicomError
+from utils.sources import read_windowed
 from utils.engine import sample_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,7 +35,8 @@ def train_transform() -> A.Compose:
 
 
 class SliceDataset(Dataset):
-    """Slices read from DICOM files: (uint8 CxHxW image, float targets, index, readable).
+    """Slices read from DICOM files, their frames or NIfTI volumes (``paths`` are
+    utils.sources' slice references): (uint8 CxHxW image, float targets, index, readable).
 
     An unreadable file yields a zero image with ``readable`` False instead of killing a
     worker mid-epoch; the training loop leaves it out of the loss and the caller lists it.

@@ -67,6 +67,10 @@ class NotPart10(DicomError):
     """A file without b"DICM" at byte 128: no DICOM Part-10 file (read_slice_info)."""
 
 
+class MultiFrame(DicomError):
+    """A file of several frames: no single slice (utils.multiframe reads Enhanced CT ones)."""
+
+
 @dataclass(frozen=True)
 class Header:
     """What the pipeline needs of one file, without its pixels."""
@@ -292,8 +296,9 @@ def _whole(path: Path, v: dict, name: str, default: int | None = None) -> int:
         raise DicomError(path, f"{name} {str(text)[:40]!r} is not a whole number") from None
 
 
-def _header_from_values(path: Path, v: dict, syntax: str) -> Header:
-    """Build and check a Header from tag values given as DICOM text (ours or pydicom's)."""
+def _header_from_values(path: Path, v: dict, syntax: str, frames_ok: bool = False) -> Header:
+    """Build and check a Header from tag values given as DICOM text (ours or pydicom's);
+    a file of several frames raises MultiFrame unless ``frames_ok``."""
     window_center = v.get("WindowCenter") or ""
     x, y, z = _numbers(path, v, "ImagePositionPatient", "(0020,0032)", 3) or (math.nan,) * 3
     orientation = _orientation(path, v)
@@ -320,9 +325,10 @@ def _header_from_values(path: Path, v: dict, syntax: str) -> Header:
     )
     _check_meaning(path, h)
     frames = _whole(path, v, "NumberOfFrames", 1)
-    if frames != 1:  # read_hu would otherwise give the first frame as if it were the file
-        raise DicomError(path, f"{frames} frames (a multi-frame object): not one slice" if frames > 1
-                         else f"NumberOfFrames {frames} is not a positive number")
+    if frames < 1:
+        raise DicomError(path, f"NumberOfFrames {frames} is not a positive number")
+    if frames > 1 and not frames_ok:  # read_hu would otherwise give the first frame as if it were the file
+        raise MultiFrame(path, f"{frames} frames (a multi-frame object): not one slice")
     return h
 
 
@@ -750,19 +756,33 @@ def read_windowed(path, windows=DEFAULT_WINDOWS, size: int | None = None) -> np.
     path = Path(path)
     with _reading(path):
         h, raw = _read_raw(path)
-        windows = _resolve_windows(windows, h, path)
-        invert = h.photometric == "MONOCHROME1"
-        if h.bits_allocated == 32:
-            return _windowed_slow(_hu(h, raw), windows, invert, size)
-        packed = _packed_lut(_lut_key(h), windows, invert)
-        words = _scratch_array("words", raw.size * packed.itemsize).view(packed.dtype)
-        # Codes always index inside the table; "wrap" skips the clamp "clip" does (~18% faster).
-        np.take(packed, raw.ravel(), out=words, mode="wrap")
-        img = words.view(np.uint8).reshape(h.rows, h.columns, packed.itemsize)
-        if size is not None:
-            img = _resize(_square(img), int(size))
-        img = _first_channels(img, len(windows))
-        return img.copy() if np.shares_memory(img, words) else img  # never hand out scratch
+        return windowed_codes(path, h, raw, windows, size)
+
+
+def windowed_codes(path, h: Header, raw: np.ndarray, windows=DEFAULT_WINDOWS, size: int | None = None) -> np.ndarray:
+    """read_windowed's image of stored codes ``raw`` described by ``h`` (a frame of a
+    multi-frame file has its own Header: utils.multiframe)."""
+    windows = _resolve_windows(windows, h, path)
+    invert = h.photometric == "MONOCHROME1"
+    if h.bits_allocated == 32:
+        return _windowed_slow(_hu(h, raw), windows, invert, size)
+    packed = _packed_lut(_lut_key(h), windows, invert)
+    words = _scratch_array("words", raw.size * packed.itemsize).view(packed.dtype)
+    # Codes always index inside the table; "wrap" skips the clamp "clip" does (~18% faster).
+    np.take(packed, raw.ravel(), out=words, mode="wrap")
+    img = words.view(np.uint8).reshape(h.rows, h.columns, packed.itemsize)
+    if size is not None:
+        img = _resize(_square(img), int(size))
+    img = _first_channels(img, len(windows))
+    return img.copy() if np.shares_memory(img, words) else img  # never hand out scratch
+
+
+def windowed_hu(path, hu: np.ndarray, windows=DEFAULT_WINDOWS, size: int | None = None) -> np.ndarray:
+    """read_windowed's image of a slice given in HU (a NIfTI volume's: utils.nifti), which
+    has no header window of its own."""
+    if HEADER in windows:
+        raise DicomError(path, "the header window was asked for but the file has none")
+    return _windowed_slow(hu, _resolve_windows(windows, None, path), False, size)
 
 
 def _windowed_slow(hu: np.ndarray, windows: tuple, invert: bool, size: int | None) -> np.ndarray:

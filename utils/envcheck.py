@@ -29,6 +29,12 @@ FLOORS = {
     "matplotlib": "3.7.5",
 }
 STATED_ONLY = ("torch", "torchvision")
+# Without these the pipeline runs: compressed DICOM files, then NIfTI volumes, are skipped with
+# that reason (utils/dicom.py, utils/nifti.py). Installed from attached wheels when missing.
+OPTIONAL = {
+    "python-gdcm": ("3.2.6", "compressed DICOM (JPEG, JPEG-LS, JPEG 2000) is skipped"),
+    "nibabel": ("5.2.1", "NIfTI volumes are skipped"),
+}
 # cv2 comes from any of these; Kaggle's image has the full opencv-python
 ALTERNATIVES = {"opencv-python-headless": ("opencv-python-headless", "opencv-python",
                                            "opencv-contrib-python", "opencv-contrib-python-headless")}
@@ -113,12 +119,33 @@ def _message(problems: dict[str, str]) -> str:
             "Elsewhere: `pip install -r requirements.txt`.")
 
 
-def check_environment(floors: dict[str, str] = FLOORS, wheels_root: str | Path = KAGGLE_INPUT) -> dict:
+def check_optional(optional: dict[str, tuple[str, str]] = OPTIONAL, wheels_root: str | Path = KAGGLE_INPUT) -> dict:
+    """Install the optional packages missing or too old from attached wheels where it can;
+    never stops a run: what is still missing is printed with what it costs.
+    Returns {package: what is wrong} of those still missing."""
+    problems = find_problems({name: floor for name, (floor, _) in optional.items()})
+    folder = find_wheels(wheels_root) if problems else None
+    if folder is not None:
+        try:
+            install_from_wheels(folder, list(problems))
+        except EnvironmentProblem as err:
+            print(f"Optional packages not installed: {err}", flush=True)
+        importlib.invalidate_caches()
+        problems = find_problems({name: optional[name][0] for name in problems})
+    for name, why in problems.items():
+        print(f"Optional: {name} {why}: {optional[name][1]}.", flush=True)
+    return problems
+
+
+def check_environment(floors: dict[str, str] = FLOORS, wheels_root: str | Path = KAGGLE_INPUT,
+                      optional: dict[str, tuple[str, str]] = OPTIONAL) -> dict:
     """Print the versions found; install what is missing from attached wheels; else raise
-    EnvironmentProblem with one message that says what to attach. Returns the versions."""
+    EnvironmentProblem with one message that says what to attach. The ``optional`` packages
+    never stop it (check_optional). Returns the versions of ``floors``' packages."""
     versions = {name: installed_version(name) for name in floors}
     print("Python", sys.version.split()[0], "|", ", ".join(f"{n} {v or '-'}" for n, v in versions.items()))
     problems = find_problems(floors)
+    check_optional(optional, wheels_root)
     if not problems:
         return versions
     folder = find_wheels(wheels_root)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from utils import data as data_utils
 from utils import rundir
-from utils.dicom import BRAIN, read_windowed
+from utils.dicom import BRAIN
 from utils.engine import barrier, share
 from utils.errors import UserError
 from utils.gradcam import grad_cam, overlay
@@ -28,6 +28,7 @@ from utils.inference import input_layout, load_model, predict_saved, slice_datas
 from utils.labels import LABELS, SUBTYPES
 from utils.runtime import Runtime, environment
 from utils.scans import scan_folder
+from utils.sources import read_windowed
 from utils.series_results import series_table, top_slices, write_predict_html
 
 LOG = logging.getLogger(__name__)

@@ -37,19 +37,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 
-from utils.dicom import DicomError, NotPart10, SliceInfo, read_slice_info
+from utils import nifti
+from utils.dicom import DicomError, MultiFrame, NotPart10, SliceInfo, read_slice_info
 from utils.headers import map_chunks
-from utils.slices import order_slices, position_along_normal
+from utils.multiframe import read_frames
+from utils.slices import MAX_TILT_DEGREES, order_slices, position_along_normal
+from utils.sources import FRAME, SLICE, slice_ref
 from utils.split import STUDY_PREFIX, fill_missing_keys
 
-SLICE_COLUMNS = ["path", "sop_uid", "study_uid", "series_uid", "series_description", "series",
+SLICE_COLUMNS = ["path", "file", "frame", "format", "sop_uid", "study_uid", "series_uid", "series_description", "series",
                  "index", "n_in_series", "position_mm", "prev_path", "next_path", "note"]
 SKIPPED_COLUMNS = ["path", "reason"]
 POSITION_TOLERANCE_MM = 0.01  # closer slices are one position written twice (0.3 mm is the thinnest)
 _INFO_COLUMNS = ["sop_uid", "study_uid", "series_uid", "series_description", "position",
                  "orientation"]  # what _read_chunk gives of a slice
-MAX_TILT_DEGREES = 45  # gantry tilts of head CT stay within about 30 degrees of axial
 NO_GEOMETRY = "no ImagePositionPatient/ImageOrientationPatient: predicted alone"
 OTHER_ORIENTATION = "orientation differs from the series' first slice; placed along that slice's normal"
 
@@ -99,10 +102,12 @@ def scan_folder(root, workers: int = 0, parallel_min: int = 2000) -> FolderScan:
         elif value[0] in first_of:  # one SOP instance twice (an export made twice): files are sorted
             skipped.append((rel, f"duplicate SOPInstanceUID: the file kept is {first_of[value[0]]}"))
         else:
-            if value[0]:
-                first_of[value[0]] = rel
-            found.append((rel, *value))
-    slices, notes = _order(pd.DataFrame(found, columns=["path", *_INFO_COLUMNS]), skipped)
+            sop_uid, fmt, rows = value
+            if sop_uid:
+                first_of[sop_uid] = rel
+            found.extend((slice_ref(rel, part, index), rel, index, fmt, sop_uid, study, rel if series is None else series,
+                          *rest) for part, index, study, series, *rest in rows)
+    slices, notes = _order(pd.DataFrame(found, columns=["path", "file", "frame", "format", *_INFO_COLUMNS]), skipped)
     skipped = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
     return FolderScan(root, slices, skipped.sort_values("path", ignore_index=True),
                       len(files), n_non_dicom, notes)
@@ -140,35 +145,67 @@ def _walk(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def _read_chunk(paths: list[str]) -> list[tuple[str, object]]:
-    """("slice", _INFO_COLUMNS' values) | ("not_dicom", None) | ("skip", reason) per file."""
+    """Per file: ("slices", (sop_uid, format, rows)) | ("not_dicom", None) | ("skip", reason);
+    rows: (part, index, study_uid, series_uid, series_description, position, orientation)
+    of each slice it holds (part and index None for a single-slice file, series_uid None
+    for a NIfTI volume: its path names it)."""
     out = []
     for p in paths:
         try:
-            h, info = read_slice_info(p)
-        except NotPart10:
-            out.append(("not_dicom", None))
-            continue
+            out.append(_read_file(p))
         except DicomError as err:
             out.append(("skip", err.reason))
-            continue
-        reason = _not_predictable(info)
-        # h.patient_id stays here: no patient text goes into the scan's tables
-        out.append(("skip", reason) if reason else
-                   ("slice", (info.sop_uid, h.study_uid, h.series_uid, info.series_description,
-                              info.position, info.orientation)))
     return out
 
 
-def _not_predictable(info: SliceInfo) -> str:
-    """Why a readable DICOM file is no CT slice to predict; "" when it is one."""
+def _read_file(path: str) -> tuple[str, object]:
+    try:
+        h, info = read_slice_info(path)
+    except NotPart10:
+        kind = nifti.sniff(path)
+        if not kind:
+            return "not_dicom", None
+        volume = nifti.read_volume(path)
+        return "slices", ("", volume.kind, [(SLICE, k, "", None, "", tuple(map(float, position)), volume.orientation)
+                                            for k, position in enumerate(volume.positions)])
+    except MultiFrame:
+        return _frame_slices(path)
+    reason = _not_predictable(info, info.orientation)
+    # h.patient_id stays here: no patient text goes into the scan's tables
+    return ("skip", reason) if reason else \
+        ("slices", (info.sop_uid, _format("DICOM", h.transfer_syntax),
+                    [(None, None, h.study_uid, h.series_uid, info.series_description, info.position, info.orientation)]))
+
+
+def _frame_slices(path: str) -> tuple[str, object]:
+    """_read_file's answer for a multi-frame file: a slice per frame of an Enhanced CT file."""
+    frames = read_frames(path)
+    h, info = frames.header, frames.info
+    for orientation in dict.fromkeys(frames.orientations):
+        reason = _not_predictable(info, orientation)
+        if reason:
+            return "skip", f"{len(frames)} frames: {reason}"
+    return "slices", (info.sop_uid, _format(frames.kind, h.transfer_syntax),
+                      [(FRAME, i, h.study_uid, h.series_uid, info.series_description, position, orientation)
+                       for i, (position, orientation) in enumerate(zip(frames.positions, frames.orientations))])
+
+
+def _format(kind: str, syntax: str) -> str:
+    """"DICOM (JPEG-LS Lossless Image Compression)": the kind of file and its transfer syntax."""
+    return f"{kind} ({pydicom.uid.UID(syntax).name})"
+
+
+def _not_predictable(info: SliceInfo, orientation) -> str:
+    """Why a readable DICOM file (or a frame of one, of ``orientation``) is no CT slice to
+    predict; "" when it is one."""
     if not info.modality:
         return "no Modality tag: not known to be CT"
     if info.modality != "CT":
         return f"modality {info.modality}, not CT"
     if "LOCALIZER" in info.image_type:
         return "a localizer (scout) image: ImageType " + "\\".join(info.image_type)
-    if info.orientation is not None:
-        row, col = info.orientation[:3], info.orientation[3:]
+    if orientation is not None:
+        row, col = orientation[:3], orientation[3:]
         normal_z = row[0] * col[1] - row[1] * col[0]  # of the unit normal row x column
         tilt = math.degrees(math.acos(min(1.0, abs(normal_z))))
         if tilt > MAX_TILT_DEGREES:
@@ -234,4 +271,4 @@ def _order(ct: pd.DataFrame, skipped: list) -> tuple[pd.DataFrame, dict]:
                          n_in_series=order["n_in_series"].to_numpy(),
                          prev_path=order["prev_id"].to_numpy(), next_path=order["next_id"].to_numpy())
     table = table.sort_values(["study_uid", "series_uid", "series", "index"], ignore_index=True)
-    return table[SLICE_COLUMNS], notes
+    return table[SLICE_COLUMNS].astype({"frame": "Int64"}), notes

@@ -39,6 +39,9 @@ PATIENT_PREFIX = "patient:"  # prefixed for the reason split.py's prefixes are
 ALONE_PREFIX = IMAGE_PREFIX  # a slice that is a series of its own
 ID_COLUMNS = ("series_uid", "study_uid", "patient_id")  # the series key's fallback chain
 ORDER_COLUMNS = ("series", "z", "position", "n_in_series", "prev_id", "next_id")
+# The model reads axial slices; gantry tilts of head CT stay within about 30 degrees of it.
+# A plane further from axial (a coronal or sagittal reformat) is not predicted.
+MAX_TILT_DEGREES = 45
 GEOMETRY_COLUMNS = ("x", "y", "z", "normal_x", "normal_y", "normal_z")  # utils.dicom.Header's
 ORIENTATION_TOLERANCE = 1e-3  # normals' largest difference within one orientation (cosines' rounding)
 
