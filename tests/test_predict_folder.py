@@ -1,5 +1,6 @@
 """kernel.py --predict DIR: a trained model on a folder of the user's own scans."""
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -7,7 +8,8 @@ import pandas as pd
 import pytest
 
 from kernel_runs import TINY, run_kernel
-from factories import build_export, rewrite_dicom, screenshot
+from factories import (GDCM_SYNTAXES, build_export, compress_with_gdcm, make_enhanced_ct, make_nifti, place_file,
+                       read_dicom, rewrite_dicom, screenshot)
 from utils.labels import LABELS
 from utils.series_results import series_table, top_slices
 
@@ -57,6 +59,65 @@ def test_a_nested_export_is_predicted_slice_by_slice_and_series_by_series(traine
     shot = cv2.imread(str(screenshot(out / "report" / "predict.html", tmp_path / "shot.png", tmp_path / "profile")))
     assert shot is not None and shot.shape[:2] == (3000, 1200) and shot.std() > 5
     assert (shot < 30).all(axis=2).mean() > 0.01
+
+
+def _copy_series(root: Path, sources: list, fmt: str, order: list) -> None:
+    """The real series ``sources`` (inferior first) in one format, as a series of its own."""
+    uid = lambda ds, name: f"{fmt}.{ds[name].value}"  # noqa: E731
+    if fmt in GDCM_SYNTAXES:
+        for i in order:
+            ds = read_dicom(sources[i])
+            copy = rewrite_dicom(sources[i], root / fmt / Path(sources[i]).name, StudyInstanceUID=uid(ds, "StudyInstanceUID"),
+                                 SeriesInstanceUID=uid(ds, "SeriesInstanceUID"), SOPInstanceUID=uid(ds, "SOPInstanceUID"))
+            compress_with_gdcm(copy, copy, fmt)
+    elif fmt.startswith("Enhanced CT"):
+        ds = read_dicom(sources[0])
+        make_enhanced_ct(root / fmt / f"{ds.SeriesInstanceUID}.dcm", [sources[i] for i in order],
+                         fmt.partition(" in ")[2] or None, StudyInstanceUID=uid(ds, "StudyInstanceUID"),
+                         SeriesInstanceUID=uid(ds, "SeriesInstanceUID"))
+    else:
+        make_nifti(root / fmt / f"{read_dicom(sources[0]).SeriesInstanceUID}.nii.gz", sources,
+                   "mirrored" if "mirrored" in fmt else "as_dicom")
+
+
+FORMATS = [*GDCM_SYNTAXES, "Enhanced CT", "Enhanced CT in JPEG 2000 Lossless", "NIfTI", "NIfTI mirrored"]
+
+
+@pytest.mark.slow
+def test_every_format_gives_the_probabilities_and_order_of_the_uncompressed_files(trained, tmp_path, rsna_sample):
+    """The real series written losslessly in each compressed syntax, as Enhanced CT files and
+    as NIfTI volumes, next to the files themselves: --predict gives each slice the
+    probabilities of its uncompressed file and the same place in its series (the run's
+    refiner reads each series in that order)."""
+    root = tmp_path / "scans"
+    series = {}
+    for path in sorted((rsna_sample / "stage_2_train").glob("*.dcm")):
+        series.setdefault(read_dicom(path).SeriesInstanceUID, []).append(path)
+    for uid, paths in series.items():
+        paths.sort(key=lambda p: float(read_dicom(p).ImagePositionPatient[2]))
+        for p in paths:
+            place_file(p, root / "original" / p.name)
+        order = list(np.random.default_rng(0).permutation(len(paths)))  # files and frames out of order
+        for fmt in FORMATS:
+            _copy_series(root, paths, fmt, order)
+    out = tmp_path / "pred"
+    result = run_kernel("--predict", root, "--checkpoint", trained, "--out-dir", out, "--workers", "0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    slices = pd.read_csv(out / "slices.csv", keep_default_na=False)
+    assert (pd.read_csv(out / "skipped.csv").empty and len(slices) == 65 * (1 + len(FORMATS)))
+    slices["folder"] = slices["file"].str.split("/").str[0]
+    slices["series_key"] = slices["series_uid"].str.extract(r"(ID_[0-9a-f]+)", expand=False)  # the RSNA series
+    expected = slices[slices["folder"] == "original"].set_index(["series_key", "index"])[list(LABELS)]
+    assert len(expected) == 65
+    for fmt in FORMATS:
+        got = slices[slices["folder"] == fmt].set_index(["series_key", "index"])[list(LABELS)]
+        assert len(got) == 65 and got.index.equals(got.index.unique()), fmt
+        np.testing.assert_allclose(got.loc[expected.index].to_numpy(), expected.to_numpy(), atol=1e-4, err_msg=fmt)
+    formats = set(slices["format"])
+    assert {"DICOM (JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1]))",
+            "NIfTI-1 (gzip)", "Enhanced CT (Explicit VR Little Endian)"} <= formats and len(formats) == 9  # the originals are explicit and implicit VR
+    series_csv = pd.read_csv(out / "series.csv", keep_default_na=False)
+    assert len(series_csv) == 2 * (1 + len(FORMATS)) and set(series_csv["format"]) == formats
 
 
 @pytest.mark.slow
