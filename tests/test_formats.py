@@ -116,3 +116,18 @@ def test_slice_references_name_a_file_or_a_part_of_one(tmp_path):
     odd = tmp_path / "x::frame=3"  # a real file named like a reference is that file
     odd.write_bytes(b"")
     assert split_ref(str(odd)) == (str(odd), None, None)
+
+
+def test_a_frame_is_decoded_alone_so_a_damaged_frame_spoils_only_itself(tmp_path, rsna_sample):
+    from pydicom.encaps import encapsulate, generate_frames
+    sources = _series(rsna_sample, 3)
+    path = make_enhanced_ct(tmp_path / "enhanced.dcm", sources, "JPEG-LS Lossless")
+    ds = read_dicom(path)
+    frames = list(generate_frames(ds.PixelData, number_of_frames=3))
+    frames[1] = frames[1][:40] + bytes(len(frames[1]) - 40)  # the stream zeroed after its header
+    ds.PixelData = encapsulate(frames, has_bot=True)
+    ds.save_as(path)
+    with pytest.raises(DicomError, match="cannot decode frame 1"):
+        read_frame_windowed(path, 1)
+    for i in (0, 2):
+        np.testing.assert_array_equal(read_frame_windowed(path, i, size=64), read_windowed(sources[i], size=64))

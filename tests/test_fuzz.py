@@ -4,6 +4,7 @@ Files from hospitals and mirrors are damaged in ways no one planned for; one exc
 another type would end a whole training run. The mutations are drawn with a fixed seed, so
 a failure names a mutation that can be replayed.
 """
+import gzip
 import random
 import signal
 import struct
@@ -16,14 +17,18 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from conftest import SAMPLE_DIR
-from factories import make_ct
+from factories import GDCM_SYNTAXES, compress_with_gdcm, make_ct, make_enhanced_ct, rewrite_dicom
 from utils.dicom import DicomError, Header, read_header, read_hu, read_windowed
 from utils.headers import scan_headers
+from utils.scans import _read_chunk
+from utils.sources import read_windowed as read_ref
+from utils.sources import slice_ref
 
 # pydicom warns about much of what a damaged file holds; what matters here is what is raised
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 N_FILES = 2400
+N_FORMAT_FILES = 400
 SIZE = 32
 PER_FILE_LIMIT_S = 2  # a hang guard: a read takes about a millisecond
 _LONG_VR = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}
@@ -161,3 +166,67 @@ def test_header_scan_of_damaged_files_lists_each_one_once(tmp_path):
     again, bad_again = scan_headers(paths, cache=tmp_path / "cache.parquet")
     assert again["image_id"].tolist() == headers["image_id"].tolist()
     assert bad_again["reason"].tolist() == bad["reason"].tolist()
+
+
+def _format_seeds(tmp_path: Path) -> list[Path]:
+    """pydicom's CT_small.dcm in each compressed syntax and as two Enhanced CT files (native
+    and compressed frames), and two NIfTI volumes (gzip and plain): small, so many fit."""
+    import nibabel
+    small = Path(get_testdata_file("CT_small.dcm"))
+    seeds = [compress_with_gdcm(small, tmp_path / f"seed_{i}.dcm", s) for i, s in enumerate(GDCM_SYNTAXES)]
+    frames = [rewrite_dicom(small, tmp_path / f"frame_{z}.dcm", ImagePositionPatient=[0, 0, z]) for z in (0, 5, 10)]
+    seeds += [make_enhanced_ct(tmp_path / "seed_enhanced.dcm", frames),
+              make_enhanced_ct(tmp_path / "seed_enhanced_jls.dcm", frames, "JPEG-LS Lossless")]
+    volume = np.random.default_rng(0).integers(-1000, 100, (24, 24, 4)).astype(np.int16)
+    for name in ("seed.nii", "seed.nii.gz"):
+        nibabel.save(nibabel.Nifti1Image(volume, np.diag([0.5, 0.5, 5, 1])), tmp_path / name)
+        seeds.append(tmp_path / name)
+    return seeds
+
+
+def _check_any_format(path: Path, what: str) -> str:
+    """A folder scan's reading of one file, then every slice it found read as the model
+    reads it: 'ok', 'not dicom' or the reason; fail on any other exception or a hang."""
+    signal.setitimer(signal.ITIMER_REAL, PER_FILE_LIMIT_S)
+    try:
+        (kind, value), = _read_chunk([str(path)])
+        if kind != "slices":
+            return kind if kind == "not_dicom" else value
+        for part, index, *_ in value[2]:
+            try:
+                image = read_ref(slice_ref(path, part, index), size=SIZE)
+                assert image.dtype == np.uint8 and image.shape == (SIZE, SIZE, 3), what
+            except DicomError as err:
+                assert err.path == str(path) and err.reason, what
+                return err.reason
+        return "ok"
+    except _Hung:
+        pytest.fail(f"reading took over {PER_FILE_LIMIT_S} s: {what}")
+    except Exception as err:  # noqa: BLE001 - the point of the test
+        pytest.fail(f"{type(err).__name__} escaped ({err}): {what}")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def test_damaged_compressed_multiframe_and_nifti_files_give_slices_or_a_reason(tmp_path):
+    """The new readers' bytes: compressed streams, functional groups, NIfTI headers and
+    gzip streams, damaged anywhere (also inside the pixel data): a slice or a reason."""
+    old = signal.signal(signal.SIGALRM, _alarm)
+    try:
+        originals = [(p, p.read_bytes()) for p in _format_seeds(tmp_path)]
+        rng = random.Random(23)
+        outcomes, path = {}, tmp_path / "damaged"
+        for n in range(N_FORMAT_FILES):
+            source, data = originals[n % len(originals)]
+            if source.name.endswith(".gz") and n % 2:  # the header inside the stream, then the stream itself
+                damaged, what = _mutate(rng, gzip.decompress(data), [(0, 4), (40, 2)], 352)  # sizeof_hdr, dim[0]
+                damaged = gzip.compress(damaged)
+            else:
+                damaged, what = _mutate(rng, data, [(rng.randrange(len(data) - 4), 4)], len(data))
+            path.write_bytes(damaged)
+            reason = _check_any_format(path, f"file {n}: {source.name}, {what}")
+            outcomes[reason.split(" (")[0][:40]] = outcomes.get(reason.split(" (")[0][:40], 0) + 1
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert 0.2 * N_FORMAT_FILES < sum(v for k, v in outcomes.items() if k not in ("ok", "not_dicom")), outcomes
+    assert outcomes.get("ok", 0) > 0.1 * N_FORMAT_FILES and len(outcomes) >= 10, outcomes
