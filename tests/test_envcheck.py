@@ -128,6 +128,7 @@ def test_export_with_wheels_downloads_every_pin_but_torch(tmp_path):
     pins = wheel_pins(ROOT)
     assert not any(p.startswith(("torch==", "torchvision==")) for p in pins)
     assert any(p.startswith("pydicom==") for p in pins) and len(pins) >= 15
+    assert {p.split("==")[0] for p in pins} >= set(envcheck.OPTIONAL)  # the decoders and nibabel travel too
     for pin in pins:
         make_wheel(index, *pin.split("=="))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KERNEL_ARGS")}
