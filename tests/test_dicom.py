@@ -402,3 +402,32 @@ def test_real_sample_headers(rsna_sample):
     assert headers["z"].notna().all()
     twelve = headers[headers["patient_id"] == "ID_cd5a85fd"]
     assert (twelve["bits_stored"] == 12).all() and twelve["multi_window"].all()
+
+
+# pydicom's own compressed files: the decoders' edge cases (a sign bit the J2K stream and
+# the header disagree on, 13 and 14 stored bits, near-lossless JPEG-LS, 32-bit RLE).
+PYDICOM_DECODED = ["JPEG2000.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm",
+                   "J2K_pixelrep_mismatch.dcm", "JPEGLSNearLossless_16.dcm", "693_J2KI.dcm", "rtdose_rle_1frame.dcm"]
+
+
+@pytest.mark.parametrize("name", PYDICOM_DECODED)
+def test_pydicoms_compressed_files_give_the_hu_of_its_own_modality_lut(name):
+    path = pydicom.data.get_testdata_file(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path)
+        expected = apply_modality_lut(ds.pixel_array, ds)
+    assert read_header(path).transfer_syntax == ds.file_meta.TransferSyntaxUID
+    np.testing.assert_array_equal(read_hu(path), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("JPGExtended.dcm", "12-bit precision"),  # 12-bit JPEG Extended: python-gdcm through pydicom declines it
+    ("JPEG2000-embedded-sequence-delimiter.dcm", "cannot decode pixel data"),
+    ("MR_truncated.dcm", "pixel data is short"),
+])
+def test_pydicoms_files_that_cannot_be_decoded_here_give_the_reason(name, reason):
+    path = pydicom.data.get_testdata_file(name)
+    with pytest.raises(DicomError, match=reason) as err:
+        read_windowed(path)
+    assert err.value.path == path

@@ -439,6 +439,14 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:160] if text else ''}"
 
 
+def decoder_failure(err: BaseException) -> str:
+    """A decoder's failure in one line: pydicom lists each plugin's reason on lines of its
+    own after a first line that says only that all failed, and the reasons are what a user
+    needs ("GDCM does not support 'JPEG Extended' for samples with 12-bit precision")."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {'; '.join(lines)[:400]}"
+
+
 def _check_decodable(path: Path, syntax: str) -> None:
     """The pixels of this transfer syntax can be decoded here (known, decoder installed)."""
     if syntax in UNCOMPRESSED:
@@ -583,7 +591,7 @@ def _read_raw_pydicom(path: Path) -> tuple[Header, np.ndarray]:
             # raw=True: stored values without pydicom's sign/bit handling, which our LUT does
             arr = pydicom.pixels.pixel_array(ds, raw=True)
     except Exception as err:  # noqa: BLE001 - decoders raise many types; all mean "pixels unusable"
-        raise DicomError(path, f"cannot decode pixel data ({_first_line(err)})") from None
+        raise DicomError(path, f"cannot decode pixel data ({decoder_failure(err)})") from None
     if arr.shape != (h.rows, h.columns):
         raise DicomError(path, f"pixel data has shape {arr.shape}, header says {h.rows}x{h.columns}")
     code_dtype = _CODE_DTYPES[h.bits_allocated]

@@ -26,7 +26,7 @@ import pydicom
 
 from utils.dicom import (_CODE_DTYPES, _SLICE_TEXT, _TAGS, _UI_WARNING, DEFAULT_WINDOWS, DicomError, Header, SliceInfo, _check_decodable,
                          _cross, _header_from_values, _number, _numbers, _orientation, _pydicom_values, _reading,
-                         _hu, _slice_info, windowed_codes)
+                         _hu, _slice_info, decoder_failure, windowed_codes)
 
 ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT", "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT"}
 _PIXEL_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) Pixel Data, little endian
@@ -164,7 +164,7 @@ def _frame_codes(path: Path, index: int) -> tuple[Header, np.ndarray]:
                                    pixel_representation=h.pixel_representation, photometric_interpretation=h.photometric,
                                    number_of_frames=len(frames), pixel_keyword="PixelData")
         except Exception as err:  # noqa: BLE001 - decoders raise many types; all mean "frame unusable"
-            raise DicomError(path, f"cannot decode frame {index} ({type(err).__name__}: {str(err)[:160]})") from None
+            raise DicomError(path, f"cannot decode frame {index} ({decoder_failure(err)})") from None
     if arr.shape != (h.rows, h.columns):
         raise DicomError(path, f"frame {index} has shape {arr.shape}, the header says {h.rows}x{h.columns}")
     dtype = _CODE_DTYPES[h.bits_allocated]
