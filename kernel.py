@@ -38,6 +38,7 @@ from utils import data as data_utils
 from utils import rundir
 from utils.calibration import calibration_summary, decide_calibration
 from utils.demo import DEMO_PRESET, make_demo_dataset
+from utils.crop import CROPS
 from utils.dicom import parse_windows
 from utils.headers import scan_headers
 from utils.engine import (CheckpointMismatch, Checkpoints, Dist, ResumableSampler, barrier, gather_lists,
@@ -91,6 +92,7 @@ class Config:
     demo: bool = False               # set when no data was given: the synthetic dataset
     context: int = 0                 # 1: neighbouring slices (by z within a series) as channels
     context_windows: bool = False    # with --context: every window of each slice (9 channels)
+    crop: str = "none"               # head: each slice cut to the head before resizing (utils/crop.py)
     refine: bool = False             # refine predictions along each series (a 1-D conv)
     calibrate: bool = False          # temperature per class, used where it helps out of fold
     accum: int = 1                   # batches per optimizer step (gradient accumulation)
@@ -151,6 +153,7 @@ OPTIONS = {
     "checkpoint": (str, "with --predict-only or --predict: a best.pt, a run folder or an ensemble folder "
                         "(default: none)"),
     "context": (int, "1: the slices below and above as channels"),
+    "crop": (str, "none, or head: cut each slice to the head (the largest region above -500 HU, squared) before resizing"),
     "precision": (str, "auto, fp32, bf16 or fp16 (auto: bf16 from sm_80, fp16 below, fp32 on the CPU)"),
     "predict": (str, "predict every CT slice in this folder of your own scans with --checkpoint (default: none)"),
     "threshold": (float, f"with --predict: the `any` probability that makes a slice, and its series, positive "
@@ -202,6 +205,7 @@ def _problems(cfg: Config) -> list[str]:
               (cfg.processes is not None and cfg.processes < 1, "--processes must be >= 1"),
               (cfg.precision not in ("auto", *PRECISIONS), "--precision must be auto, fp32, bf16 or fp16"),
               (cfg.context not in (0, 1), "--context must be 0 or 1"),
+              (cfg.crop not in CROPS, f"--crop must be {' or '.join(CROPS)}"),
               (cfg.context_windows and not cfg.context, "--context-windows needs --context 1"),
               (cfg.accum < 1, "--accum must be >= 1"),
               (cfg.ckpt_minutes < 0, "--ckpt-minutes must be >= 0"),

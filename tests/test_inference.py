@@ -1,11 +1,12 @@
 """utils.inference: what a prediction takes from the run that trained the model."""
 import dataclasses
 
+import pandas as pd
 import pytest
 
 from utils.engine import Checkpoints, Dist
 from utils.errors import UserError
-from utils.inference import PREDICTION_SETTINGS, input_layout, load_model, trained_settings
+from utils.inference import PREDICTION_SETTINGS, input_layout, load_model, slice_dataset, trained_settings
 from utils.runtime import setup_runtime
 
 
@@ -16,9 +17,11 @@ class Settings:  # kernel.Config's fields that matter here
     windows: str = "brain,subdural,soft_tissue"
     context: int = 0
     context_windows: bool = False
+    crop: str = "none"
     batch_size: int = 32
     tta: bool = True
     workers: int = 4
+    seed: int = 0
 
 
 def test_a_prediction_takes_the_trained_settings_and_keeps_its_own_machine_settings():
@@ -28,6 +31,13 @@ def test_a_prediction_takes_the_trained_settings_and_keeps_its_own_machine_setti
     assert got.batch_size == 32  # absent from the old config: the default, as it was trained
     assert got.workers == 4  # how this machine loads data is not the model's
     assert set(Checkpoints.SHAPING) > set(PREDICTION_SETTINGS) - {"tta"}
+
+
+def test_a_model_trained_on_cropped_heads_predicts_on_cropped_heads():
+    got = trained_settings(Settings(), {"crop": "head"})
+    assert got.crop == "head" and trained_settings(Settings(crop="head"), {}).crop == "none"  # older runs: none
+    rows = pd.DataFrame({"path": ["a.dcm"], "below": ["a.dcm"], "above": ["a.dcm"]})
+    assert slice_dataset(rows, got).crop == "head"
 
 
 @pytest.mark.parametrize("context, context_windows, windows, expected", [

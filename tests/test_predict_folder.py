@@ -20,8 +20,10 @@ MARKER = "Zyxwvut^Privacy"  # a patient name no output may hold
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "run"
-    result = run_kernel("--out-dir", out, *TINY, "--refine", "--val-frac", "0.5")
+    # --crop head: training, --predict-only and --predict DIR (every format) all cut to the head
+    result = run_kernel("--out-dir", out, *TINY, "--refine", "--val-frac", "0.5", "--crop", "head")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["crop"] == "head"
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from utils.dicom import DEFAULT_WINDOWS, DicomError
-from utils.sources import read_windowed
+from utils.sources import read_windowed, read_windowed_box
 from utils.engine import sample_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,6 +43,9 @@ class SliceDataset(Dataset):
     Augmentation is seeded per sample from (seed, epoch, index): set ``epoch`` before each
     epoch, and the same sample gets the same augmentation in any worker, in any run.
 
+    With ``crop`` "head" each slice is cut to its head before resizing (utils.crop); its
+    neighbours are cut to the same box.
+
     With ``neighbours`` (the paths of the slices below and above each one, from
     utils.slices.neighbour_paths) the channels become neighbouring slices: with
     ``neighbour_windows`` False, the first window of the slice below, the slice, and the
@@ -52,7 +55,7 @@ class SliceDataset(Dataset):
 
     def __init__(self, paths, labels: np.ndarray | None = None, windows=DEFAULT_WINDOWS,
                  size: int = 256, transform=None, seed: int = 0, neighbours=None,
-                 neighbour_windows: bool = False):
+                 neighbour_windows: bool = False, crop: str = "none"):
         self.paths = [str(p) for p in paths]
         n_labels = 6 if labels is None else labels.shape[1]
         self.labels = (np.zeros((len(self.paths), n_labels), np.float32) if labels is None
@@ -67,16 +70,17 @@ class SliceDataset(Dataset):
         if self.neighbours is not None and not neighbour_windows:
             self.windows = self.windows[:1]
         self.channels = len(self.windows) * (1 if self.neighbours is None else 3)
+        self.crop = crop
 
     def _read(self, i: int) -> np.ndarray:
-        img = read_windowed(self.paths[i], self.windows, size=self.size)
+        img, box = read_windowed_box(self.paths[i], self.windows, size=self.size, crop=self.crop)
         if self.neighbours is None:
             return img
         below, above = self.neighbours[i]
         stack = []
-        for path in (below, above):
+        for path in (below, above):  # cut to the slice's own box: the channels stay aligned
             try:
-                stack.append(img if path == self.paths[i] else read_windowed(path, self.windows, size=self.size))
+                stack.append(img if path == self.paths[i] else read_windowed(path, self.windows, size=self.size, crop=box))
             except DicomError:
                 stack.append(img)  # an unreadable neighbour: repeat the slice, as at an edge
         return np.concatenate([stack[0], img, stack[1]], axis=2)

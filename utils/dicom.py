@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 import pydicom
 
+from utils.crop import HEAD_HU, Box, crop_square, head_box
+
 # Windows as (center, width) in Hounsfield units.
 BRAIN = (40.0, 80.0)
 SUBDURAL = (80.0, 200.0)
@@ -755,49 +757,80 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
                                 interpolation=interp) for c in range(img.shape[2])], axis=2)
 
 
-def read_windowed(path, windows=DEFAULT_WINDOWS, size: int | None = None) -> np.ndarray:
+def read_windowed(path, windows=DEFAULT_WINDOWS, size: int | None = None, crop=None) -> np.ndarray:
     """One slice as a uint8 (H, W, C) image, a channel per (center, width) window.
 
     With ``size`` the image is padded to a square and resized to size x size. MONOCHROME1
-    is inverted so that bright always means dense.
+    is inverted so that bright always means dense. ``crop``: None (or "none") keeps the
+    whole slice, "head" cuts it to its head first (utils.crop), a box (top, left, side) to
+    that square (read_windowed_box gives a slice's box, for its neighbours).
     """
+    return read_windowed_box(path, windows, size, crop)[0]
+
+
+def read_windowed_box(path, windows=DEFAULT_WINDOWS, size: int | None = None, crop=None):
+    """read_windowed's image and the box it was cut to (None: the whole slice)."""
     path = Path(path)
     with _reading(path):
         h, raw = _read_raw(path)
-        return windowed_codes(path, h, raw, windows, size)
+        return windowed_codes(path, h, raw, windows, size, crop)
 
 
-def windowed_codes(path, h: Header, raw: np.ndarray, windows=DEFAULT_WINDOWS, size: int | None = None) -> np.ndarray:
-    """read_windowed's image of stored codes ``raw`` described by ``h`` (a frame of a
+def _crop_box(crop, mask) -> Box | None:
+    """The box ``crop`` asks for; ``mask`` () -> the slice's head mask, made only for "head"."""
+    if crop is None or crop == "none":
+        return None
+    if crop == "head":
+        return head_box(mask())
+    return crop
+
+
+@functools.lru_cache(maxsize=256)
+def _head_lut(lut_key: tuple) -> np.ndarray:
+    """1 for every stored code above HEAD_HU, 0 below: the head mask is one gather."""
+    table = (_hu_lut(*lut_key) > HEAD_HU).astype(np.uint8)
+    table.flags.writeable = False
+    return table
+
+
+def windowed_codes(path, h: Header, raw: np.ndarray, windows=DEFAULT_WINDOWS, size: int | None = None,
+                   crop=None) -> tuple[np.ndarray, Box | None]:
+    """read_windowed_box of stored codes ``raw`` described by ``h`` (a frame of a
     multi-frame file has its own Header: utils.multiframe)."""
     windows = _resolve_windows(windows, h, path)
     invert = h.photometric == "MONOCHROME1"
     if h.bits_allocated == 32:
-        return _windowed_slow(_hu(h, raw), windows, invert, size)
+        hu = _hu(h, raw)
+        box = _crop_box(crop, lambda: hu > HEAD_HU)
+        return _windowed_slow(hu, windows, invert, size, box), box
+    box = _crop_box(crop, lambda: np.take(_head_lut(_lut_key(h)), raw, mode="wrap"))
     packed = _packed_lut(_lut_key(h), windows, invert)
     words = _scratch_array("words", raw.size * packed.itemsize).view(packed.dtype)
     # Codes always index inside the table; "wrap" skips the clamp "clip" does (~18% faster).
     np.take(packed, raw.ravel(), out=words, mode="wrap")
-    img = words.view(np.uint8).reshape(h.rows, h.columns, packed.itemsize)
+    img = crop_square(words.view(np.uint8).reshape(h.rows, h.columns, packed.itemsize), box)
     if size is not None:
         img = _resize(_square(img), int(size))
     img = _first_channels(img, len(windows))
-    return img.copy() if np.shares_memory(img, words) else img  # never hand out scratch
+    return (img.copy() if np.shares_memory(img, words) else img), box  # never hand out scratch
 
 
-def windowed_hu(path, hu: np.ndarray, windows=DEFAULT_WINDOWS, size: int | None = None) -> np.ndarray:
-    """read_windowed's image of a slice given in HU (a NIfTI volume's: utils.nifti), which
-    has no header window of its own."""
+def windowed_hu(path, hu: np.ndarray, windows=DEFAULT_WINDOWS, size: int | None = None,
+                crop=None) -> tuple[np.ndarray, Box | None]:
+    """read_windowed_box of a slice given in HU (a NIfTI volume's: utils.nifti), which has
+    no header window of its own."""
     if HEADER in windows:
         raise DicomError(path, "the header window was asked for but the file has none")
-    return _windowed_slow(hu, _resolve_windows(windows, None, path), False, size)
+    box = _crop_box(crop, lambda: hu > HEAD_HU)
+    return _windowed_slow(hu, _resolve_windows(windows, None, path), False, size, box), box
 
 
-def _windowed_slow(hu: np.ndarray, windows: tuple, invert: bool, size: int | None) -> np.ndarray:
+def _windowed_slow(hu: np.ndarray, windows: tuple, invert: bool, size: int | None, box: Box | None) -> np.ndarray:
     """read_windowed for codes too wide for a look-up table: window() channel by channel."""
     img = np.stack([window(hu, center, width) for center, width in windows], axis=2)
     if invert:
         img = 255 - img
+    img = crop_square(img, box)
     return img if size is None else _resize(_square(img), int(size))
 
 

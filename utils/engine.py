@@ -222,7 +222,7 @@ class CheckpointMismatch(ValueError):
 
 # What a saved model was made with, and a prediction with it must use again (the batch too:
 # float sums on the CPU); a resume must not change these nor the rest of Checkpoints.SHAPING.
-MODEL_SETTINGS = ("arch", "image_size", "windows", "context", "context_windows", "batch_size")
+MODEL_SETTINGS = ("arch", "image_size", "windows", "context", "context_windows", "crop", "batch_size")
 
 
 class Checkpoints:

@@ -43,7 +43,7 @@ def slice_dataset(rows: pd.DataFrame, cfg, labels=None, transform=None) -> data_
     neighbours = rows[["below", "above"]].to_numpy() if cfg.context else None
     return data_utils.SliceDataset(rows["path"].tolist(), labels, parse_windows(cfg.windows),
                                    cfg.image_size, transform, seed=cfg.seed, neighbours=neighbours,
-                                   neighbour_windows=cfg.context_windows)
+                                   neighbour_windows=cfg.context_windows, crop=cfg.crop)
 
 
 def input_layout(cfg) -> tuple[int, int]:

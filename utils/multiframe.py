@@ -1,7 +1,7 @@
 """The frames of an Enhanced CT file: each one slice, read one at a time.
 
     frames = read_frames(path)                   # the frames' geometry; DicomError if no CT volume
-    img = read_frame_windowed(path, 12, size=256)  # frame 12, as utils.dicom.read_windowed gives a file
+    img, box = read_frame_windowed(path, 12, size=256)  # frame 12, as utils.dicom.read_windowed_box gives a file
 
 Modern scanners write a whole series as one Enhanced CT Image Storage file (or a Legacy
 Converted one): the frames share the image pixel module, and each frame's position,
@@ -68,12 +68,13 @@ def read_frames(path) -> Frames:
         return _frames(str(path), st.st_size, st.st_mtime_ns)
 
 
-def read_frame_windowed(path, index: int, windows=DEFAULT_WINDOWS, size: int | None = None) -> np.ndarray:
-    """Frame ``index`` of a multi-frame file as utils.dicom.read_windowed gives a slice."""
+def read_frame_windowed(path, index: int, windows=DEFAULT_WINDOWS, size: int | None = None, crop=None):
+    """Frame ``index`` of a multi-frame file as utils.dicom.read_windowed_box gives a slice:
+    the image and the box it was cut to."""
     path = Path(path)
     with _reading(path):
         h, raw = _frame_codes(path, index)
-        return windowed_codes(path, h, raw, windows, size)
+        return windowed_codes(path, h, raw, windows, size, crop)
 
 
 def read_frame_hu(path, index: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
     if is_nifti(path):
         volume = read_volume(path)                  # NiftiError if no CT volume in HU
-        img = read_slice_windowed(path, k, size=256)  # slice k, inferior first
+        img, box = read_slice_windowed(path, k, size=256)  # slice k, inferior first
 
 - Found by content: a NIfTI-1 (sizeof_hdr 348, magic "n+1") or NIfTI-2 (540, "n+2") file,
   gzip-compressed or not, whatever its name. A header with a separate .img ("ni1") is skipped.
@@ -102,9 +102,10 @@ def read_slice_hu(path, index: int) -> np.ndarray:
         return _slice(path, volume, data, scale, index)
 
 
-def read_slice_windowed(path, index: int, windows=DEFAULT_WINDOWS, size: int | None = None) -> np.ndarray:
-    """Slice ``index`` as utils.dicom.read_windowed gives a DICOM slice."""
-    return windowed_hu(path, read_slice_hu(path, index), windows, size)
+def read_slice_windowed(path, index: int, windows=DEFAULT_WINDOWS, size: int | None = None, crop=None):
+    """Slice ``index`` as utils.dicom.read_windowed_box gives a DICOM slice: the image and
+    the box it was cut to."""
+    return windowed_hu(path, read_slice_hu(path, index), windows, size, crop)
 
 
 def _load(path: str, kind: str):

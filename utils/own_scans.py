@@ -46,7 +46,7 @@ def heatmaps(path: Path, cfg, rt: Runtime, rows: pd.DataFrame, probs: pd.DataFra
             for images, _, index, _ in loader]
     out = {}
     for key, path_, cam, c in zip(rows.index, rows["path"], np.concatenate(cams), classes):
-        gray = read_windowed(path_, (BRAIN,), run_cfg.image_size)[..., 0]
+        gray = read_windowed(path_, (BRAIN,), run_cfg.image_size, crop=run_cfg.crop)[..., 0]
         out[key] = (LABELS[c], overlay(gray, cam))
     return out
 

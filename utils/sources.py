@@ -39,12 +39,17 @@ def split_ref(ref) -> tuple[str, str | None, int | None]:
     return ref, None, None
 
 
-def read_windowed(ref, windows=DEFAULT_WINDOWS, size: int | None = None) -> np.ndarray:
+def read_windowed(ref, windows=DEFAULT_WINDOWS, size: int | None = None, crop=None) -> np.ndarray:
     """utils.dicom.read_windowed of whatever ``ref`` names."""
+    return read_windowed_box(ref, windows, size, crop)[0]
+
+
+def read_windowed_box(ref, windows=DEFAULT_WINDOWS, size: int | None = None, crop=None):
+    """utils.dicom.read_windowed_box of whatever ``ref`` names: the image and its box."""
     path, part, index = split_ref(ref)
     if part is None:
-        return dicom.read_windowed(path, windows, size)
-    return _WINDOWED[part](path, index, windows, size)
+        return dicom.read_windowed_box(path, windows, size, crop)
+    return _WINDOWED[part](path, index, windows, size, crop)
 
 
 def read_hu(ref) -> np.ndarray:

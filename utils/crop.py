@@ -1,0 +1,59 @@
+"""--crop head: each slice cut to the head before it is resized.
+
+At 256 px a 512² slice whose head fills two thirds of it spends a third of the network's
+pixels on air and table; the competition's 2nd place cropped each slice to the head. The
+head is the largest connected region above HEAD_HU (the table is a thinner region apart
+from it), boxed with a margin and squared about its centre; what falls outside the image is
+air (0 in every window). A slice without a head region (above the skull, a blank) is kept
+whole. Array in, array out: the readers (utils.dicom) compute the mask on their hot path.
+
+    box = head_box(hu > HEAD_HU)         # (top, left, side) or None
+    img = crop_square(img, box)          # the square, padded with 0 where it leaves the image
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+HEAD_HU = -500.0  # air is -1000, fat -100: skin and everything inside it lies above
+CROPS = ("none", "head")
+MARGIN = 0.04  # of the box's side, each way: the scalp stays in view
+MIN_AREA = 0.005  # of the image: a smaller region is a wisp of noise, not a head
+_SCALE = 4  # the mask's components are found at a quarter of the side (512 -> 128)
+
+Box = tuple[int, int, int]  # top, left, side of a square in the slice's pixels
+
+
+def head_box(mask: np.ndarray) -> Box | None:
+    """The square around the largest connected region of ``mask`` (H x W, bool or uint8),
+    with MARGIN each way; None when no region covers MIN_AREA of the image."""
+    rows, cols = mask.shape
+    small = mask[::_SCALE, ::_SCALE].astype(np.uint8) if min(rows, cols) >= 64 * _SCALE else mask.astype(np.uint8)
+    step = rows / small.shape[0], cols / small.shape[1]
+    n, _, stats, _ = cv2.connectedComponentsWithStats(small, connectivity=8)
+    if n < 2:
+        return None
+    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    left, top, width, height, area = stats[best]
+    if area < MIN_AREA * small.size:
+        return None
+    top0, left0 = top * step[0], left * step[1]
+    bottom, right = (top + height) * step[0], (left + width) * step[1]  # the last sampled pixel's cell
+    side = max(bottom - top0, right - left0) * (1 + 2 * MARGIN)
+    centre_row, centre_col = (top0 + bottom) / 2, (left0 + right) / 2
+    side = int(np.ceil(side))
+    return int(round(centre_row - side / 2)), int(round(centre_col - side / 2)), side
+
+
+def crop_square(img: np.ndarray, box: Box | None) -> np.ndarray:
+    """``img`` (H x W [x C]) cut to ``box``, 0 where the box leaves the image; ``img`` itself
+    when ``box`` is None."""
+    if box is None:
+        return img
+    top, left, side = box
+    out = np.zeros((side, side) + img.shape[2:], dtype=img.dtype)
+    r0, c0 = max(top, 0), max(left, 0)
+    r1, c1 = min(top + side, img.shape[0]), min(left + side, img.shape[1])
+    if r1 > r0 and c1 > c0:
+        out[r0 - top:r1 - top, c0 - left:c1 - left] = img[r0:r1, c0:c1]
+    return out
