@@ -2,6 +2,8 @@
 
     python benchmarks/bench_dicom.py [--repeat 20] [--size 512] [--files DIR]
                                      [--compressed-repeat 7] [--compressed-size 256]
+                                     [--crop-repeat 30]
+    python benchmarks/bench_dicom.py --crop-only [--crop-repeat 30] [--files DIR]
 
 Naive: pydicom ``pixel_array`` -> float32 HU -> three clipped windows -> resize.
 Project: ``utils.dicom.read_windowed(path, size=...)`` (look-up table over the stored
@@ -14,6 +16,12 @@ Compressed files: the same slices are written with gdcm as JPEG Lossless SV1, JP
 Lossless, RLE Lossless and JPEG-LS Lossless, and ``read_windowed`` (pydicom and its
 decoder plugins) is timed on each against the uncompressed fast path at the training's
 size, after a check that every copy gives exactly its source's image.
+
+Crop (``--crop head``): ``read_windowed(path, size=256)`` against the same with
+``crop="head"`` on the same files, the extra steps timed one by one (the mask's gather, the
+head's box, the crop's copy, the resize of a square that is no longer 512); then the share
+of the 256x256 output that is head (above HEAD_HU), without and with the crop, from each
+slice's HU, after a check that the box measured there is the one the reader cuts to.
 """
 from __future__ import annotations
 
@@ -32,12 +40,18 @@ import numpy as np
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.crop import HEAD_HU, crop_square, head_box  # noqa: E402
 from utils.demo import write_plain_slices  # noqa: E402
-from utils.dicom import DEFAULT_WINDOWS, UNCOMPRESSED, read_header, read_windowed  # noqa: E402
+from utils.dicom import DEFAULT_WINDOWS, UNCOMPRESSED, read_header, read_hu, read_windowed  # noqa: E402
+from utils.dicom import read_windowed_box  # noqa: E402
+# The reader's own steps, to time the crop's parts one by one as the hot path runs them.
+from utils.dicom import _head_lut, _lut_key, _packed_lut, _read_raw, _resize, _resolve_windows, _square  # noqa: E402
 from utils.headers import scan_headers  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna_sample"
-TRAIN_SIZE = 256  # what training reads, so what the compressed paths are timed at
+TRAIN_SIZE = 256  # what training reads, so what the compressed paths and the crop are timed at
+# Options of the sections that --crop-only skips, and their defaults.
+OTHER_SECTIONS = {"repeat": 20, "size": 512, "compressed_repeat": 7, "compressed_size": TRAIN_SIZE}
 # Lossless syntaxes of CT archives: our name -> (gdcm.TransferSyntax's name, the UID).
 COMPRESSED = {
     "JPEG Lossless SV1": ("JPEGLosslessProcess14_1", pydicom.uid.JPEGLosslessSV1),
@@ -222,20 +236,108 @@ def bench_compressed(paths: list[Path], source: str, folder: Path, args) -> None
               f"missing: {'; '.join(decoder.missing_dependencies) or 'none'}")
 
 
+def crop_parts(paths: list[Path], repeat: int) -> list[tuple[str, float]]:
+    """µs per slice of each step that ``crop="head"`` adds or changes on the look-up-table
+    path, in the reader's order, on each slice's own codes (read once, outside the timing)."""
+    slices = []
+    for p in paths:
+        h, raw = _read_raw(p)
+        raw = raw.copy()  # a view of the buffer that the next read overwrites
+        key = _lut_key(h)
+        packed = _packed_lut(key, _resolve_windows(DEFAULT_WINDOWS, h, p), h.photometric == "MONOCHROME1")
+        img = np.take(packed, raw.ravel(), mode="wrap").view(np.uint8).reshape(h.rows, h.columns, -1)
+        mask = np.take(_head_lut(key), raw, mode="wrap")
+        box = head_box(mask)
+        slices.append((raw, _head_lut(key), mask, img, box, crop_square(img, box)))
+    steps = [
+        ("mask gather (np.take of the cached uint8 table)", lambda s: np.take(s[1], s[0], mode="wrap")),
+        ("head_box (4x subsample, connected components)", lambda s: head_box(s[2])),
+        ("crop copy (crop_square of the packed image)", lambda s: crop_square(s[3], s[4])),
+        (f"resize of the cut square to {TRAIN_SIZE}", lambda s: _resize(_square(s[5]), TRAIN_SIZE)),
+        (f"resize of the whole slice to {TRAIN_SIZE} (no crop)", lambda s: _resize(_square(s[3]), TRAIN_SIZE)),
+    ]
+    measured = rates([fn for _, fn in steps], slices, repeat)
+    return [(name, 1e6 / rate) for (name, _), rate in zip(steps, measured)]
+
+
+def bench_crop(paths: list[Path], source: str, args) -> None:
+    load = os.getloadavg()
+    whole, cut = rates([lambda p: read_windowed(p, size=TRAIN_SIZE),
+                        lambda p: read_windowed(p, size=TRAIN_SIZE, crop="head")], paths, args.crop_repeat)
+    parts = crop_parts(paths, args.crop_repeat)
+    print(f"crop: files: {len(paths)} ({source}), size {TRAIN_SIZE}, median of {args.crop_repeat} "
+          f"interleaved passes, one thread; load average {load[0]:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after")
+    print(f"  read_windowed(path, size={TRAIN_SIZE}):              {whole:8.1f} slices/s ({1e6 / whole:6.1f} µs/slice)")
+    print(f"  read_windowed(path, size={TRAIN_SIZE}, crop=\"head\"): {cut:8.1f} slices/s ({1e6 / cut:6.1f} µs/slice)")
+    print(f"  ratio with crop / without: {cut / whole:.3f}  (the crop adds {1e6 / cut - 1e6 / whole:.1f} µs/slice)")
+    print("  the crop's steps, µs/slice (median of the same number of interleaved passes):")
+    for name, us in parts:
+        print(f"    {name:<52} {us:7.1f}")
+    added = sum(us for _, us in parts[:4]) - parts[4][1]
+    print(f"    gather + box + copy + (cut resize - whole resize): {added:.1f} µs/slice")
+
+
+def head_share(paths: list[Path], source: str) -> None:
+    """Share of the TRAIN_SIZE² output that is head, without and with the crop: the mask
+    (HU > HEAD_HU) goes through the reader's geometry (pad to square, or cut to the box, then
+    INTER_AREA), and a pixel counts as head where more than half of it is."""
+    def share(mask: np.ndarray) -> float:
+        return float((cv2.resize(mask, (TRAIN_SIZE, TRAIN_SIZE), interpolation=cv2.INTER_AREA) > 0.5).mean())
+
+    without, with_crop, sides, no_box = [], [], [], []
+    for p in paths:
+        mask = (read_hu(p) > HEAD_HU).astype(np.float32)
+        box = head_box(mask > 0)
+        if box != read_windowed_box(p, size=TRAIN_SIZE, crop="head")[1]:
+            sys.exit(f"{p}: the reader cut to {read_windowed_box(p, size=TRAIN_SIZE, crop='head')[1]}, "
+                     f"the mask from read_hu gives {box}: the share below would not be the reader's")
+        without.append(share(_square(mask)))
+        with_crop.append(share(crop_square(mask, box)))
+        if box is None:
+            no_box.append(p.name)
+        else:
+            sides.append(box[2])
+    worse = [(p.name, a, b) for p, a, b in zip(paths, without, with_crop) if b < a]
+    if worse:
+        sys.exit(f"the crop lowered the head's share on {len(worse)} slices, e.g. {worse[0]}")
+    print(f"head share of the {TRAIN_SIZE}x{TRAIN_SIZE} output (above {HEAD_HU:g} HU), {len(paths)} files "
+          f"({source}): median [min, max]")
+    for name, values in (("without crop", without), ('crop="head"', with_crop)):
+        print(f"  {name:<13} {np.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]")
+    print(f"  {len(paths) - len(no_box)} slices cut to a box (side median {np.median(sides or [0]):.0f} px "
+          f"[{min(sides or [0])}, {max(sides or [0])}]), each with a share >= its uncropped one; "
+          f"{len(no_box)} without a box, kept whole{f': {no_box}' if no_box else ''}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeat", type=int, default=20, help="passes over the files, naive against project")
-    ap.add_argument("--size", type=int, default=512, help="output side, naive against project")
+    ap.add_argument("--repeat", type=int, default=argparse.SUPPRESS,
+                    help="passes over the files, naive against project (default 20)")
+    ap.add_argument("--size", type=int, default=argparse.SUPPRESS,
+                    help="output side, naive against project (default 512)")
     ap.add_argument("--files", type=Path, default=None,
                     help="a folder of uncompressed .dcm files (default: the RSNA sample, else synthetic)")
-    ap.add_argument("--compressed-repeat", type=int, default=7,
+    ap.add_argument("--compressed-repeat", type=int, default=argparse.SUPPRESS,
                     help="passes over the compressed copies (each costs about 40x an uncompressed pass); "
-                         "0 skips them")
-    ap.add_argument("--compressed-size", type=int, default=TRAIN_SIZE,
-                    help="output side for the compressed copies and their uncompressed baseline")
+                         "0 skips them (default 7)")
+    ap.add_argument("--compressed-size", type=int, default=argparse.SUPPRESS,
+                    help=f"output side for the compressed copies and their uncompressed baseline "
+                         f"(default {TRAIN_SIZE})")
+    ap.add_argument("--crop-repeat", type=int, default=30,
+                    help=f"passes over the files, read_windowed at {TRAIN_SIZE} without against with "
+                         f"crop=\"head\", and over each of the crop's steps; 0 skips the crop section")
+    ap.add_argument("--crop-only", action="store_true",
+                    help="run only the crop section (its speed and the head's share)")
     args = ap.parse_args()
+    given = [name for name in OTHER_SECTIONS if name in vars(args)]
+    if args.crop_only and given:
+        ap.error(f"--{given[0].replace('_', '-')} belongs to the sections that --crop-only skips")
+    args = argparse.Namespace(**{**OTHER_SECTIONS, **vars(args)})
     if args.repeat < 1 or args.compressed_repeat < 0 or args.size < 1 or args.compressed_size < 1:
         ap.error("--repeat and the sizes must be >= 1, --compressed-repeat >= 0")
+    if args.crop_repeat < 0 or (args.crop_only and args.crop_repeat < 1):
+        ap.error("--crop-repeat must be >= 0, and >= 1 with --crop-only")
     tmp = tempfile.TemporaryDirectory()
     paths, source = source_files(args.files, tmp.name)
     if not paths:
@@ -245,12 +347,16 @@ def main() -> None:
     cv2.setNumThreads(1)  # one core for both paths: the loader scales by processes
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"numpy {np.__version__}, pydicom {pydicom.__version__}, OpenCV {cv2.__version__}")
-    bench_naive(paths, source, args)
-    bench_header_scan(paths)
-    if args.compressed_repeat:
-        compressed = Path(tmp.name) / "compressed"
-        compressed.mkdir()
-        bench_compressed(paths, source, compressed, args)
+    if not args.crop_only:
+        bench_naive(paths, source, args)
+        bench_header_scan(paths)
+        if args.compressed_repeat:
+            compressed = Path(tmp.name) / "compressed"
+            compressed.mkdir()
+            bench_compressed(paths, source, compressed, args)
+    if args.crop_repeat:
+        bench_crop(paths, source, args)
+        head_share(paths, source)
     tmp.cleanup()
 
 

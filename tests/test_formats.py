@@ -131,3 +131,20 @@ def test_a_frame_is_decoded_alone_so_a_damaged_frame_spoils_only_itself(tmp_path
         read_frame_windowed(path, 1)
     for i in (0, 2):
         np.testing.assert_array_equal(read_frame_windowed(path, i, size=64)[0], read_windowed(sources[i], size=64))
+
+
+@pytest.mark.parametrize("syntax", [None, "RLE Lossless"])
+def test_reading_a_frame_holds_that_frame_not_the_file(tmp_path, rsna_sample, syntax):
+    """Memory stays bounded: a 48-frame file (24 MB of pixels) is read a frame at a time."""
+    import tracemalloc
+    path = make_enhanced_ct(tmp_path / "long.dcm", _series(rsna_sample, 3) * 16, syntax)
+    read_frames(path)  # the header, parsed once per process
+    tracemalloc.start()
+    try:
+        image = read_frame_windowed(path, 40, size=64)[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.shape == (64, 64, 3)
+    whole = min(48 * 512 * 512 * 2, path.stat().st_size)  # the pixels, or the file when compressed
+    assert peak < whole / 2, f"{peak / 2**20:.1f} MiB to read one frame of {whole / 2**20:.1f} MiB"
