@@ -2,6 +2,7 @@
 
     python benchmarks/bench_folds.py [--seeds 42 43 44] [--patients 80] [--folds 5]
                                      [--val-frac 0.2] [--epochs 3] [--threads 1] [--workdir DIR]
+    python benchmarks/bench_folds.py --compare-crop   # --crop head against none, one run each
 
 For each seed one synthetic demo dataset (utils/demo.py, the kernel's own demo: `--patients`
 training patients, a quarter as many test patients, with `test_truth.csv`, the answers Kaggle
@@ -139,6 +140,36 @@ def one_seed(seed: int, root: Path, args) -> dict:
     }
 
 
+def crop_seed(seed: int, root: Path, args) -> dict:
+    """--compare-crop: one run with --crop none and one with --crop head on the same data and
+    split; their test losses and validation losses."""
+    data = root / f"data_{seed}"
+    if not (data / "test_truth.csv").is_file():
+        make_demo_dataset(data, n_train_patients=args.patients,
+                          n_test_patients=max(2, args.patients // 4), seed=seed)
+    cache = ["--header-cache", str(root / "header_cache"), "--data-dir", str(data), f"--seed={seed}",
+             f"--val-frac={args.val_frac}"]
+    truth, out = read_labels(data / "test_truth.csv"), {}
+    for crop in ("none", "head"):
+        run = root / f"crop_{crop}_{seed}"
+        seconds = once(run, args, *cache, f"--crop={crop}")
+        metrics = json.loads((run / "metrics.json").read_text())
+        out[crop] = {"test": score(truth, read_probs(run / "test_predictions.csv")),
+                     "val": metrics["weighted_log_loss"], "seconds": seconds}
+    return out
+
+
+def report_crop(results: dict[int, dict]) -> None:
+    print("\n--crop head against none (one run each, the same split; weighted log loss):\n")
+    print("| seed | test, none | test, head | head - none | validation, none | validation, head |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for seed, r in results.items():
+        print(f"| {seed} | {r['none']['test']:.4f} | {r['head']['test']:.4f} | "
+              f"{r['head']['test'] - r['none']['test']:+.4f} | {r['none']['val']:.4f} | {r['head']['val']:.4f} |")
+    diffs = [r["head"]["test"] - r["none"]["test"] for r in results.values()]
+    print(f"| mean | | | {np.mean(diffs):+.4f} (head better on {sum(d < 0 for d in diffs)} of {len(diffs)}) | | |")
+
+
 def report(results: dict[int, dict], args) -> None:
     seeds = list(results)
     head = " | ".join(f"seed {s}" for s in seeds)
@@ -194,12 +225,18 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per kernel.py run (OMP_NUM_THREADS)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the data and runs here (reused when finished)")
+    ap.add_argument("--compare-crop", action="store_true",
+                    help="instead of the recipes: one run with --crop none against one with --crop head, per seed")
     args = ap.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         results = {}
+        if args.compare_crop:
+            report_crop({seed: crop_seed(seed, root, args) for seed in args.seeds})
+            print(f"\nTotal {time.perf_counter() - started:.0f}s")
+            return
         for seed in args.seeds:
             results[seed] = r = one_seed(seed, root, args)
             print(f"seed {seed}: " + ", ".join(f"({k}) {v:.4f}" for k, v in r["test"].items())

@@ -39,24 +39,26 @@ DEMO_PRESET = dict(arch="resnext50_32x4d", weights="none", image_size=64, batch_
                    lr=1e-3, val_frac=0.25, workers=min(2, os.cpu_count() or 1))
 VARIANTS = ("12bit_unsigned", "16bit_signed", "12bit_wrap")
 TEST_MASKS = "test_masks.npz"  # image ID -> bool (size, size): its lesions, all subtypes
+HEAD_SIZES = (0.6, 1.0)  # each patient's head, as a share of the largest: scanners frame heads differently
 
 
 def _hex(rng: np.random.Generator, n: int) -> str:
     return "".join(rng.choice(list("0123456789abcdef"), size=n))
 
 
-def _phantom(rng, size: int, t: float, lesions: dict[str, dict], mimics: tuple = ()) -> np.ndarray:
+def _phantom(rng, size: int, t: float, lesions: dict[str, dict], mimics: tuple = (), head: float = 1.0) -> np.ndarray:
     """One slice in HU; t in [-1, 1] is the height in the head, lesions keyed by subtype,
-    mimics (x, y) centres of unlabelled foci as dense as blood and shaped like a clot."""
-    return _phantom_and_mask(rng, size, t, lesions, mimics)[0]
+    mimics (x, y) centres of unlabelled foci as dense as blood and shaped like a clot, and
+    ``head`` the head's size (1: it fills 80 % of the width)."""
+    return _phantom_and_mask(rng, size, t, lesions, mimics, head)[0]
 
 
 def _phantom_and_mask(rng, size: int, t: float, lesions: dict[str, dict],
-                      mimics: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+                      mimics: tuple = (), head: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """_phantom's slice, and where its lesions are (bool, the union of the subtypes; the
     mimics are no lesion). Draws from ``rng`` exactly what _phantom draws."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    scale = np.sqrt(max(1.0 - (0.8 * t) ** 2, 0.2))
+    scale = np.sqrt(max(1.0 - (0.8 * t) ** 2, 0.2)) * head
     ax, ay = 0.40 * scale, 0.46 * scale
     r = np.sqrt((xx / ax) ** 2 + (yy / ay) ** 2)
     hu = np.full((size, size), AIR, dtype=np.float32)
@@ -79,7 +81,7 @@ def _phantom_and_mask(rng, size: int, t: float, lesions: dict[str, dict],
             cx, cy = np.cos(p["angle"]) * ax * 0.78, np.sin(p["angle"]) * ay * 0.78
             along = (xx - cx) * -np.sin(p["angle"]) + (yy - cy) * np.cos(p["angle"])
             across = (xx - cx) * np.cos(p["angle"]) + (yy - cy) * np.sin(p["angle"])
-            mask = ((along / 0.13) ** 2 + (across / 0.06) ** 2 < 1) & brain
+            mask = ((along / (0.13 * head)) ** 2 + (across / (0.06 * head)) ** 2 < 1) & brain
         elif name == "subdural":  # thin crescent along a long arc of the inner table
             d = np.angle(np.exp(1j * (theta - p["angle"])))
             mask = (r > inner - 0.10) & brain & (np.abs(d) < 1.2)
@@ -184,13 +186,15 @@ def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8
     root.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     mimic_rng = np.random.default_rng([seed, 1])  # its own stream: the rest is as without mimics
+    head_rng = np.random.default_rng([seed, 2])  # each patient's head size, a stream of its own too
 
     def write(tmp: Path) -> None:
         used: set[str] = set()
-        label_rows = _write_patients(tmp / "stage_2_train", n_train_patients, rng, mimic_rng, used, slices, size)
+        label_rows = _write_patients(tmp / "stage_2_train", n_train_patients, (rng, mimic_rng, head_rng), used, slices,
+                                     size)
         test_masks: dict[str, np.ndarray] = {}
-        sample_rows = _write_patients(tmp / "stage_2_test", n_test_patients, rng, mimic_rng, used, slices,
-                                      size, masks=test_masks)
+        sample_rows = _write_patients(tmp / "stage_2_test", n_test_patients, (rng, mimic_rng, head_rng), used,
+                                      slices, size, masks=test_masks)
         _add_faults(tmp, size)
         label_rows += label_rows[:2]  # the real label file repeats some images, identically
         _write_csv(tmp / "stage_2_train.csv", [(i, v) for rows in label_rows for i, v in rows])
@@ -206,13 +210,16 @@ def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8
     return atomic_write(root, write)
 
 
-def _write_patients(folder: Path, n_patients: int, rng, mimic_rng, used: set, slices: tuple[int, int],
+def _write_patients(folder: Path, n_patients: int, rngs: tuple, used: set, slices: tuple[int, int],
                     size: int, masks: dict | None = None) -> list[list[tuple[str, int]]]:
-    """Each patient's series of slices; per slice, its six (row ID, label) pairs. With
-    ``masks``, each slice's lesion mask goes there under its image ID."""
+    """Each patient's series of slices; per slice, its six (row ID, label) pairs. ``rngs``:
+    the main stream, the mimics' and the head sizes'. With ``masks``, each slice's lesion
+    mask goes there under its image ID."""
+    rng, mimic_rng, head_rng = rngs
     folder.mkdir(parents=True)
     out = []
     for p in range(n_patients):
+        head = float(head_rng.uniform(*HEAD_SIZES))  # a child's head, a wide field of view
         variant = VARIANTS[p % len(VARIANTS)]
         patient, study, series = f"ID_{_hex(rng, 8)}", f"ID_{_hex(rng, 10)}", f"ID_{_hex(rng, 10)}"
         n_slices = int(rng.integers(slices[0], slices[1] + 1))
@@ -231,7 +238,7 @@ def _write_patients(folder: Path, n_patients: int, rng, mimic_rng, used: set, sl
             used.add(image_id)
             present = {k: v for k, v in lesions.items() if s in runs[k]}
             t = -0.7 + 1.4 * s / max(n_slices - 1, 1)
-            hu, drawn = _phantom_and_mask(rng, size, t, present, mimics.get(s, ()))
+            hu, drawn = _phantom_and_mask(rng, size, t, present, mimics.get(s, ()), head)
             if masks is not None:
                 masks[image_id] = drawn
             write_slice(folder / f"{image_id}.dcm", hu, variant, image_id=image_id, patient_id=patient,
