@@ -23,6 +23,15 @@ def test_the_box_of_an_ellipse_is_its_longer_axis_with_the_margin_about_its_cent
     assert abs(top + side / 2 - 250) <= 4 and abs(left + side / 2 - 230) <= 4
 
 
+def test_at_the_vertex_a_head_holder_larger_than_the_skulls_cap_is_not_taken_for_the_head():
+    mask = _ellipse(centre=(200, 256), axes=(40, 50))  # the cap: 6,300 pixels
+    holder = _ellipse(centre=(230, 256), axes=(200, 220)) & ~_ellipse(centre=(230, 256), axes=(185, 205))
+    mask |= holder & (np.ogrid[:512, :512][0] > 230)  # a U below and around it: 8,000 pixels
+    assert holder[230:].sum() > _ellipse(axes=(40, 50)).sum()
+    top, left, side = head_box(mask)
+    assert abs(side - 100 * (1 + 2 * MARGIN)) <= 10 and abs(top + side / 2 - 200) <= 4
+
+
 def test_an_empty_slice_or_a_speck_has_no_box_and_is_kept_whole():
     img = np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3)
     assert head_box(np.zeros((512, 512), bool)) is None

@@ -2,8 +2,9 @@
 
 At 256 px a 512² slice whose head fills two thirds of it spends a third of the network's
 pixels on air and table; the competition's 2nd place cropped each slice to the head. The
-head is the largest connected region above HEAD_HU (the table is a thinner region apart
-from it), boxed with a margin and squared about its centre; what falls outside the image is
+head is the largest connected region above HEAD_HU that fills its own box as a head does
+(a table or a U-shaped head holder is larger than the skull's cap at the vertex, but fills
+a few percent of its box), boxed with a margin and squared about its centre; what falls outside the image is
 air (0 in every window). A slice without a head region (above the skull, a blank) is kept
 whole. Array in, array out: the readers (utils.dicom) compute the mask on their hot path.
 
@@ -19,24 +20,28 @@ HEAD_HU = -500.0  # air is -1000, fat -100: skin and everything inside it lies a
 CROPS = ("none", "head")
 MARGIN = 0.04  # of the box's side, each way: the scalp stays in view
 MIN_AREA = 0.005  # of the image: a smaller region is a wisp of noise, not a head
+MIN_FILL = 0.3  # of its box: a head region fills about 0.6-0.8 of it, a holder or table much less
 _SCALE = 4  # the mask's components are found at a quarter of the side (512 -> 128)
 
 Box = tuple[int, int, int]  # top, left, side of a square in the slice's pixels
 
 
 def head_box(mask: np.ndarray) -> Box | None:
-    """The square around the largest connected region of ``mask`` (H x W, bool or uint8),
-    with MARGIN each way; None when no region covers MIN_AREA of the image."""
+    """The square around the head in ``mask`` (H x W, bool or uint8: above HEAD_HU), with
+    MARGIN each way: the largest connected region that fills MIN_FILL of its box (the largest
+    of any when none does); None when no region covers MIN_AREA of the image."""
     rows, cols = mask.shape
     small = mask[::_SCALE, ::_SCALE].astype(np.uint8) if min(rows, cols) >= 64 * _SCALE else mask.astype(np.uint8)
     step = rows / small.shape[0], cols / small.shape[1]
     n, _, stats, _ = cv2.connectedComponentsWithStats(small, connectivity=8)
-    if n < 2:
+    regions = stats[1:][stats[1:, cv2.CC_STAT_AREA] >= MIN_AREA * small.size]
+    if not len(regions):
         return None
-    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    left, top, width, height, area = stats[best]
-    if area < MIN_AREA * small.size:
-        return None
+    # A head fills its box as an ellipse does (pi/4); the table and a U-shaped head holder,
+    # larger than the skull's cap at the vertex, fill a few percent of theirs.
+    fill = regions[:, cv2.CC_STAT_AREA] / (regions[:, cv2.CC_STAT_WIDTH] * regions[:, cv2.CC_STAT_HEIGHT])
+    solid = regions[fill >= MIN_FILL] if (fill >= MIN_FILL).any() else regions
+    left, top, width, height, _ = solid[np.argmax(solid[:, cv2.CC_STAT_AREA])]
     top0, left0 = top * step[0], left * step[1]
     bottom, right = (top + height) * step[0], (left + width) * step[1]  # the last sampled pixel's cell
     side = max(bottom - top0, right - left0) * (1 + 2 * MARGIN)
