@@ -40,12 +40,12 @@ import numpy as np
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.crop import HEAD_HU, crop_square, head_box  # noqa: E402
+from utils.crop import HEAD_HU, crop_square, head_box, sampled  # noqa: E402
 from utils.demo import write_plain_slices  # noqa: E402
 from utils.dicom import (DEFAULT_WINDOWS, UNCOMPRESSED, read_header, read_hu, read_windowed,  # noqa: E402
                          read_windowed_box)
 # The reader's own steps, to time the crop's parts one by one as the hot path runs them.
-from utils.dicom import _head_lut, _lut_key, _packed_lut, _read_raw, _resize, _resolve_windows, _square  # noqa: E402
+from utils.dicom import _head_lut, _lut_key, _packed_lut, _read_raw, _resize, _resize_cut, _resolve_windows, _square  # noqa: E402
 from utils.headers import scan_headers  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna_sample"
@@ -246,14 +246,15 @@ def crop_parts(paths: list[Path], repeat: int) -> list[tuple[str, float]]:
         key = _lut_key(h)
         packed = _packed_lut(key, _resolve_windows(DEFAULT_WINDOWS, h, p), h.photometric == "MONOCHROME1")
         img = np.take(packed, raw.ravel(), mode="wrap").view(np.uint8).reshape(h.rows, h.columns, -1)
-        mask = np.take(_head_lut(key), raw, mode="wrap")
-        box = head_box(mask)
+        mask = np.take(_head_lut(key), sampled(raw), mode="wrap")
+        box = head_box(mask, raw.shape)
         slices.append((raw, _head_lut(key), mask, img, box, crop_square(img, box)))
     steps = [
-        ("mask gather (np.take of the cached uint8 table)", lambda s: np.take(s[1], s[0], mode="wrap")),
-        ("head_box (4x subsample, connected components)", lambda s: head_box(s[2])),
+        ("mask gather (np.take of the cached uint8 table, every 4th pixel)",
+         lambda s: np.take(s[1], sampled(s[0]), mode="wrap")),
+        ("head_box (connected components of the 4x-sampled mask)", lambda s: head_box(s[2], s[0].shape)),
         ("crop copy (crop_square of the packed image)", lambda s: crop_square(s[3], s[4])),
-        (f"resize of the cut square to {TRAIN_SIZE}", lambda s: _resize(_square(s[5]), TRAIN_SIZE)),
+        (f"resize of the cut square to {TRAIN_SIZE} (_resize_cut)", lambda s: _resize_cut(s[5], TRAIN_SIZE)),
         (f"resize of the whole slice to {TRAIN_SIZE} (no crop)", lambda s: _resize(_square(s[3]), TRAIN_SIZE)),
     ]
     measured = rates([fn for _, fn in steps], slices, repeat)

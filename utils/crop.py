@@ -9,6 +9,7 @@ air (0 in every window). A slice without a head region (above the skull, a blank
 whole. Array in, array out: the readers (utils.dicom) compute the mask on their hot path.
 
     box = head_box(hu > HEAD_HU)         # (top, left, side) or None
+    box = head_box(sampled(hu) > HEAD_HU, hu.shape)  # the same, from the pixels it looks at
     img = crop_square(img, box)          # the square, padded with 0 where it leaves the image
 """
 from __future__ import annotations
@@ -26,12 +27,19 @@ _SCALE = 4  # the mask's components are found at a quarter of the side (512 -> 1
 Box = tuple[int, int, int]  # top, left, side of a square in the slice's pixels
 
 
-def head_box(mask: np.ndarray) -> Box | None:
+def sampled(image: np.ndarray) -> np.ndarray:
+    """The pixels head_box looks at: every _SCALE-th row and column of a slice of 256 pixels
+    or more a side (the readers gather the mask there alone), all of a smaller one."""
+    return image[::_SCALE, ::_SCALE] if min(image.shape[:2]) >= 64 * _SCALE else image
+
+
+def head_box(mask: np.ndarray, shape: tuple[int, int] | None = None) -> Box | None:
     """The square around the head in ``mask`` (H x W, bool or uint8: above HEAD_HU), with
     MARGIN each way: the largest connected region that fills MIN_FILL of its box (the largest
-    of any when none does); None when no region covers MIN_AREA of the image."""
-    rows, cols = mask.shape
-    small = mask[::_SCALE, ::_SCALE].astype(np.uint8) if min(rows, cols) >= 64 * _SCALE else mask.astype(np.uint8)
+    of any when none does); None when no region covers MIN_AREA of the image. With ``shape``
+    (the slice's rows and columns), ``mask`` is already ``sampled`` from it."""
+    rows, cols = shape or mask.shape
+    small = (mask if shape else sampled(mask)).astype(np.uint8)
     step = rows / small.shape[0], cols / small.shape[1]
     n, _, stats, _ = cv2.connectedComponentsWithStats(small, connectivity=8)
     regions = stats[1:][stats[1:, cv2.CC_STAT_AREA] >= MIN_AREA * small.size]
