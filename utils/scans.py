@@ -190,9 +190,19 @@ def _frame_slices(path: str) -> tuple[str, object]:
                        for i, (position, orientation) in enumerate(zip(frames.positions, frames.orientations))])
 
 
+# Short names of the transfer syntaxes exports use; pydicom's own name for any other.
+SYNTAX_NAMES = {pydicom.uid.ExplicitVRLittleEndian: "uncompressed", pydicom.uid.ImplicitVRLittleEndian: "uncompressed",
+                pydicom.uid.RLELossless: "RLE", pydicom.uid.JPEGBaseline8Bit: "JPEG baseline",
+                pydicom.uid.JPEGExtended12Bit: "JPEG extended", pydicom.uid.JPEGLossless: "JPEG lossless",
+                pydicom.uid.JPEGLosslessSV1: "JPEG lossless SV1", pydicom.uid.JPEGLSLossless: "JPEG-LS lossless",
+                pydicom.uid.JPEGLSNearLossless: "JPEG-LS near-lossless", pydicom.uid.JPEG2000Lossless: "JPEG 2000 lossless",
+                pydicom.uid.JPEG2000: "JPEG 2000", pydicom.uid.DeflatedExplicitVRLittleEndian: "deflated",
+                pydicom.uid.ExplicitVRBigEndian: "uncompressed, big endian"}
+
+
 def _format(kind: str, syntax: str) -> str:
-    """"DICOM (JPEG-LS Lossless Image Compression)": the kind of file and its transfer syntax."""
-    return f"{kind} ({pydicom.uid.UID(syntax).name})"
+    """"DICOM (JPEG-LS lossless)": the kind of file and its transfer syntax, by its short name."""
+    return f"{kind} ({SYNTAX_NAMES.get(syntax) or pydicom.uid.UID(syntax).name})"
 
 
 def _not_predictable(info: SliceInfo, orientation) -> str:
