@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from utils import data as data_utils  # noqa: E402
 from utils.demo import DEMO_PRESET, TEST_MASKS, make_demo_dataset  # noqa: E402
-from utils.dicom import DicomError, parse_windows, read_hu, read_windowed  # noqa: E402
+from utils.crop import HEAD_HU, crop_square  # noqa: E402
+from utils.dicom import DicomError, parse_windows, read_hu, read_windowed_box  # noqa: E402
 from utils.engine import Dist, roc_auc  # noqa: E402
 from utils.gradcam import grad_cam  # noqa: E402
 from utils.inference import load_model  # noqa: E402
@@ -49,7 +50,6 @@ from utils.labels import LABELS, SUBTYPES  # noqa: E402
 from utils.rundir import read_predictions  # noqa: E402
 from utils.runtime import setup_runtime  # noqa: E402
 
-HEAD_HU = -500.0  # above it: skull, brain, scalp; below: air and the padding outside the field of view
 DILATE_PX = 2
 LAYERS = ("layer4", "layer3", "layer2")
 
@@ -90,18 +90,21 @@ def hit(cam: torch.Tensor, mask: np.ndarray) -> bool:
     return bool(mask[int(round(rows.mean())), int(round(cols.mean()))])
 
 
-def lesion_slices(data: Path, truth: pd.DataFrame, windows, size: int):
-    """(image IDs, uint8 NCHW inputs, HU slices) of the readable test slices with a lesion."""
-    ids, images, hus = [], [], []
+def lesion_slices(data: Path, truth: pd.DataFrame, windows, size: int, crop: str):
+    """(image IDs, uint8 NCHW inputs, HU slices, boxes) of the readable test slices with a
+    lesion, read as the model was trained (``crop``: each slice's box, None when whole)."""
+    ids, images, hus, boxes = [], [], [], []
     for image_id in truth.index[truth["any"] == 1]:
         path = data / "stage_2_test" / f"{image_id}.dcm"
         try:
-            images.append(read_windowed(path, windows, size=size).transpose(2, 0, 1))
-            hus.append(read_hu(path))
+            image, box = read_windowed_box(path, windows, size=size, crop=crop)
+            images.append(image.transpose(2, 0, 1))
+            hus.append(crop_square(read_hu(path), box))
         except DicomError:  # the demo's one damaged test file
             continue
         ids.append(image_id)
-    return ids, torch.from_numpy(np.stack(images)), hus
+        boxes.append(box)
+    return ids, torch.from_numpy(np.stack(images)), hus, boxes
 
 
 def pointing(run: Path, data: Path, truth: pd.DataFrame, predictions: pd.DataFrame) -> dict:
@@ -111,13 +114,14 @@ def pointing(run: Path, data: Path, truth: pd.DataFrame, predictions: pd.DataFra
     model, cfg, _ = load_model(run / "checkpoints" / "best.pt", rt)
     if cfg.get("context"):
         sys.exit("the pointing game reads one slice per input; train without --context")
-    ids, images, hus = lesion_slices(data, truth, parse_windows(cfg["windows"]), cfg["image_size"])
+    ids, images, hus, boxes = lesion_slices(data, truth, parse_windows(cfg["windows"]), cfg["image_size"],
+                                            cfg.get("crop", "none"))
     x = data_utils.to_device_normalized(images, rt.device)
     classes = [LABELS.index(c) for c in predictions.loc[ids, list(SUBTYPES)].idxmax(axis=1)]
     cams = {name: torch.from_numpy(grad_cam(model, x, classes, layer=getattr(model, name)))
             for name in LAYERS}
     with np.load(data / TEST_MASKS) as z:
-        masks = [ndimage.binary_dilation(z[i], iterations=DILATE_PX) for i in ids]
+        masks = [crop_square(ndimage.binary_dilation(z[i], iterations=DILATE_PX), box) for i, box in zip(ids, boxes)]
     heads = [hu > HEAD_HU for hu in hus]
     chance = [(mask & head).sum() / head.sum() for mask, head in zip(masks, heads)]
     shares = {name: np.mean([hit(cam[k], mask) for k, mask in enumerate(masks)]) for name, cam in cams.items()}

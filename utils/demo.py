@@ -35,8 +35,10 @@ from utils.labels import LABELS, SUBTYPES
 AIR, BRAIN_HU, CSF_HU, BONE_HU, BLOOD_HU = -1000.0, 32.0, 5.0, 1200.0, 75.0
 # kernel.py with no data given: settings small enough for a laptop CPU, trained from scratch
 # because nothing can be downloaded; an explicit option still wins.
+# Its heads differ in size (HEAD_SIZES), and cut to the head they train better on every seed
+# measured (BENCHMARKS.md: bench_folds.py --compare-crop).
 DEMO_PRESET = dict(arch="resnext50_32x4d", weights="none", image_size=64, batch_size=16,
-                   lr=1e-3, val_frac=0.25, workers=min(2, os.cpu_count() or 1))
+                   lr=1e-3, val_frac=0.25, workers=min(2, os.cpu_count() or 1), crop="head")
 VARIANTS = ("12bit_unsigned", "16bit_signed", "12bit_wrap")
 TEST_MASKS = "test_masks.npz"  # image ID -> bool (size, size): its lesions, all subtypes
 HEAD_SIZES = (0.6, 1.0)  # each patient's head, as a share of the largest: scanners frame heads differently
