@@ -7,15 +7,21 @@
     rows = scan.model_rows()         # absolute path, below, above: what the model reads
 
 Rules:
-- DICOM files are found by content, not by name: a Part-10 file has b"DICM" at byte 128.
-  Other files (a CD's viewer, PDFs, text, pre-1993 ACR-NEMA files) are counted, not listed.
-  A DICOMDIR is the index of a CD, not an image: it is skipped, and the images it lists
-  are found as the files they are.
+- Files are found by content, not by name: a DICOM Part-10 file has b"DICM" at byte 128,
+  a NIfTI volume its header's magic (utils.nifti, gzip or not). Other files (a CD's viewer,
+  PDFs, text, pre-1993 ACR-NEMA files) are counted, not listed. A DICOMDIR is the index of a
+  CD, not an image: it is skipped, and the images it lists are found as the files they are.
+- A slice is a single-frame DICOM file (any transfer syntax pydicom's decoders read), a
+  frame of an Enhanced CT file (utils.multiframe) or a slice of a NIfTI volume; ``path``
+  names it with utils.sources' reference ("ct.dcm::frame=3"), ``file`` and ``frame`` apart,
+  ``format`` says what it was read from. A NIfTI volume is a series of its own, named by
+  its path.
 - Folders are walked in name order, and symlinked folders followed, each real folder once
   (a link back up the tree is no loop).
 - Skipped, with a reason: a damaged file (utils.dicom's reason), another modality, a
   localizer (ImageType LOCALIZER), a slice more than 45 degrees from axial (a coronal or
-  sagittal reformat: the model reads axial slices), a multi-frame object, colour data, a second file of one
+  sagittal reformat: the model reads axial slices), a multi-frame file that is no Enhanced CT,
+  a NIfTI volume that is no CT in HU, colour data, a second file of one
   SOPInstanceUID, and a second slice at one position of a series (the first path, sorted,
   is kept; the reason names it).
 - A series is a SeriesInstanceUID within its StudyInstanceUID (utils.split's fallback when
