@@ -119,6 +119,7 @@ class SliceInfo:
     series_description: str
     position: tuple[float, float, float] | None  # ImagePositionPatient in mm
     orientation: tuple[float, ...] | None  # ImageOrientationPatient: row, then column cosines
+    sop_class: str = ""  # SOPClassUID: an Enhanced CT file keeps its rescale in functional groups
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ _TEXT = {(0x0010, 0x0020): "PatientID", (0x0020, 0x000D): "StudyInstanceUID",
 # Read for read_slice_info: identity and kind. No patient text (name, birth date...) is in
 # any table here, so none can reach a scan's outputs.
 _SLICE_TEXT = {(0x0008, 0x0008): "ImageType", (0x0008, 0x0060): "Modality",
-               (0x0008, 0x103E): "SeriesDescription"}
+               (0x0008, 0x103E): "SeriesDescription", (0x0008, 0x0016): "SOPClassUID"}
 _ALL_TEXT = {**_TEXT, **_SLICE_TEXT}
 _US_NAMES = {(0x0028, 0x0002): "SamplesPerPixel", (0x0028, 0x0010): "Rows",
              (0x0028, 0x0011): "Columns", (0x0028, 0x0100): "BitsAllocated",
@@ -397,6 +398,7 @@ def _slice_info(path: Path, v: dict) -> SliceInfo:
             description = description.encode("latin-1").decode("utf-8")
     return SliceInfo(
         sop_uid=v.get("SOPInstanceUID") or "",
+        sop_class=v.get("SOPClassUID") or "",
         modality=(v.get("Modality") or "").strip().upper(),
         image_type=tuple(p.strip().upper() for p in (v.get("ImageType") or "").split("\\") if p.strip()),
         series_description=description.strip(),
