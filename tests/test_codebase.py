@@ -35,5 +35,12 @@ def test_every_module_says_what_it_is_for():
             assert doc and len(doc.splitlines()[0]) > 20, path.name
 
 
+def test_the_readmes_layout_names_every_module():
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    missing = [p.name for p in SOURCES if p.name != "__init__.py"
+               and f"{p.relative_to(ROOT).as_posix()} " not in layout.replace("\n", " \n")]
+    assert missing == [], f"add these to the README's Layout: {missing}"
+
+
 def _line_of(path: Path, text: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
