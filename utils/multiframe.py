@@ -26,7 +26,7 @@ import pydicom
 
 from utils.dicom import (_CODE_DTYPES, _SLICE_TEXT, _TAGS, _UI_WARNING, DEFAULT_WINDOWS, DicomError, Header, SliceInfo, _check_decodable,
                          _cross, _header_from_values, _number, _numbers, _orientation, _pydicom_values, _reading,
-                         _hu, _slice_info, decoder_failure, windowed_codes)
+                         _slice_info, decoder_failure, windowed_codes)
 
 ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT", "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT"}
 _PIXEL_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) Pixel Data, little endian
@@ -75,14 +75,6 @@ def read_frame_windowed(path, index: int, windows=DEFAULT_WINDOWS, size: int | N
     with _reading(path):
         h, raw = _frame_codes(path, index)
         return windowed_codes(path, h, raw, windows, size, crop)
-
-
-def read_frame_hu(path, index: int) -> np.ndarray:
-    """Frame ``index`` in Hounsfield units (float32), as utils.dicom.read_hu gives a slice."""
-    path = Path(path)
-    with _reading(path):
-        h, raw = _frame_codes(path, index)
-        return _hu(h, raw).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=16)

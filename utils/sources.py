@@ -21,7 +21,6 @@ from utils.dicom import DEFAULT_WINDOWS
 FRAME, SLICE = "frame", "slice"  # a frame of a multi-frame DICOM file, a slice of a NIfTI volume
 _REF = re.compile(r"(.+)::(frame|slice)=(\d+)", re.DOTALL)
 _WINDOWED = {FRAME: multiframe.read_frame_windowed, SLICE: nifti.read_slice_windowed}
-_HU = {FRAME: multiframe.read_frame_hu, SLICE: nifti.read_slice_hu}
 
 
 def slice_ref(path, part: str | None = None, index: int | None = None) -> str:
@@ -50,11 +49,3 @@ def read_windowed_box(ref, windows=DEFAULT_WINDOWS, size: int | None = None, cro
     if part is None:
         return dicom.read_windowed_box(path, windows, size, crop)
     return _WINDOWED[part](path, index, windows, size, crop)
-
-
-def read_hu(ref) -> np.ndarray:
-    """Hounsfield units (float32) of whatever ``ref`` names."""
-    path, part, index = split_ref(ref)
-    if part is None:
-        return dicom.read_hu(path)
-    return np.asarray(_HU[part](path, index), dtype=np.float32)
