@@ -407,18 +407,20 @@ def _slice_info(path: Path, v: dict) -> SliceInfo:
     )
 
 
-def _read_pydicom(path: Path, stop_before_pixels: bool):
-    """pydicom's reading of a file our parser leaves to it, with its failures named."""
+def _read_pydicom(path: Path, stop_before_pixels: bool, source=None, frames_ok: bool = False):
+    """pydicom's reading of a file our parser leaves to it, with its failures named; from
+    ``source`` (the file opened, left where pydicom stopped) when given; ``frames_ok`` as
+    _header_from_values takes it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_UI_WARNING)
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+            ds = pydicom.dcmread(path if source is None else source, stop_before_pixels=stop_before_pixels)
         except pydicom.errors.InvalidDicomError as err:
             raise DicomError(path, f"not a DICOM file ({err})") from None
         syntax = ds.file_meta.get("TransferSyntaxUID")
         if not syntax:
             raise DicomError(path, "the file meta group names no transfer syntax")
-    return ds, _header_from_values(path, _pydicom_values(path, ds, _TAGS), str(syntax))
+    return ds, _header_from_values(path, _pydicom_values(path, ds, _TAGS), str(syntax), frames_ok)
 
 
 def _pydicom_values(path: Path, ds, tags: dict) -> dict:
@@ -596,11 +598,16 @@ def _read_raw_pydicom(path: Path) -> tuple[Header, np.ndarray]:
             arr = pydicom.pixels.pixel_array(ds, raw=True)
     except Exception as err:  # noqa: BLE001 - decoders raise many types; all mean "pixels unusable"
         raise DicomError(path, f"cannot decode pixel data ({decoder_failure(err)})") from None
+    return h, decoded_codes(path, h, arr, "pixel data")
+
+
+def decoded_codes(path, h: Header, arr: np.ndarray, what: str) -> np.ndarray:
+    """A decoder's array of ``what`` (the pixel data, a frame) as the raw unsigned codes the
+    look-up tables index, its shape checked against ``h``."""
     if arr.shape != (h.rows, h.columns):
-        raise DicomError(path, f"pixel data has shape {arr.shape}, header says {h.rows}x{h.columns}")
+        raise DicomError(path, f"{what} has shape {arr.shape}, header says {h.rows}x{h.columns}")
     code_dtype = _CODE_DTYPES[h.bits_allocated]
-    return h, arr.view(code_dtype) if arr.dtype.itemsize == code_dtype.itemsize \
-        else arr.astype(code_dtype)
+    return arr.view(code_dtype) if arr.dtype.itemsize == code_dtype.itemsize else arr.astype(code_dtype)
 
 
 # ---------------------------------------------------------------------------------------

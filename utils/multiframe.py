@@ -17,16 +17,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 
-from utils.dicom import (_CODE_DTYPES, _SLICE_TEXT, _TAGS, _UI_WARNING, DEFAULT_WINDOWS, DicomError, Header, SliceInfo, _check_decodable,
-                         _cross, _header_from_values, _number, _numbers, _orientation, _pydicom_values, _reading,
-                         _slice_info, decoder_failure, windowed_codes)
+from utils.dicom import (_ALL_TEXT, DEFAULT_WINDOWS, DicomError, Header, SliceInfo, _check_decodable, _cross, _number,
+                         _numbers, _orientation, _pydicom_values, _read_pydicom, _reading, _slice_info, decoded_codes,
+                         decoder_failure, windowed_codes)
 
 ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT", "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT"}
 _PIXEL_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) Pixel Data, little endian
@@ -80,19 +79,12 @@ def read_frame_windowed(path, index: int, windows=DEFAULT_WINDOWS, size: int | N
 @functools.lru_cache(maxsize=16)
 def _frames(path: str, size: int, mtime_ns: int) -> Frames:
     """read_frames' work, once per process and version of a file."""
-    with open(path, "rb") as f, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_UI_WARNING)
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except pydicom.errors.InvalidDicomError as err:
-            raise DicomError(path, f"not a DICOM file ({err})") from None
+    with open(path, "rb") as f:
+        ds, header = _read_pydicom(Path(path), stop_before_pixels=True, source=f, frames_ok=True)
         at = f.tell()  # pydicom stops at the Pixel Data element's tag
         element = f.read(12)
-    syntax = str(ds.file_meta.get("TransferSyntaxUID") or "")
-    if not syntax:
-        raise DicomError(path, "the file meta group names no transfer syntax")
-    values = _pydicom_values(path, ds, {**_TAGS, **_SLICE_TEXT})
-    header = _header_from_values(Path(path), values, syntax, frames_ok=True)
+    syntax = header.transfer_syntax
+    values = _pydicom_values(Path(path), ds, _ALL_TEXT)
     n = int(values.get("NumberOfFrames", "1"))
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in ENHANCED_CT:
@@ -158,7 +150,4 @@ def _frame_codes(path: Path, index: int) -> tuple[Header, np.ndarray]:
                                    number_of_frames=len(frames), pixel_keyword="PixelData")
         except Exception as err:  # noqa: BLE001 - decoders raise many types; all mean "frame unusable"
             raise DicomError(path, f"cannot decode frame {index} ({decoder_failure(err)})") from None
-    if arr.shape != (h.rows, h.columns):
-        raise DicomError(path, f"frame {index} has shape {arr.shape}, the header says {h.rows}x{h.columns}")
-    dtype = _CODE_DTYPES[h.bits_allocated]
-    return h, arr.view(dtype) if arr.dtype.itemsize == dtype.itemsize else arr.astype(dtype)
+    return h, decoded_codes(path, h, arr, f"frame {index}")
