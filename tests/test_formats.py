@@ -55,7 +55,9 @@ def test_a_folder_scan_orders_the_frames_along_the_normal_and_names_file_and_fra
 def test_an_enhanced_ct_file_of_one_frame_takes_its_rescale_from_the_functional_groups(tmp_path, rsna_sample):
     """Its top level has no RescaleIntercept: read as a plain slice, its HU would be 1024 off."""
     source = _series(rsna_sample, 1)[0]
-    make_enhanced_ct(tmp_path / "scans" / "one.dcm", [source])
+    path = make_enhanced_ct(tmp_path / "scans" / "one.dcm", [source])
+    with pytest.raises(DicomError, match="an Enhanced CT file: each frame has its own rescale"):
+        read_windowed(path)  # the single-slice readers refuse it rather than give wrong HU
     scan = scan_folder(tmp_path / "scans")
     assert scan.slices["path"].tolist() == ["one.dcm::frame=0"] and not np.isnan(scan.slices["position_mm"].iloc[0])
     np.testing.assert_array_equal(read_ref(scan.model_rows()["path"].iloc[0], size=32), read_windowed(source, size=32))

@@ -70,7 +70,13 @@ class NotPart10(DicomError):
 
 
 class MultiFrame(DicomError):
-    """A file of several frames: no single slice (utils.multiframe reads Enhanced CT ones)."""
+    """A file of several frames, or an Enhanced CT file of any number: no single slice
+    (utils.multiframe reads Enhanced CT ones)."""
+
+
+# Enhanced CT files (and Legacy Converted ones) keep each frame's rescale and position in
+# functional groups, even a file of one frame: utils.multiframe reads them.
+ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT", "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT"}
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,6 @@ class SliceInfo:
     series_description: str
     position: tuple[float, float, float] | None  # ImagePositionPatient in mm
     orientation: tuple[float, ...] | None  # ImageOrientationPatient: row, then column cosines
-    sop_class: str = ""  # SOPClassUID: an Enhanced CT file keeps its rescale in functional groups
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,11 +173,11 @@ _TEXT = {(0x0010, 0x0020): "PatientID", (0x0020, 0x000D): "StudyInstanceUID",
          (0x0028, 0x0030): "PixelSpacing", (0x0028, 0x1050): "WindowCenter",
          (0x0028, 0x1051): "WindowWidth", (0x0028, 0x1052): "RescaleIntercept",
          (0x0028, 0x1053): "RescaleSlope", (0x0028, 0x0008): "NumberOfFrames",
-         (0x0020, 0x0037): "ImageOrientationPatient"}
+         (0x0020, 0x0037): "ImageOrientationPatient", (0x0008, 0x0016): "SOPClassUID"}
 # Read for read_slice_info: identity and kind. No patient text (name, birth date...) is in
 # any table here, so none can reach a scan's outputs.
 _SLICE_TEXT = {(0x0008, 0x0008): "ImageType", (0x0008, 0x0060): "Modality",
-               (0x0008, 0x103E): "SeriesDescription", (0x0008, 0x0016): "SOPClassUID"}
+               (0x0008, 0x103E): "SeriesDescription"}
 _ALL_TEXT = {**_TEXT, **_SLICE_TEXT}
 _US_NAMES = {(0x0028, 0x0002): "SamplesPerPixel", (0x0028, 0x0010): "Rows",
              (0x0028, 0x0011): "Columns", (0x0028, 0x0100): "BitsAllocated",
@@ -332,6 +337,8 @@ def _header_from_values(path: Path, v: dict, syntax: str, frames_ok: bool = Fals
         raise DicomError(path, f"NumberOfFrames {frames} is not a positive number")
     if frames > 1 and not frames_ok:  # read_hu would otherwise give the first frame as if it were the file
         raise MultiFrame(path, f"{frames} frames (a multi-frame object): not one slice")
+    if v.get("SOPClassUID") in ENHANCED_CT and not frames_ok:  # its top-level rescale is no frame's
+        raise MultiFrame(path, f"an {ENHANCED_CT[v['SOPClassUID']]} file: each frame has its own rescale and position")
     return h
 
 
@@ -398,7 +405,6 @@ def _slice_info(path: Path, v: dict) -> SliceInfo:
             description = description.encode("latin-1").decode("utf-8")
     return SliceInfo(
         sop_uid=v.get("SOPInstanceUID") or "",
-        sop_class=v.get("SOPClassUID") or "",
         modality=(v.get("Modality") or "").strip().upper(),
         image_type=tuple(p.strip().upper() for p in (v.get("ImageType") or "").split("\\") if p.strip()),
         series_description=description.strip(),

@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from utils.dicom import (_ALL_TEXT, DEFAULT_WINDOWS, DicomError, Header, SliceInfo, _check_decodable, _cross, _number,
+from utils.dicom import (_ALL_TEXT, DEFAULT_WINDOWS, ENHANCED_CT, DicomError, Header, SliceInfo, _check_decodable, _cross, _number,
                          _numbers, _orientation, _pydicom_values, _read_pydicom, _reading, _slice_info, decoded_codes,
                          decoder_failure, windowed_codes)
 
-ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT", "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT"}
 _PIXEL_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) Pixel Data, little endian
 # (functional group sequence, attribute): where each frame's geometry and rescale live
 _GROUPS = {"ImagePositionPatient": "PlanePositionSequence", "ImageOrientationPatient": "PlaneOrientationSequence",
@@ -86,7 +85,7 @@ def _frames(path: str, size: int, mtime_ns: int) -> Frames:
     syntax = header.transfer_syntax
     values = _pydicom_values(Path(path), ds, _ALL_TEXT)
     n = int(values.get("NumberOfFrames", "1"))
-    sop_class = str(ds.get("SOPClassUID", ""))
+    sop_class = values.get("SOPClassUID", "")
     if sop_class not in ENHANCED_CT:
         name = pydicom.uid.UID(sop_class).name if sop_class else "file without SOPClassUID"
         raise DicomError(path, f"{n} frames of a {name}: not a CT volume (only Enhanced CT files are read frame by frame)")

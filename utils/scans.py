@@ -48,7 +48,7 @@ import pydicom
 from utils import nifti
 from utils.dicom import DicomError, MultiFrame, NotPart10, SliceInfo, read_slice_info
 from utils.headers import map_chunks
-from utils.multiframe import ENHANCED_CT, read_frames
+from utils.multiframe import read_frames
 from utils.slices import MAX_TILT_DEGREES, order_slices, position_along_normal
 from utils.sources import FRAME, SLICE, slice_ref
 from utils.split import STUDY_PREFIX, fill_missing_keys
@@ -175,8 +175,6 @@ def _read_file(path: str) -> tuple[str, object]:
         return "slices", ("", volume.kind, [(SLICE, k, "", None, "", tuple(map(float, position)), volume.orientation)
                                             for k, position in enumerate(volume.positions)])
     except MultiFrame:
-        return _frame_slices(path)
-    if info.sop_class in ENHANCED_CT:  # one frame: its rescale and geometry are in functional groups
         return _frame_slices(path)
     reason = _not_predictable(info, info.orientation)
     # h.patient_id stays here: no patient text goes into the scan's tables
