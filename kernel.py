@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import data as data_utils
-from utils import rundir
+from utils import embeddings, rundir
 from utils.calibration import calibration_summary, decide_calibration
 from utils.demo import DEMO_PRESET, make_demo_dataset
 from utils.crop import CROPS
@@ -693,7 +693,7 @@ def validate(run: Training, cfg: Config, rt: Runtime, val_df: pd.DataFrame, head
     (its seconds counted from ``started``, training and validation)."""
     # the plain model: DDP's forward is a collective, and the ranks' shares of the
     # validation set may differ by one batch
-    val_probs, val_ok = predict(run.model, headers.loc[val_df.index], cfg, rt, "validate")
+    val_probs, val_ok, _ = predict(run.model, headers.loc[val_df.index], cfg, rt, "validate")
     val_probs[~val_ok] = run.prior
     val_paths = headers.loc[val_df.index, "path"].tolist()
     unreadable = gather_lists(rt.dist, run.pos["unreadable"]) + [p for p, ok in zip(val_paths, val_ok) if not ok]
@@ -793,42 +793,61 @@ def calibration_metrics(decision: dict | None) -> dict:
             "calibration_temperatures": dict(zip(LABELS, decision["temperatures"]))}
 
 
-def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.DataFrame,
-                       cfg: Config) -> tuple[RefinerResult | None, np.ndarray, float]:
-    """--refine: a small 1-D conv over each series' per-slice logits, trained on the
-    validation predictions in patient-grouped folds, so each slice's refined value comes
-    from a model that never saw its patient. Returns the refiner and the out-of-fold
-    refined validation probabilities (an honest estimate of its gain)."""
+def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.DataFrame, cfg: Config,
+                       features=None, device="cpu") -> tuple[RefinerResult | None, np.ndarray, dict]:
+    """--refine: refiners along each series, trained on the validation predictions in
+    patient-grouped folds, so each slice's refined value comes from a model that never saw
+    its patient: a 1-D conv over the per-slice logits and, where the run kept its images'
+    ``features``, a GRU over the logits and the features (utils/refiner.py). Returns what
+    wins out of fold (a refiner, or None: the per-slice predictions), the probabilities it
+    gives the validation images, and each refiner's out-of-fold loss by kind."""
     h = headers.loc[val_df.index]
     groups = patient_groups(headers, val_df.index)
     n_patients = len(np.unique(groups))
     if n_patients < 2:
         log(f"Refiner skipped: the validation set holds {n_patients} patient, and "
             f"out-of-fold refinement needs at least 2; the submission is not refined")
-        return None, val_probs, float("nan")
-    result = fit_refiner(logit(val_probs), val_df.to_numpy(), h["series"].to_numpy(),
-                         h["position"].to_numpy(), groups, n_folds=5, seed=cfg.seed)
-    before, after = weighted_log_loss(val_df.to_numpy(), val_probs), result.loss_after
-    log(f"Refiner: validation weighted log loss {before:.4f} per slice -> {after:.4f} refined "
-        f"along the series (out of fold, {result.n_folds} patient folds)")
-    if after >= before:
-        # Trained on a small validation set the refiner can overfit; it is used only where
-        # its out-of-fold loss shows it helps.
+        return None, val_probs, {}
+    y, series, position = val_df.to_numpy(), h["series"].to_numpy(), h["position"].to_numpy()
+    fitted = {"logits": fit_refiner(logit(val_probs), y, series, position, groups, n_folds=5, seed=cfg.seed)}
+    if features is not None:
+        fitted["embeddings"] = fit_refiner(logit(val_probs), y, series, position, groups, n_folds=5,
+                                           seed=cfg.seed, features=features, device=device)
+    before = weighted_log_loss(y, val_probs)
+    losses = {kind: result.loss_after for kind, result in fitted.items()}
+    log(f"Refiner: validation weighted log loss {before:.4f} per slice -> "
+        + ", ".join(f"{loss:.4f} over the {kind}" for kind, loss in losses.items())
+        + f" along the series (out of fold, {fitted['logits'].n_folds} patient folds)")
+    best = choose_refiner(losses, before)
+    if best is None:
         log("Refiner not used: it does not beat the per-slice predictions out of fold")
-        return None, val_probs, after
-    return result, result.oof_probs, after
+        return None, val_probs, losses
+    log(f"Refiner used: the one over the {best}")
+    return fitted[best], fitted[best].oof_probs, losses
+
+
+def choose_refiner(losses: dict, per_slice: float) -> str | None:
+    """The kind of refiner with the lowest out-of-fold loss, or None where none beats the
+    per-slice predictions' ``per_slice``: trained on a small validation set a refiner can
+    overfit, so it is used only where its out-of-fold loss shows it helps."""
+    best = min(losses, key=losses.get, default=None)
+    return best if best is not None and losses[best] < per_slice else None
 
 
 def refine_and_calibrate(cfg: Config, table: pd.DataFrame, headers: pd.DataFrame, metrics: dict,
-                         out_dir: Path, d: Dist) -> tuple[RefinerResult | None, dict | None, pd.DataFrame]:
+                         out_dir: Path, d: Dist, features=None,
+                         device="cpu") -> tuple[RefinerResult | None, dict | None, pd.DataFrame]:
     """--refine, then --calibrate, fitted on the validation (or out-of-fold) predictions
-    ``table``: the refiner and calibration for the test set, and the table with refined_*
-    where the refiner is used. ``metrics`` is completed: weighted_log_loss becomes the loss
-    of what is submitted (rundir.final_columns)."""
+    ``table`` (and the ``features`` of its rows, where kept): the refiner and calibration for
+    the test set, and the table with refined_* where a refiner is used. ``metrics`` is
+    completed: weighted_log_loss becomes the loss of what is submitted (rundir.final_columns)."""
     truth, refiner, calibration = table[list(LABELS)], None, None
     if cfg.refine:
-        refiner, refined, loss = fit_series_refiner(truth, table[PRED_COLUMNS].to_numpy(), headers, cfg)
-        metrics.update(refiner_used=refiner is not None, weighted_log_loss_refined=loss)
+        refiner, refined, losses = fit_series_refiner(truth, table[PRED_COLUMNS].to_numpy(), headers, cfg,
+                                                      features, device)
+        metrics.update(refiner_used=refiner is not None, refiner=refiner.kind if refiner else "none",
+                       weighted_log_loss_refined=min(losses.values(), default=float("nan")),
+                       **{f"weighted_log_loss_refined_{kind}": loss for kind, loss in losses.items()})
         if refiner is not None:
             table = table.assign(**dict(zip(REFINED_COLUMNS, refined.T)))
     final = table[rundir.final_columns(table)].to_numpy()
@@ -887,8 +906,23 @@ def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, starte
         print(f"rank {d.rank} of {d.world}: final weights sha1 {digest.hexdigest()}", flush=True)
     prior = prior_probabilities(train_df.to_numpy())
     metrics = {**evaluate(val_df, val_probs, prior, "validation"), "n_train": len(train_df), "best_epoch": best_epoch}
-    pred = predict_test(model, cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt)
-    finish(cfg, rt, out_dir, data, predictions_table(val_df, val_probs), metrics, pred, started)
+    pred = predict_test(model, cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt, embed=cfg.refine)
+    features = keep_features(model, cfg, val_df, data["train_headers"], pred, out_dir, rt) if cfg.refine else None
+    finish(cfg, rt, out_dir, data, predictions_table(val_df, val_probs), metrics, pred, started, features)
+
+
+def keep_features(model, cfg: Config, val_df: pd.DataFrame, headers: pd.DataFrame, pred: TestPredictions,
+                  out_dir: Path, rt: Runtime) -> np.ndarray:
+    """--refine: the best model's pooled features of the validation images (with the test
+    predictions' flips), saved with those of the test images (``pred``) in OUT/embeddings/
+    for the embedding refiner. One more pass over the validation images, about 1 % of the
+    training's time at 3 epochs."""
+    features = predict(model, headers.loc[val_df.index], cfg, rt, "validation features", tta=cfg.tta,
+                       embed=True).features
+    if rt.dist.main:
+        embeddings.save(out_dir, rundir.VAL_SPLIT, val_df.index, features)
+        embeddings.save(out_dir, rundir.TEST_SPLIT, pred.scanned, pred.features)
+    return features
 
 
 # %% The fold loop (--folds K --fold all): every fold in turn, out of fold, one submission.
@@ -919,7 +953,10 @@ def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.nd
     train_df, val_df = usable.loc[~val], usable.loc[val]
     model, val_probs, best_epoch = train(fold_cfg, train_df, val_df, data["train_headers"], fold_dir, rt)
     prior = prior_probabilities(train_df.to_numpy())
-    pred = predict_test(model, fold_cfg, data["test_ids"], data["test_headers"], prior, fold_dir, rt)
+    pred = predict_test(model, fold_cfg, data["test_ids"], data["test_headers"], prior, fold_dir, rt,
+                        embed=cfg.refine)
+    if cfg.refine:  # for the embedding refiner of the whole run, fitted out of fold
+        keep_features(model, fold_cfg, val_df, data["train_headers"], pred, fold_dir, rt)
     test_metrics = submit(pred, data["data_dir"], fold_dir, rt)
     if rt.dist.main:
         write_csv(fold_dir / rundir.VAL_PREDICTIONS, predictions_table(val_df, val_probs))
@@ -949,8 +986,16 @@ def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: 
                        "out_of_fold")
     metrics["weighted_log_loss_per_fold"] = {
         int(f): weighted_log_loss(g[list(LABELS)].to_numpy(), g[PRED_COLUMNS].to_numpy()) for f, g in oof.groupby("fold")}
-    pred = TestPredictions(average([r.test for r in results]), *scanned_and_failed(out_dir, data))
-    finish(cfg, rt, out_dir, data, oof, {**metrics, "folds": cfg.folds}, pred, started)
+    scanned, failed = scanned_and_failed(out_dir, data)
+    folders = rundir.fold_dirs(out_dir)[:cfg.folds]
+    features = embeddings.load(folders, rundir.VAL_SPLIT, oof.index) if cfg.refine else None
+    members = [TestPredictions(r.test, scanned, failed,
+                               embeddings.load([f], rundir.TEST_SPLIT, scanned) if features is not None else None)
+               for f, r in zip(folders, results)]
+    if any(m.features is None for m in members):
+        features = None  # the embedding refiner needs every fold's test features too
+    pred = TestPredictions(average([r.test for r in results]), scanned, failed, members=members)
+    finish(cfg, rt, out_dir, data, oof, {**metrics, "folds": cfg.folds}, pred, started, features)
 
 
 def scanned_and_failed(out_dir: Path, data: dict) -> tuple[list[str], list[str]]:
@@ -962,11 +1007,13 @@ def scanned_and_failed(out_dir: Path, data: dict) -> tuple[list[str], list[str]]
 
 
 def finish(cfg: Config, rt: Runtime, out_dir: Path, data: dict, table: pd.DataFrame, metrics: dict,
-           pred: TestPredictions, started: float) -> None:
+           pred: TestPredictions, started: float, features=None) -> None:
     """A single or fold run's end: refine and calibrate on its validation (or out-of-fold)
-    ``table``, both applied to the test predictions, the submission, the predictions table,
-    metrics.json (last: it marks the run finished) and the report."""
-    refiner, calibration, table = refine_and_calibrate(cfg, table, data["train_headers"], metrics, out_dir, rt.dist)
+    ``table`` (and its rows' ``features`` where kept), both applied to the test predictions,
+    the submission, the predictions table, metrics.json (last: it marks the run finished)
+    and the report."""
+    refiner, calibration, table = refine_and_calibrate(cfg, table, data["train_headers"], metrics, out_dir, rt.dist,
+                                                       features, rt.device)
     if refiner is not None:
         pred = refine_test(refiner, pred, data["test_headers"])
     metrics.update(submit(calibrate_test(calibration, pred), data["data_dir"], out_dir, rt))

@@ -382,12 +382,12 @@ def test_a_refiner_that_wins_refines_the_submission(tmp_path, monkeypatch):
 
     fitted = []
 
-    def always_used(val_df, val_probs, headers, cfg):
+    def always_used(val_df, val_probs, headers, cfg, features=None, device="cpu"):
         h = headers.loc[val_df.index]
         result = fit_refiner(logit(val_probs), val_df.to_numpy(), h["series"].to_numpy(),
                              h["position"].to_numpy(), h["patient_id"].to_numpy(), n_folds=2, seed=0)
         fitted.append(result)
-        return result, result.oof_probs, result.loss_after
+        return result, result.oof_probs, {"logits": result.loss_after}
 
     monkeypatch.setattr(kernel, "fit_series_refiner", always_used)
     out = tmp_path / "out"
@@ -439,7 +439,8 @@ def test_the_refiner_is_used_where_it_helps_out_of_fold(capsys):
     y = y.reshape(-1, 6)
     val_df, probs, headers = _validation_series(n_patients, n_slices, y,
                                                 1.5 * (2 * y - 1) + rng.normal(0, 2.0, y.shape))
-    refiner, used_probs, refined_loss = kernel.fit_series_refiner(val_df, probs, headers, kernel.Config(seed=0))
+    refiner, used_probs, losses = kernel.fit_series_refiner(val_df, probs, headers, kernel.Config(seed=0))
+    refined_loss = losses["logits"]
     before = kernel.weighted_log_loss(y, probs)
     assert refiner is not None and refined_loss < 0.6 * before
     np.testing.assert_array_equal(used_probs, refiner.oof_probs)
@@ -456,10 +457,40 @@ def test_the_refiner_is_not_used_where_it_hurts_out_of_fold(capsys):
     probs = rng.uniform(0.02, 0.98, (n_patients * n_slices, 6))
     y = (rng.random(probs.shape) < probs).astype(float)
     val_df, probs, headers = _validation_series(n_patients, n_slices, y, np.log(probs / (1 - probs)))
-    refiner, used_probs, refined_loss = kernel.fit_series_refiner(val_df, probs, headers, kernel.Config(seed=0))
-    assert refiner is None and used_probs is probs
-    assert refined_loss > kernel.weighted_log_loss(y, probs) + 0.01
+    refiner, used_probs, losses = kernel.fit_series_refiner(val_df, probs, headers, kernel.Config(seed=0))
+    assert refiner is None and used_probs is probs and list(losses) == ["logits"]
+    assert losses["logits"] > kernel.weighted_log_loss(y, probs) + 0.01
     assert "Refiner not used: it does not beat the per-slice predictions" in capsys.readouterr().out
+
+
+def test_the_refiner_chosen_is_the_one_that_wins_out_of_fold():
+    import kernel
+    assert kernel.choose_refiner({"logits": 0.30, "embeddings": 0.25}, 0.40) == "embeddings"
+    assert kernel.choose_refiner({"logits": 0.30, "embeddings": 0.35}, 0.40) == "logits"
+    assert kernel.choose_refiner({"logits": 0.41, "embeddings": 0.40}, 0.40) is None  # a tie is no gain
+    assert kernel.choose_refiner({}, 0.40) is None
+
+
+def test_the_embedding_refiner_is_fitted_beside_the_logit_refiner_where_features_were_kept(capsys, monkeypatch):
+    # The per-slice logits are noise; the features carry the labels: out of fold the
+    # embedding refiner wins, and its out-of-fold probabilities are what is used.
+    import kernel
+    from test_refiner import label_features
+    rng = np.random.default_rng(1)
+    n_patients, n_slices = 12, 16
+    y = np.zeros((n_patients, n_slices, 6))
+    for p in range(n_patients):
+        start = rng.integers(0, n_slices - 6)
+        y[p, start:start + rng.integers(2, 6)] = 1
+    y = y.reshape(-1, 6)
+    val_df, probs, headers = _validation_series(n_patients, n_slices, y, rng.normal(-1, 1.0, y.shape))
+    features = label_features(y, seed=0)
+    monkeypatch.setattr("utils.refiner.EMBEDDING_MIN_STEPS", 30)  # enough here; fast
+    refiner, used_probs, losses = kernel.fit_series_refiner(val_df, probs, headers, kernel.Config(seed=0), features)
+    assert sorted(losses) == ["embeddings", "logits"] and losses["embeddings"] < losses["logits"]
+    assert refiner.kind == "embeddings" and losses["embeddings"] == refiner.loss_after
+    np.testing.assert_array_equal(used_probs, refiner.oof_probs)
+    assert "Refiner used: the one over the embeddings" in capsys.readouterr().out
 
 
 def test_every_option_says_what_it_does():

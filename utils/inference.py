@@ -1,7 +1,7 @@
 """Prediction with a model: a trained one in the run, or one a run saved.
 
     model, trained, prior = load_model(path, rt)       # a best.pt on rt's device
-    probs, ok = predict(model, rows, cfg, rt, "test")  # (n, 6) and a readable flag per row
+    probs, ok, _ = predict(model, rows, cfg, rt, "test")  # (n, 6) and a readable flag per row
     pred = predict_saved(path, cfg, rt, data, out)     # a run's submission, made again
 
 ``cfg`` is kernel.py's Config (any dataclass with its fields); ``rows`` are header rows
@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -28,8 +29,8 @@ from utils.ensemble import average
 from utils.errors import UserError
 from utils.labels import LABELS
 from utils.metrics import logit
-from utils.model import build_model
-from utils.refiner import load_refiner, refine
+from utils.model import build_model, pooled_features
+from utils.refiner import RefinerResult, load_refiner, refine
 from utils.runtime import Runtime
 
 LOG = logging.getLogger(__name__)
@@ -55,33 +56,61 @@ def input_layout(cfg) -> tuple[int, int]:
     return (3 if cfg.context else windows), 1
 
 
+class Predicted(NamedTuple):
+    """predict()'s answer: probabilities (n, 6), a readable flag per row and, when asked
+    for, the pooled features (n, D) float16 (zero where unreadable)."""
+    probs: np.ndarray
+    ok: np.ndarray
+    features: np.ndarray | None = None
+
+
+def _forward(model, x: torch.Tensor, tta: bool, embed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits and, with ``embed``, pooled features; with ``tta`` each the mean over the
+    image and its mirror (heads are near-symmetric left to right)."""
+    views = [x, torch.flip(x, dims=[3])] if tta else [x]
+    if not embed:
+        return sum(model(v).float() for v in views) / len(views), None
+    features = [pooled_features(model, v) for v in views]
+    logits = sum(model.fc(f).float() for f in features) / len(views)
+    return logits, sum(f.float() for f in features) / len(views)
+
+
 @torch.no_grad()
-def predict(model, rows: pd.DataFrame, cfg, rt: Runtime, desc: str, tta: bool = False):
-    """Probabilities (n, 6) and a readable flag per header row; each rank predicts a share.
-    The probabilities stay on the device until the end: no wait for the GPU per batch."""
+def predict(model, rows: pd.DataFrame, cfg, rt: Runtime, desc: str, tta: bool = False,
+            embed: bool = False) -> Predicted:
+    """Probabilities (n, 6) and a readable flag per header row, and with ``embed`` the
+    features; each rank predicts a share. The results stay on the device until the end:
+    no wait for the GPU per batch."""
     ds = slice_dataset(rows, cfg)
     mine = np.arange(len(ds))[rt.dist.rank::rt.dist.world]
     loader = data_utils.make_loader(torch.utils.data.Subset(ds, mine), cfg.batch_size * 2,
                                     workers=cfg.workers)
     model.eval()
     slices = input_layout(cfg)[1]
-    index_parts, prob_parts, ok_parts = [], [], []
+    index_parts, prob_parts, ok_parts, feature_parts = [], [], [], []
     for images, _, index, ok in tqdm(loader, desc=desc, leave=False, mininterval=2,
                                      disable=not rt.dist.main):
         x = data_utils.to_device_normalized(images, rt.device, slices)
         with rt.autocast():
-            logits = model(x).float()
-            if tta:  # heads are near-symmetric left to right; average with the mirror image
-                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+            logits, features = _forward(model, x, tta, embed)
         index_parts.append(index.numpy())
         prob_parts.append(torch.sigmoid(logits))
         ok_parts.append(ok.numpy())
+        if embed:
+            feature_parts.append(features.to(torch.float16))
     index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
     probs = (torch.cat(prob_parts).cpu().numpy() if prob_parts
              else np.zeros((0, len(LABELS)), np.float32))
-    ok = np.concatenate(ok_parts) if ok_parts else np.zeros(0, bool)
-    return (gather_rows(rt.dist, index, probs, len(ds)),
-            gather_rows(rt.dist, index, ok, len(ds), fill=False))
+    ok = gather_rows(rt.dist, index, np.concatenate(ok_parts) if ok_parts else np.zeros(0, bool),
+                     len(ds), fill=False)
+    features = None
+    if embed:
+        width = model.fc.in_features
+        mine_features = (torch.cat(feature_parts).cpu().numpy() if feature_parts
+                         else np.zeros((0, width), np.float16))
+        features = gather_rows(rt.dist, index, mine_features, len(ds))
+        features[~ok] = 0
+    return Predicted(gather_rows(rt.dist, index, probs, len(ds)), ok, features)
 
 
 def load_model(path: Path, rt: Runtime) -> tuple[torch.nn.Module, dict, np.ndarray]:
@@ -105,16 +134,22 @@ def trained_settings(cfg, trained: dict):
 class TestPredictions:
     """Probabilities of every test image, in the sample's order; ``scanned`` are the images
     whose header was read (refinement runs along their series), ``failed`` those among them
-    whose pixels could not be decoded. Unread images hold the training prior."""
+    whose pixels could not be decoded. Unread images hold the training prior.
+    ``features`` (len(scanned), D), when kept, are the model's pooled features of the
+    scanned images; ``members`` are the predictions ``probs`` averages, one per model, each
+    with its features (the embedding refiner runs on each model's own, then averages)."""
     probs: pd.DataFrame
     scanned: list[str]
     failed: list[str]
+    features: np.ndarray | None = None
+    members: list[TestPredictions] = dataclasses.field(default_factory=list)
 
 
 def predict_test(model, cfg, test_ids: list[str], test_headers: pd.DataFrame, prior: np.ndarray,
-                 out_dir: Path, rt: Runtime) -> TestPredictions:
+                 out_dir: Path, rt: Runtime, embed: bool = False) -> TestPredictions:
     scanned = [i for i in test_ids if i in test_headers.index]
-    probs, ok = predict(model, test_headers.loc[scanned], cfg, rt, "predict test", tta=cfg.tta)
+    probs, ok, features = predict(model, test_headers.loc[scanned], cfg, rt, "predict test", tta=cfg.tta,
+                                  embed=embed)
     failed = [i for i, good in zip(scanned, ok) if not good]
     if failed and rt.dist.main:
         rundir.record_bad_files(out_dir, test_headers.loc[failed, "path"],
@@ -122,17 +157,27 @@ def predict_test(model, cfg, test_ids: list[str], test_headers: pd.DataFrame, pr
     table = pd.DataFrame(np.tile(prior, (len(test_ids), 1)), columns=list(LABELS),
                          index=pd.Index(test_ids, name="image_id"))
     table.loc[scanned] = np.where(ok[:, None], probs, prior)
-    return TestPredictions(table, scanned, failed)
+    return TestPredictions(table, scanned, failed, features)
 
 
-def refine_test(refiner, pred: TestPredictions, test_headers: pd.DataFrame) -> TestPredictions:
+def refine_test(refiner: RefinerResult, pred: TestPredictions, test_headers: pd.DataFrame) -> TestPredictions:
     """The refiner along each test series; an unreadable slice keeps what it had (the
-    prior), and its neighbours are refined with that in its place."""
+    prior), and its neighbours are refined with that in its place. A logit refiner reads
+    the averaged probabilities; an embedding refiner each member's probabilities with its
+    features (a single model: ``pred`` itself), and the refined members are averaged."""
     rows = test_headers.loc[pred.scanned]
+    series, position = rows["series"].to_numpy(), rows["position"].to_numpy()
     probs = pred.probs.copy()
     kept = probs.loc[pred.failed].copy()
-    probs.loc[pred.scanned] = refine(refiner, logit(probs.loc[pred.scanned].to_numpy()),
-                                     rows["series"].to_numpy(), rows["position"].to_numpy())
+    if refiner.kind == "logits":
+        refined = refine(refiner, logit(probs.loc[pred.scanned].to_numpy()), series, position)
+    else:
+        members = pred.members or [pred]
+        if any(m.features is None or m.scanned != pred.scanned for m in members):
+            raise ValueError("the embedding refiner needs each model's features of the scanned test images")
+        refined = np.mean([refine(refiner, logit(m.probs.loc[pred.scanned].to_numpy()), series, position,
+                                  m.features) for m in members], axis=0)
+    probs.loc[pred.scanned] = refined
     probs.loc[pred.failed] = kept
     return dataclasses.replace(pred, probs=probs)
 
@@ -148,24 +193,27 @@ def calibrate_test(decision: dict | None, pred: TestPredictions) -> TestPredicti
     return dataclasses.replace(pred, probs=probs)
 
 
-def predict_saved(path: Path, cfg, rt: Runtime, data: dict, out_dir: Path) -> TestPredictions:
+def predict_saved(path: Path, cfg, rt: Runtime, data: dict, out_dir: Path, embed: bool = False) -> TestPredictions:
     """Test predictions re-made from what a run saved (``data``: test_ids, test_headers).
-    A best.pt alone: that model. A run folder: its model, or each fold's averaged, then its
-    refiner and calibration; an ensemble folder: its runs, averaged with its weights."""
+    A best.pt alone: that model (with ``embed``, its features too). A run folder: its model,
+    or each fold's averaged, then its refiner and calibration; an ensemble folder: its runs,
+    averaged with its weights."""
     what = rundir.kind(path)
     if what == "checkpoint":
         model, trained, prior = load_model(path, rt)
         run_cfg = trained_settings(cfg, trained)
         LOG.info(f"Predicting with {path} ({run_cfg.arch}, {run_cfg.image_size}px, windows {run_cfg.windows})")
-        return predict_test(model, run_cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt)
+        return predict_test(model, run_cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt, embed)
     if what == "ensemble":
         runs, weights = rundir.ensemble_runs(path)
         parts = [predict_saved(run, cfg, rt, data, out_dir) for run in runs]
         return dataclasses.replace(parts[0], probs=average([p.probs for p in parts], weights))
-    parts = [predict_saved(c, cfg, rt, data, out_dir) for c in rundir.model_checkpoints(path)]
-    pred = dataclasses.replace(parts[0], probs=average([p.probs for p in parts]))
-    if (path / rundir.REFINER).is_file():
-        pred = refine_test(load_refiner(path / rundir.REFINER), pred, data["test_headers"])
+    refiner = load_refiner(path / rundir.REFINER) if (path / rundir.REFINER).is_file() else None
+    embed = refiner is not None and refiner.kind == "embeddings"
+    parts = [predict_saved(c, cfg, rt, data, out_dir, embed) for c in rundir.model_checkpoints(path)]
+    pred = TestPredictions(average([p.probs for p in parts]), parts[0].scanned, parts[0].failed, members=parts)
+    if refiner is not None:
+        pred = refine_test(refiner, pred, data["test_headers"])
     if (path / rundir.CALIBRATION).is_file():
         pred = calibrate_test(rundir.read_json(path / rundir.CALIBRATION), pred)
     return pred

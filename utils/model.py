@@ -178,6 +178,15 @@ def build_model(arch: str, weights=None, strict: bool = True, in_channels: int =
     return replace_head(adapt_input(model, in_channels, slices, pretrained=weights is not None))
 
 
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's pooled features (N, fc.in_features) of a torchvision ResNet or ResNeXt:
+    its forward without the head, so ``model.fc(pooled_features(model, x))`` is ``model(x)``.
+    What the embedding refiner reads besides the logits (utils/refiner.py)."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    return torch.flatten(model.avgpool(x), 1)
+
+
 def resolve_weights(weights: str | None, arch: str) -> str | None:
     """The weights file to start from: ``weights``, None for "none" (random init), or the
     one find_weights finds for ``arch``; a WeightsError saying what to do when none is."""

@@ -1,4 +1,5 @@
-"""A per-series refiner of per-slice logits: a residual 1-D convolution along z, fitted out of fold.
+"""Per-series refiners of per-slice predictions, fitted out of fold: a residual 1-D
+convolution over the logits, and a bidirectional GRU over the logits and the CNN's embeddings.
 
 Every top-5 team of the competition gained ~0.006-0.008 weighted log loss by reading a
 slice with its neighbours. Here the per-slice model's logits, placed by utils.slices'
@@ -9,18 +10,26 @@ order, are refined series by series:
                          order.loc[ids, "position"], groups)     # out-of-fold, by patient
     test_probs = refine(result, test_logits, test_series, test_position)
 
-A convolution rather than a GRU because it is fast on CPU, sees a fixed window of slices
+The logit refiner is a convolution rather than a GRU because it is fast on CPU, sees a fixed window of slices
 (hemorrhage spans a few neighbours, not the whole head) and, with its last layer
 initialised to zero, is exactly the identity at step 0, so training starts from the
 per-slice model's own answer. It is trained on the validation set's logits with
 patient-grouped folds, so every validation row gets an out-of-fold refined probability
 (an honest before/after score), and test rows get the mean of the fold models'
 probabilities.
+
+The embedding refiner (``features=``: each row's pooled backbone features, utils.embeddings)
+is what the 2nd-place solution ran over each series: it also sees what the CNN saw but did
+not put in a logit. A learned projection brings the 2,048 features down to PROJECTION per
+slice; a bidirectional GRU reads the series with the logits; its zero-initialised head adds
+to the logits, so it too starts as the identity. Features are gathered batch by batch from
+what ``features`` indexes (an array, a memory map, utils.embeddings.RowSource), so memory
+stays bounded at 752k x 2,048. It trains on ``device`` (the GPU when there is one).
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -28,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from utils.atomic import atomic_write
 from utils.engine import weighted_bce
@@ -43,6 +53,17 @@ LR = 3e-3
 WEIGHT_DECAY = 1e-4
 BATCH_SERIES = 64
 INFER_BATCH_SERIES = 512
+# the embedding refiner's
+PROJECTION = 32
+GRU_HIDDEN = 64
+FEATURE_DROPOUT = 0.2
+EMBEDDING_EPOCHS = 8
+EMBEDDING_LR = 3e-3
+# A GRU needs a few hundred steps to learn anything (measured: 16 steps left a synthetic
+# case's loss at 1.40, 200 brought it to 0.14): a small validation set, a few batches an
+# epoch, gets more epochs. At full size an epoch is ~340 steps, and EMBEDDING_EPOCHS rule.
+EMBEDDING_MIN_STEPS = 200
+KINDS = ("logits", "embeddings")  # what a refiner reads: refiner_kind()
 
 
 class RefinerWarning(UserWarning):
@@ -120,6 +141,15 @@ def unpack_series(padded, index: np.ndarray):
 # ---------------------------------------------------------------------------- model
 
 
+def _check_batch(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The series' lengths, once x (B, L, C) and mask (B, L) are checked."""
+    if x.ndim != 3 or mask.shape != x.shape[:2]:
+        raise ValueError(f"expected x (B, L, C) and mask (B, L), got {tuple(x.shape)} and {tuple(mask.shape)}")
+    if (mask[:, 1:] & ~mask[:, :-1]).any():
+        raise ValueError("mask must mark a prefix of each row (as pack_series makes)")
+    return mask.sum(dim=1)
+
+
 class SeriesRefiner(nn.Module):
     """Per-slice logits (B, L, C) + mask (B, L) -> refined logits (B, L, C).
 
@@ -143,17 +173,58 @@ class SeriesRefiner(nn.Module):
         nn.init.zeros_(self.body[-1].weight)
         nn.init.zeros_(self.body[-1].bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 3 or mask.shape != x.shape[:2]:
-            raise ValueError(f"expected x (B, L, C) and mask (B, L), got {tuple(x.shape)} and {tuple(mask.shape)}")
-        lengths = mask.sum(dim=1)
-        if (mask[:, 1:] & ~mask[:, :-1]).any():
-            raise ValueError("mask must mark a prefix of each row (as pack_series makes)")
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, features: None = None) -> torch.Tensor:
+        if features is not None:
+            raise ValueError("the logit refiner reads no features")
+        lengths = _check_batch(x, mask)
         last = (lengths - 1).clamp(min=0)
         slots = torch.arange(-self.halo, x.shape[1] + self.halo, device=x.device).clamp(min=0)
         take = torch.minimum(slots[None, :], last[:, None])
         extended = torch.gather(x, 1, take[..., None].expand(-1, -1, x.shape[2]))
         return x + self.body(extended.transpose(1, 2)).transpose(1, 2)
+
+
+class EmbeddingRefiner(nn.Module):
+    """Per-slice logits (B, L, C), mask (B, L) and the pooled features of the real slots
+    (mask.sum(), D), in the mask's row-major order -> refined logits (B, L, C).
+
+    out = scale * x + head(GRU([x, project(features)])) along each series, both directions,
+    with a learned scale per class (the features may say more than a noisy logit); the
+    scale starts at one and the head at zero, so an untrained refiner returns its input
+    exactly. Only the real
+    slots are projected and the GRU reads each series to its own length (packed), so a
+    series' output does not depend on its padding or batch. Outputs at padded slots are zero
+    plus the input.
+    """
+
+    def __init__(self, n_features: int, n_labels: int = N_LABELS, projection: int = PROJECTION,
+                 hidden: int = GRU_HIDDEN):
+        super().__init__()
+        self.project = nn.Sequential(nn.Dropout(FEATURE_DROPOUT), nn.Linear(n_features, projection),
+                                     nn.LayerNorm(projection), nn.ReLU())
+        self.gru = nn.GRU(n_labels + projection, hidden, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, n_labels)
+        self.scale = nn.Parameter(torch.ones(n_labels))
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        lengths = _check_batch(x, mask)
+        n_real = int(lengths.sum())
+        if features is None or features.ndim != 2 or len(features) != n_real:
+            raise ValueError(f"expected the features of the {n_real} real slots (n, D), got "
+                             f"{None if features is None else tuple(features.shape)}")
+        projected = x.new_zeros(*mask.shape, self.project[1].out_features)
+        projected[mask] = self.project(features)
+        packed = pack_padded_sequence(torch.cat([x, projected], dim=2), lengths.cpu().clamp(min=1),
+                                      batch_first=True, enforce_sorted=False)
+        read = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+        return self.scale * x + self.head(read)
+
+
+def refiner_kind(model: nn.Module) -> str:
+    """What a refiner reads (KINDS)."""
+    return "embeddings" if isinstance(model, EmbeddingRefiner) else "logits"
 
 
 # ---------------------------------------------------------------------- fit / apply
@@ -183,11 +254,11 @@ def _check_positive_int(value, name: str) -> int:
     return int(value)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _one_thread():
-    # The tensors are a few thousand numbers: handing them between threads costs more
-    # than the work (and on a busy machine, 40x more), and one thread sums in one order
-    # whatever the machine's core count.
+    # The tensors are a few thousand numbers (a batch of embeddings, a few million): handing
+    # them between threads costs more than the work (on a busy machine 40x more, and 17x
+    # for the GRU), and one thread sums in one order whatever the machine's core count.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -196,42 +267,106 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def train_refiner(logits, labels, series, position, *, seed: int = 0, epochs: int = EPOCHS,
-                  lr: float = LR, batch_size: int = BATCH_SERIES, hidden: int = HIDDEN,
-                  kernels: tuple[int, int] = KERNELS) -> SeriesRefiner:
-    """One SeriesRefiner fitted to these rows (all of them), with the metric's weighted BCE.
+def _check_features(features, n_rows: int):
+    """``features`` (an array, a memory map, a RowSource) as a refiner reads it: indexed by
+    row, 2-D, one row per input row; None stays None."""
+    if features is None:
+        return None
+    shape = getattr(features, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != n_rows or shape[1] < 1:
+        raise ValueError(f"features must be (n, D) with {n_rows} rows, got shape {shape}")
+    return features
 
-    Deterministic for a seed: the weights are drawn from a forked torch RNG (the caller's
-    global RNG is left untouched) and the batch order from numpy's generator of (seed, epoch).
+
+def _gather(features, rows: np.ndarray, device) -> torch.Tensor:
+    """features[rows] as float32 on the device, read in ascending row order (a memory map
+    reads each page once) and put back in the order asked."""
+    order = np.argsort(rows, kind="stable")
+    block = np.empty((len(rows), features.shape[1]), dtype=np.float32)
+    block[order] = features[rows[order]]
+    if not np.isfinite(block).all():
+        bad = rows[~np.isfinite(block).all(axis=1)]
+        raise ValueError(f"features have NaN or infinite values (e.g. row {int(bad[0])})")
+    return torch.from_numpy(block).to(device)
+
+
+class _Batches:
+    """The series of one packing, batch by batch, on a device: logits, mask, targets and the
+    features of the real slots (gathered from ``features`` at ``rows``, the global row of each
+    packed row), each batch trimmed to its longest series."""
+
+    def __init__(self, packed: PackedSeries, n_inputs: int, features, rows: np.ndarray, device):
+        self.packed, self.n_inputs, self.features, self.device = packed, n_inputs, features, device
+        self.lengths = packed.mask.sum(dim=1)
+        self.rows = np.full(packed.mask.shape, -1, dtype=np.int64)
+        self.rows[packed.index[:, 0], packed.index[:, 1]] = rows
+
+    def take(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Batch ``batch`` (series numbers): inputs, mask, targets, features."""
+        which = torch.from_numpy(batch)
+        width = int(self.lengths[which].max())
+        mask = self.packed.mask[which, :width]
+        values = self.packed.padded[which, :width].to(self.device)
+        features = None
+        if self.features is not None:
+            features = _gather(self.features, self.rows[batch, :width][mask.numpy()], self.device)
+        return values[..., :self.n_inputs], mask.to(self.device), values[..., self.n_inputs:], features
+
+
+def _new_model(n_features: int | None, hidden: int, kernels: tuple[int, int]) -> nn.Module:
+    if n_features is None:
+        return SeriesRefiner(hidden=hidden, kernels=kernels)
+    return EmbeddingRefiner(n_features)  # PROJECTION, GRU_HIDDEN
+
+
+def train_refiner(logits, labels, series, position, *, features=None, rows=None, device="cpu",
+                  seed: int = 0, epochs: int | None = None, lr: float | None = None,
+                  batch_size: int = BATCH_SERIES, hidden: int = HIDDEN,
+                  kernels: tuple[int, int] = KERNELS, min_steps: int | None = None) -> nn.Module:
+    """One refiner fitted to these rows (all of them), with the metric's weighted BCE: a
+    SeriesRefiner, or with ``features`` (row ``rows[i]`` of it for input row i; default
+    row i) an EmbeddingRefiner, trained for at least ``min_steps`` steps (default
+    EMBEDDING_MIN_STEPS). Epochs and learning rate default by kind.
+
+    Deterministic for a seed on the CPU: the weights and dropout draw from a forked torch
+    RNG (the caller's global RNG is left untouched), the batch order from numpy's generator
+    of (seed, epoch).
     """
     x = _check_logits(logits)
     y = _check_targets(labels, len(x))
-    epochs, batch_size = _check_positive_int(epochs, "epochs"), _check_positive_int(batch_size, "batch_size")
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows, dtype=np.int64)
+    if features is not None and (rows.shape != (len(x),) or rows.min() < 0 or rows.max() >= features.shape[0]):
+        raise ValueError(f"rows must give a row of features for each of the {len(x)} rows")
+    embedding = features is not None
+    epochs = _check_positive_int(epochs or (EMBEDDING_EPOCHS if embedding else EPOCHS), "epochs")
+    lr = lr or (EMBEDDING_LR if embedding else LR)
+    batch_size = _check_positive_int(batch_size, "batch_size")
     if not (np.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
-    packed = pack_series(np.concatenate([x, y], axis=1), series, position)
-    with torch.random.fork_rng(devices=[]):
+    batches = _Batches(pack_series(np.concatenate([x, y], axis=1), series, position), N_LABELS,
+                       features, rows, device)
+    if embedding:
+        per_epoch = -(-len(batches.lengths) // batch_size)
+        epochs = max(epochs, -(-(min_steps or EMBEDDING_MIN_STEPS) // per_epoch))
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _one_thread():
         torch.manual_seed(seed)
-        model = SeriesRefiner(hidden=hidden, kernels=kernels)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
-    model.train()
-    with _one_thread():
-        _train_epochs(model, optimizer, packed, epochs, batch_size, seed)
+        model = _new_model(features.shape[1] if embedding else None, hidden, kernels).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+        model.train()
+        _train_epochs(model, optimizer, batches, epochs, batch_size, seed)
     return model.eval()
 
 
-def _train_epochs(model: SeriesRefiner, optimizer, packed: PackedSeries, epochs: int,
-                  batch_size: int, seed: int) -> None:
-    inputs, targets = packed.padded[..., :N_LABELS], packed.padded[..., N_LABELS:]
-    lengths = packed.mask.sum(dim=1)
+def _train_epochs(model: nn.Module, optimizer, batches: _Batches, epochs: int, batch_size: int,
+                  seed: int) -> None:
+    n_series = len(batches.lengths)
     for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(inputs))
-        for first in range(0, len(order), batch_size):
-            batch = torch.from_numpy(order[first:first + batch_size])
-            width = int(lengths[batch].max())  # trim the padding this batch does not need
-            mask = packed.mask[batch, :width]
-            out = model(inputs[batch, :width], mask)
-            loss = weighted_bce(out.reshape(-1, N_LABELS), targets[batch, :width].reshape(-1, N_LABELS),
+        order = np.random.default_rng([seed, epoch]).permutation(n_series)
+        for first in range(0, n_series, batch_size):
+            inputs, mask, targets, features = batches.take(order[first:first + batch_size])
+            out = model(inputs, mask, features)
+            loss = weighted_bce(out.reshape(-1, N_LABELS), targets.reshape(-1, N_LABELS),
                                 mask.reshape(-1).float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -239,19 +374,25 @@ def _train_epochs(model: SeriesRefiner, optimizer, packed: PackedSeries, epochs:
 
 
 @torch.no_grad()
-def apply_refiner(model: SeriesRefiner, logits, series, position) -> np.ndarray:
-    """Refined logits (n, 6) float32 of one model, rows in the input's order."""
+def apply_refiner(model: nn.Module, logits, series, position, features=None, rows=None,
+                  device="cpu") -> np.ndarray:
+    """Refined logits (n, 6) float32 of one model, rows in the input's order; an embedding
+    refiner reads row ``rows[i]`` of ``features`` for input row i (default row i)."""
     x = _check_logits(logits)
+    if (features is None) != (refiner_kind(model) == "logits"):
+        raise ValueError(f"a refiner of {refiner_kind(model)} was given "
+                         f"{'no features' if features is None else 'features'}")
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows, dtype=np.int64)
     packed = pack_series(x, series, position)
-    lengths = packed.mask.sum(dim=1)
+    batches = _Batches(packed, N_LABELS, features, rows, device)
     out = torch.zeros_like(packed.padded)
     was_training = model.training
     model.eval()
     with _one_thread():
         for first in range(0, len(out), INFER_BATCH_SERIES):
-            rows = slice(first, first + INFER_BATCH_SERIES)
-            width = int(lengths[rows].max())
-            out[rows, :width] = model(packed.padded[rows, :width], packed.mask[rows, :width])
+            batch = np.arange(first, min(first + INFER_BATCH_SERIES, len(out)))
+            inputs, mask, _, batch_features = batches.take(batch)
+            out[first:first + len(batch), :mask.shape[1]] = model(inputs, mask, batch_features).cpu()
     model.train(was_training)
     return unpack_series(out, packed.index).numpy()
 
@@ -271,7 +412,7 @@ class RefinerResult:
     rows before (sigmoid of the input logits) and after (out of fold) refinement.
     """
 
-    models: list[SeriesRefiner]
+    models: list[nn.Module]
     folds: np.ndarray
     oof_probs: np.ndarray
     train_index: list[np.ndarray]
@@ -288,19 +429,28 @@ class RefinerResult:
     def train_rows(self) -> list[int]:
         return [len(rows) for rows in self.train_index]
 
+    @property
+    def kind(self) -> str:
+        """What its models read (KINDS): refine() needs features for "embeddings"."""
+        return refiner_kind(self.models[0])
+
 
 def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed: int = 0,
-                epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SERIES,
-                hidden: int = HIDDEN, kernels: tuple[int, int] = KERNELS) -> RefinerResult:
+                epochs: int | None = None, lr: float | None = None, batch_size: int = BATCH_SERIES,
+                hidden: int = HIDDEN, kernels: tuple[int, int] = KERNELS, features=None,
+                device="cpu", min_steps: int | None = None) -> RefinerResult:
     """Out-of-fold refiners over validation rows: per-slice logits (n, 6), labels (n, 6) 0/1,
-    series key and position of each row, and its patient group (see resolve_groups).
+    series key and position of each row, and its patient group (see resolve_groups); with
+    ``features`` (n, D), indexed by row, embedding refiners (EmbeddingRefiner) on ``device``.
 
-    Folds come from kfold_by_patient, so no model sees a patient it refines. With fewer
-    patients than n_folds the folds are reduced to one per patient, with a RefinerWarning;
-    fewer than two patients is an error (there would be nothing to train on).
+    Folds come from kfold_by_patient, so no model sees a patient it refines; for the same
+    rows, groups and seed both kinds get the same folds. With fewer patients than n_folds the
+    folds are reduced to one per patient, with a RefinerWarning; fewer than two patients is
+    an error (there would be nothing to train on).
     """
     x = _check_logits(logits)
     y = _check_targets(labels, len(x))
+    features = _check_features(features, len(x))
     codes, pos, series_keys = _check_series(series, position, len(x))
     group_array = np.asarray(groups)
     if group_array.shape != (len(x),):
@@ -320,52 +470,69 @@ def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed
     for fold in range(n_folds):
         train, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
         fold_seed = _fold_seed(seed, fold)
-        model = train_refiner(x[train], y[train], codes[train], pos[train], seed=fold_seed,
-                              epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden,
-                              kernels=kernels)
-        oof_logits[held] = apply_refiner(model, x[held], codes[held], pos[held])
-        models.append(model)
+        model = train_refiner(x[train], y[train], codes[train], pos[train], features=features, rows=train,
+                              device=device, seed=fold_seed, epochs=epochs, lr=lr, batch_size=batch_size,
+                              hidden=hidden, kernels=kernels, min_steps=min_steps)
+        oof_logits[held] = apply_refiner(model, x[held], codes[held], pos[held], features,
+                                         None if features is None else held, device)
+        models.append(model.cpu())
         train_index.append(train)
         fold_seeds.append(fold_seed)
     oof = sigmoid(oof_logits)
+    kind = refiner_kind(models[0])
     return RefinerResult(
         models=models, folds=folds, oof_probs=oof, train_index=train_index, fold_seeds=fold_seeds,
         loss_before=weighted_log_loss(y, sigmoid(x)), loss_after=weighted_log_loss(y, oof),
-        settings=dict(n_folds=n_folds, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size,
-                      hidden=hidden, kernels=tuple(kernels), weight_decay=WEIGHT_DECAY),
+        settings=dict(kind=kind, n_folds=n_folds, seed=seed, batch_size=batch_size, weight_decay=WEIGHT_DECAY,
+                      epochs=epochs or (EPOCHS if kind == "logits" else EMBEDDING_EPOCHS),
+                      lr=lr or (LR if kind == "logits" else EMBEDDING_LR),
+                      **(dict(hidden=hidden, kernels=tuple(kernels)) if kind == "logits" else
+                         dict(n_features=int(features.shape[1]), projection=PROJECTION, hidden=GRU_HIDDEN,
+                              feature_dropout=FEATURE_DROPOUT, min_steps=min_steps or EMBEDDING_MIN_STEPS))),
     )
 
 
-def refine(result: RefinerResult, logits, series, position) -> np.ndarray:
-    """Refined probabilities (n, 6) float64 of new rows: the mean over the fold models.
+def refine(result: RefinerResult, logits, series, position, features=None) -> np.ndarray:
+    """Refined probabilities (n, 6) float64 of new rows: the mean over the fold models
+    (on the CPU); an embedding refiner needs each row's ``features`` (n, D).
 
     Probabilities, not logits, are averaged: the mean is never more confident than its
     most confident member, which is the safer side of a log loss.
     """
     if not result.models:
         raise ValueError("result holds no models")
-    probs = [sigmoid(apply_refiner(model, logits, series, position)) for model in result.models]
+    features = _check_features(features, len(np.asarray(logits)))
+    probs = [sigmoid(apply_refiner(model, logits, series, position, features)) for model in result.models]
     return np.mean(probs, axis=0)
 
 
 def save_refiner(result: RefinerResult, path) -> None:
-    """The fold models and their settings: what refine() needs, written atomically."""
-    state = {"models": [m.state_dict() for m in result.models],
-             "hidden": int(result.settings.get("hidden", HIDDEN)),
-             "kernels": list(result.settings.get("kernels", KERNELS)),
+    """The fold models, their kind and settings: what refine() needs, written atomically."""
+    settings = {k: v for k, v in result.settings.items()
+                if k in ("kind", "hidden", "kernels", "n_features", "projection")}
+    settings.setdefault("kind", result.kind)
+    settings.setdefault("hidden", HIDDEN)
+    settings.setdefault("kernels", KERNELS)
+    state = {"models": [m.state_dict() for m in result.models], **settings,
+             "kernels": list(settings["kernels"]),
              "loss_before": float(result.loss_before), "loss_after": float(result.loss_after)}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_refiner(path) -> RefinerResult:
-    """A saved refiner, ready for refine(); its training evidence (OOF rows) is not kept."""
+    """A saved refiner, ready for refine(); its training evidence (OOF rows) is not kept.
+    A file written before the embedding refiner existed is a logit refiner."""
     state = torch.load(path, map_location="cpu", weights_only=True)
+    kind = state.get("kind", "logits")
     models = []
     for weights in state["models"]:
-        model = SeriesRefiner(hidden=state["hidden"], kernels=tuple(state["kernels"]))
+        model = (SeriesRefiner(hidden=state["hidden"], kernels=tuple(state["kernels"])) if kind == "logits"
+                 else EmbeddingRefiner(state["n_features"], projection=state["projection"], hidden=state["hidden"]))
         model.load_state_dict(weights)
         models.append(model.eval())
+    settings = {"kind": kind, "hidden": state["hidden"], "kernels": tuple(state["kernels"])}
+    if kind == "embeddings":
+        settings.update(n_features=state["n_features"], projection=state["projection"])
     return RefinerResult(models=models, folds=np.zeros(0, np.int64), oof_probs=np.zeros((0, N_LABELS)),
                          train_index=[], fold_seeds=[], loss_before=state["loss_before"],
-                         loss_after=state["loss_after"], settings={"hidden": state["hidden"],
-                                                                   "kernels": tuple(state["kernels"])})
+                         loss_after=state["loss_after"], settings=settings)

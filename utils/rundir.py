@@ -10,6 +10,7 @@ a path holds, and holds a folder for one process.
     OUT/test_predictions.csv   one row per test image: what --ensemble averages
     OUT/submission.csv         checked against the sample submission
     OUT/refiner.pt, calibration.json      --refine, --calibrate
+    OUT/embeddings/<split>.npy, <split>_ids.npy   --refine: pooled CNN features (utils/embeddings.py)
     OUT/checkpoints/last.pt, best.pt
     OUT/fold_<i>/              a fold run's folds, each a run folder of its own
     OUT/ensemble.json          --ensemble: the runs and their weights
@@ -53,6 +54,8 @@ TEST_PREDICTIONS, SUBMISSION = "test_predictions.csv", "submission.csv"
 REFINER, CALIBRATION, ENSEMBLE = "refiner.pt", "calibration.json", "ensemble.json"
 CHECKPOINTS, LAST, BEST = "checkpoints", "last.pt", "best.pt"
 REPORT, LOCK_NAME = "report", ".lock"
+EMBEDDINGS = "embeddings"  # a folder: VAL_SPLIT and TEST_SPLIT features and their image IDs
+VAL_SPLIT, TEST_SPLIT = "val", "test"
 SLICES, SERIES, SKIPPED = "slices.csv", "series.csv", "skipped.csv"  # --predict DIR's folder
 PREDICT_OUTPUTS = (SLICES, SERIES, SKIPPED)
 PREDICT_HTML = "predict.html"  # in REPORT
@@ -77,6 +80,11 @@ METRIC_KEYS = {
 
 def fold_dir(out: Path, i: int) -> Path:
     return Path(out) / f"fold_{i}"
+
+
+def embedding_files(out: Path, split: str) -> tuple[Path, Path]:
+    """The features of a run's ``split`` (VAL_SPLIT, TEST_SPLIT) and their image IDs."""
+    return Path(out) / EMBEDDINGS / f"{split}.npy", Path(out) / EMBEDDINGS / f"{split}_ids.npy"
 
 
 def fold_dirs(out: Path) -> list[Path]:
