@@ -3,6 +3,7 @@
     python benchmarks/bench_folds.py [--seeds 42 43 44] [--patients 80] [--folds 5]
                                      [--val-frac 0.2] [--epochs 3] [--threads 1] [--workdir DIR]
     python benchmarks/bench_folds.py --compare-crop   # --crop head against none, one run each
+    python benchmarks/bench_folds.py --compare-refiners   # the logit refiner against the embedding refiner
 
 For each seed one synthetic demo dataset (utils/demo.py, the kernel's own demo: `--patients`
 training patients, a quarter as many test patients, with `test_truth.csv`, the answers Kaggle
@@ -20,6 +21,12 @@ test_predictions.csv and (b) is the mean of its fold_<i>/test_predictions.csv; t
 `--refine` run writes (d) and `--predict-only` from its best.pt re-makes (a). Every variant is
 scored with the competition's weighted log loss on the test images, after the submission's
 clip to [1e-6, 1 - 1e-6] (the one unreadable test slice gets the training prior in all).
+--compare-refiners: one `--folds K --fold all --refine` run per seed (it keeps every image's
+pooled features); both refiners are fitted on its out-of-fold predictions as kernel.py fits
+them (same folds, seed and settings) and applied to the test set as kernel.py applies them
+(utils.inference.refine_test: the logit refiner on the folds' average, the embedding refiner
+on each fold model's probabilities and features, then averaged); test losses and the run's own
+out-of-fold losses and choice.
 Use `--workdir` to keep the runs (a second call with the same folder reuses finished runs).
 Each kernel.py run gets OMP_NUM_THREADS=--threads (1): see kernel() below.
 """
@@ -41,9 +48,15 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from utils.demo import make_demo_dataset  # noqa: E402
+from utils import embeddings  # noqa: E402
 from utils.ensemble import average  # noqa: E402
+from utils.headers import scan_headers  # noqa: E402
+from utils.inference import TestPredictions, refine_test  # noqa: E402
 from utils.labels import LABELS, read_labels  # noqa: E402
-from utils.metrics import weighted_log_loss  # noqa: E402
+from utils.metrics import logit, weighted_log_loss  # noqa: E402
+from utils.refiner import fit_refiner  # noqa: E402
+from utils.slices import order_slices  # noqa: E402
+from utils.split import resolve_groups  # noqa: E402
 from utils.submission import PROB_MAX, PROB_MIN  # noqa: E402
 
 VARIANTS = {  # key: row name
@@ -159,6 +172,71 @@ def crop_seed(seed: int, root: Path, args) -> dict:
     return out
 
 
+def ordered_headers(folder: Path) -> pd.DataFrame:
+    """Series, position and patient of every readable slice in ``folder``, as kernel.py has them."""
+    headers, _ = scan_headers(sorted(folder.glob("*.dcm")))
+    order = order_slices(headers)
+    h = headers.set_index("image_id")
+    patients = resolve_groups(h["patient_id"].to_numpy(), h["study_uid"].to_numpy(), h.index.to_numpy())[0]
+    return order[["series", "position"]].assign(patient=pd.Series(patients, index=h.index))
+
+
+def refiners_seed(seed: int, root: Path, args) -> dict:
+    """--compare-refiners: the per-slice, logit-refined and embedding-refined test losses of
+    one --fold all --refine run, and what the run measured out of fold."""
+    data = root / f"data_{seed}"
+    if not (data / "test_truth.csv").is_file():
+        make_demo_dataset(data, n_train_patients=args.patients,
+                          n_test_patients=max(2, args.patients // 4), seed=seed)
+    run = root / f"folds_{seed}"
+    seconds = once(run, args, "--header-cache", str(root / "header_cache"), "--data-dir", str(data),
+                   f"--seed={seed}", f"--folds={args.folds}", "--fold", "all", "--refine")
+    metrics = json.loads((run / "metrics.json").read_text())
+    oof = pd.read_csv(run / "oof_predictions.csv", index_col="image_id")
+    train = ordered_headers(data / "stage_2_train").loc[oof.index]
+    folders = [run / f"fold_{i}" for i in range(args.folds)]
+    fit = dict(n_folds=5, seed=seed)  # as kernel.fit_series_refiner
+    inputs = (logit(oof[[f"pred_{k}" for k in LABELS]].to_numpy()), oof[list(LABELS)].to_numpy(),
+              train["series"].to_numpy(), train["position"].to_numpy(), train["patient"].to_numpy())
+    t0 = time.perf_counter()
+    refiners = {"logits": fit_refiner(*inputs, **fit),
+                "embeddings": fit_refiner(*inputs, **fit, features=embeddings.load(folders, "val", oof.index))}
+    fit_seconds = time.perf_counter() - t0
+    members = [read_probs(f / "test_predictions.csv") for f in folders]
+    test = ordered_headers(data / "stage_2_test")
+    scanned = [i for i in members[0].index if i in test.index]
+    bad = set(pd.read_csv(run / "bad_files.csv")["path"].map(lambda p: Path(p).stem))
+    failed = [i for i in scanned if i in bad]  # their pixels failed: they keep the prior, as in kernel.py
+    pred = TestPredictions(average(members), scanned, failed, members=[
+        TestPredictions(m, scanned, failed, embeddings.load([f], "test", scanned)) for m, f in zip(members, folders)])
+    truth = read_labels(data / "test_truth.csv")
+    out = {"test": {"per_slice": score(truth, pred.probs)}, "seconds": seconds, "fit_seconds": fit_seconds,
+           "oof": {"per_slice": metrics["weighted_log_loss_per_slice"]}, "chosen": metrics["refiner"]}
+    for kind, result in refiners.items():
+        # the run fitted the same refiners: same rows, folds and seeds give the same losses
+        if not np.isclose(result.loss_after, metrics[f"weighted_log_loss_refined_{kind}"], rtol=1e-9):
+            sys.exit(f"seed {seed}: the {kind} refiner refitted here differs from the run's")
+        out["oof"][kind] = result.loss_after
+        out["test"][kind] = score(truth, refine_test(result, pred, test).probs)
+    return out
+
+
+def report_refiners(results: dict[int, dict]) -> None:
+    print("\nThe logit refiner against the embedding refiner (one --fold all --refine run per seed; "
+          "weighted log loss):\n")
+    print("| seed | test, per slice | test, logit refiner | test, embedding refiner | OOF, per slice | "
+          "OOF, logit refiner | OOF, embedding refiner | the run chose | seconds: run / both fits |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+    for seed, r in results.items():
+        t, o = r["test"], r["oof"]
+        print(f"| {seed} | {t['per_slice']:.4f} | {t['logits']:.4f} | {t['embeddings']:.4f} | {o['per_slice']:.4f} | "
+              f"{o['logits']:.4f} | {o['embeddings']:.4f} | {r['chosen']} | {r['seconds']:.0f} / {r['fit_seconds']:.0f} |")
+    mean = {k: np.mean([r["test"][k] for r in results.values()]) for k in ("per_slice", "logits", "embeddings")}
+    wins = sum(r["test"]["embeddings"] < r["test"]["logits"] for r in results.values())
+    print(f"| mean | {mean['per_slice']:.4f} | {mean['logits']:.4f} | {mean['embeddings']:.4f} | | | | "
+          f"embeddings better on test on {wins} of {len(results)} | |")
+
+
 def report_crop(results: dict[int, dict]) -> None:
     print("\n--crop head against none (one run each, the same split; weighted log loss):\n")
     print("| seed | test, none | test, head | head - none | validation, none | validation, head |")
@@ -216,7 +294,8 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=80)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--val-frac", type=float, default=0.2,
-                    help="the single run's held-out share (default 0.2: each model trains on as many patients as a fold model)")
+                    help="the single run's held-out share (default 0.2: each model trains on as many patients "
+                         "as a fold model)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--image-size", type=int, default=64)
@@ -227,12 +306,19 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="keep the data and runs here (reused when finished)")
     ap.add_argument("--compare-crop", action="store_true",
                     help="instead of the recipes: one run with --crop none against one with --crop head, per seed")
+    ap.add_argument("--compare-refiners", action="store_true",
+                    help="instead of the recipes: the logit refiner against the embedding refiner on one "
+                         "--fold all --refine run per seed")
     args = ap.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         results = {}
+        if args.compare_refiners:
+            report_refiners({seed: refiners_seed(seed, root, args) for seed in args.seeds})
+            print(f"\nTotal {time.perf_counter() - started:.0f}s")
+            return
         if args.compare_crop:
             report_crop({seed: crop_seed(seed, root, args) for seed in args.seeds})
             print(f"\nTotal {time.perf_counter() - started:.0f}s")

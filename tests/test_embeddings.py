@@ -23,7 +23,7 @@ def test_saved_features_come_back_for_the_ids_asked_from_the_folder_that_holds_t
     source = embeddings.load([tmp_path / "fold_0", tmp_path / "fold_1"], rundir.VAL_SPLIT, asked)
     assert source.shape == (30, 8) and len(source) == 30
     where = {key: i for i, key in enumerate(ids)}
-    expected = values[[where[key] for key in asked]].astype(np.float16).astype(np.float32)
+    expected = values[[where[key] for key in asked]].astype(np.float16)
     assert np.array_equal(source[np.arange(30)], expected)
     rows = np.array([29, 0, 5, 5, 17])
     assert np.array_equal(source[rows], expected[rows])
@@ -33,7 +33,7 @@ def test_saved_features_come_back_for_the_ids_asked_from_the_folder_that_holds_t
     assert embeddings.load([tmp_path / "fold_0"], rundir.TEST_SPLIT, ids[:3]) is None
     with pytest.raises(ValueError, match="a row per ID"):
         embeddings.save(tmp_path, rundir.TEST_SPLIT, ids[:3], values[:4])
-    with pytest.raises(ValueError, match="different widths"):
+    with pytest.raises(ValueError, match="different widths or types"):
         RowSource([values[:3], values[:3, :4]], np.array([0, 1]), np.array([0, 0]))
 
 

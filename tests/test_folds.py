@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kernel_runs import TINY, kill_at_write, run_kernel
+from kernel_runs import TINY, cli, kill_at_write, run_kernel
 from utils.labels import LABELS
 from utils.submission import check_submission_file
 
@@ -24,11 +24,23 @@ def _table(path):
 
 @pytest.fixture(scope="module")
 def fold_run(tmp_path_factory):
+    import kernel
     out = tmp_path_factory.mktemp("folds") / "out"
-    # a batch size other than the default: predict-only must take the run's own
-    result = run_kernel("--out-dir", out, *TINY, *FOLDS, "--refine", "--calibrate", "--batch-size", "4")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
+    # Which refiner wins out of fold on a run this small is chance: here the embedding
+    # refiner is made to win, so that the submission, --predict-only and --predict DIR below
+    # go through it, fold model by fold model (the choice itself: test_kernel.py).
+    chosen = []
+
+    def embeddings_win(losses, per_slice):
+        chosen.append(sorted(losses))
+        return "embeddings"
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernel, "choose_refiner", embeddings_win)
+        # a batch size other than the default: predict-only must take the run's own
+        assert cli("--out-dir", out, *TINY, *FOLDS, "--refine", "--calibrate", "--batch-size", "4") == 0
+    assert chosen == [["embeddings", "logits"]]  # both were fitted, on every fold's features
+    return out, None
 
 
 def test_every_labelled_image_is_predicted_once_by_the_fold_that_did_not_train_on_it(fold_run):
@@ -96,6 +108,7 @@ def test_a_used_calibration_scales_the_read_images_of_predict_only(fold_run, tmp
 
 
 def test_the_submission_is_the_folds_average_refined_and_calibrated_where_that_won(fold_run):
+    from utils import embeddings
     from utils.calibration import apply_temperatures
     from utils.metrics import logit
     from utils.refiner import load_refiner, refine
@@ -116,15 +129,28 @@ def test_the_submission_is_the_folds_average_refined_and_calibrated_where_that_w
             values.loc[read] = apply_temperatures(values.loc[read].to_numpy(), np.array(calibration["temperatures"]))
         return values
 
-    if not metrics["refiner_used"]:
-        np.testing.assert_allclose(final.to_numpy(), calibrated(mean).to_numpy(), rtol=1e-12)
-        return
+    assert metrics["refiner_used"] and metrics["refiner"] == "embeddings"
+    assert metrics["weighted_log_loss_refined"] == min(metrics["weighted_log_loss_refined_logits"],
+                                                       metrics["weighted_log_loss_refined_embeddings"])
     headers, _ = scan_headers(sorted((out / "demo_data" / "stage_2_test").glob("*.dcm")))
     order = order_slices(headers).loc[[i for i in final.index if i in set(headers["image_id"])]]
-    expected = refine(load_refiner(out / "refiner.pt"), logit(mean.loc[order.index].to_numpy()),
-                      order["series"].to_numpy(), order["position"].to_numpy())
-    expected = calibrated(pd.DataFrame(expected, index=order.index, columns=list(LABELS)))
+    refiner = load_refiner(out / "refiner.pt")
+    assert refiner.kind == "embeddings"
+    # each fold model's probabilities with its own features, refined, then averaged
+    refined = []
+    for i, fold in enumerate(folds):
+        features = embeddings.load([out / f"fold_{i}"], "test", order.index)
+        assert features.shape == (len(order), 512)  # resnet18's pooled features
+        refined.append(refine(refiner, logit(fold.loc[order.index].to_numpy()), order["series"].to_numpy(),
+                              order["position"].to_numpy(), features))
+    expected = calibrated(pd.DataFrame(np.mean(refined, axis=0), index=order.index, columns=list(LABELS)))
     np.testing.assert_allclose(final.loc[order.index].to_numpy(), expected.to_numpy(), rtol=1e-9)
+    plain = refine(refiner, logit(mean.loc[order.index].to_numpy()), order["series"].to_numpy(),
+                   order["position"].to_numpy(), embeddings.load([out / "fold_0"], "test", order.index))
+    assert np.abs(np.mean(refined, axis=0) - plain).max() > 1e-4  # not the averaged members through one model
+    oof = _table(out / "oof_predictions.csv")
+    kept = embeddings.load([out / f"fold_{i}" for i in range(3)], "val", oof.index)
+    assert kept.shape == (len(oof), 512) and np.abs(kept[np.arange(len(oof))]).sum(axis=1).min() > 0
 
 
 def test_predict_only_on_the_fold_run_reproduces_its_submission_byte_for_byte(fold_run, tmp_path):
@@ -133,6 +159,24 @@ def test_predict_only_on_the_fold_run_reproduces_its_submission_byte_for_byte(fo
                        "--out-dir", tmp_path / "p", "--workers", "0")
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "p" / "submission.csv").read_bytes() == (out / "submission.csv").read_bytes()
+
+
+def test_predict_dir_gives_the_fold_runs_own_test_predictions(fold_run, tmp_path):
+    """The demo's test images as a folder of scans: the fold models, each refined with its
+    own features by the embedding refiner, averaged and calibrated, as the submission was."""
+    out, _ = fold_run
+    root = tmp_path / "scans"
+    for i, source in enumerate(sorted((out / "demo_data" / "stage_2_test").glob("*.dcm"))):
+        target = root / f"series{i % 2}" / f"IMG{i:05d}"  # other names and nesting
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+    result = run_kernel("--predict", root, "--checkpoint", out, "--out-dir", tmp_path / "pred", "--workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    slices = pd.read_csv(tmp_path / "pred" / "slices.csv").set_index("sop_uid")
+    expected = _table(out / "test_predictions.csv")
+    assert len(slices) >= 20
+    np.testing.assert_allclose(slices[list(LABELS)].to_numpy(), expected.loc[slices.index].to_numpy(),
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_ensemble_of_two_runs_and_refusal_of_other_data(fold_run, tmp_path):

@@ -220,13 +220,13 @@ def test_the_embedding_refiner_reads_what_the_logits_miss():
     logits, labels, series, position, groups = smooth_series(12, seed=1, noise=6.0)
     features = label_features(labels, seed=0)
     on_logits = fit_refiner(logits, labels, series, position, groups, n_folds=2, seed=0)
-    # measured: 1.50 per slice, 0.72 over the logits, 0.40 over the features (0.23 at 80 steps)
+    # measured: 1.50 per slice, 0.72 over the logits, 0.27 over the features (0.56 at 40 steps)
     on_features = fit_refiner(logits, labels, series, position, groups, n_folds=2, seed=0, features=features,
-                              min_steps=40)
+                              min_steps=80)
     assert on_features.kind == "embeddings" and on_logits.kind == "logits"
     assert np.array_equal(on_features.folds, on_logits.folds)  # the same patient folds: comparable
     assert on_features.loss_after == pytest.approx(weighted_log_loss(labels, on_features.oof_probs), rel=1e-9)
-    assert on_features.loss_after < 0.7 * on_logits.loss_after
+    assert on_features.loss_after < 0.6 * on_logits.loss_after
 
 
 def test_the_embedding_refiner_is_the_same_whether_features_are_in_memory_mapped_or_split(tmp_path):
@@ -250,7 +250,7 @@ def test_the_embedding_refiner_is_the_same_whether_features_are_in_memory_mapped
                         features=RowSource(arrays, part, local), min_steps=1)
     assert np.array_equal(memory.oof_probs, split.oof_probs) and np.array_equal(memory.oof_probs, mapped.oof_probs)
     rows = rng.permutation(len(features))[:40]
-    assert np.array_equal(RowSource(arrays, part, local)[rows], features[rows].astype(np.float32))
+    assert np.array_equal(RowSource(arrays, part, local)[rows], features[rows])
 
 
 def test_an_embedding_refiner_saved_and_loaded_refines_the_same(tmp_path):

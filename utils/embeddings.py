@@ -40,12 +40,13 @@ def save(out: Path, split: str, ids, features: np.ndarray) -> None:
 
 class RowSource:
     """Rows of several (n_k, D) arrays as one (n, D) table: row i is arrays[part[i]][local[i]].
-    Indexing with integer rows reads only those rows, each array's in ascending order."""
+    Indexing with integer rows reads only those rows, each array's in ascending order (a
+    memory map then reads each page once)."""
 
     def __init__(self, arrays: list[np.ndarray], part: np.ndarray, local: np.ndarray):
-        widths = {a.shape[1] for a in arrays}
-        if len(widths) != 1:
-            raise ValueError(f"the arrays have different widths: {sorted(widths)}")
+        widths, dtypes = {a.shape[1] for a in arrays}, {a.dtype for a in arrays}
+        if len(widths) != 1 or len(dtypes) != 1:
+            raise ValueError(f"the arrays have different widths or types: {sorted(widths)}, {sorted(map(str, dtypes))}")
         self.arrays, self.part, self.local = arrays, np.asarray(part), np.asarray(local)
         self.shape = (len(self.part), widths.pop())
 
@@ -53,8 +54,9 @@ class RowSource:
         return self.shape[0]
 
     def __getitem__(self, rows) -> np.ndarray:
+        """Those rows, in the dtype stored (float16 from a run folder)."""
         rows = np.asarray(rows)
-        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        out = np.empty((len(rows), self.shape[1]), dtype=self.arrays[0].dtype)
         parts = self.part[rows]
         for p in np.unique(parts):
             mine = np.flatnonzero(parts == p)
