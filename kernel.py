@@ -987,7 +987,7 @@ def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: 
     metrics["weighted_log_loss_per_fold"] = {
         int(f): weighted_log_loss(g[list(LABELS)].to_numpy(), g[PRED_COLUMNS].to_numpy()) for f, g in oof.groupby("fold")}
     scanned, failed = scanned_and_failed(out_dir, data)
-    folders = rundir.fold_dirs(out_dir)[:cfg.folds]
+    folders = [rundir.fold_dir(out_dir, i) for i in range(cfg.folds)]
     features = embeddings.load(folders, rundir.VAL_SPLIT, oof.index) if cfg.refine else None
     members = [TestPredictions(r.test, scanned, failed,
                                embeddings.load([f], rundir.TEST_SPLIT, scanned) if features is not None else None)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -103,5 +104,11 @@ def test_two_processes_train_one_model_and_all_reduce_once_per_accumulated_step(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2
     assert "weighted_log_loss_refined" in metrics  # --refine ran, on rank 0's gathered rows
+    # both refiners, the embedding refiner on features both ranks predicted and gathered
+    assert {"weighted_log_loss_refined_logits", "weighted_log_loss_refined_embeddings"} <= set(metrics)
+    from utils import embeddings
+    val = pd.read_csv(out / "val_predictions.csv")["image_id"]
+    features = embeddings.load([out], "val", val)
+    assert features.shape == (len(val), 512) and (np.abs(features[np.arange(len(val))]).max(axis=1) > 0).all()
     assert check_submission_file(out / "submission.csv", out / "demo_data" / "stage_2_sample_submission.csv") == []
     assert len(pd.read_csv(out / "val_predictions.csv")) == metrics["n_validation"]

@@ -72,7 +72,9 @@ METRIC_KEYS = {
     "n_validation": "the images the losses are measured on",
     "weighted_log_loss": "the competition metric of the submitted predictions",
     "weighted_log_loss_per_slice": "before refining: the per-slice model's",
-    "weighted_log_loss_refined": "after refining along each series, out of fold",
+    "weighted_log_loss_refined": "after refining along each series, out of fold: the better refiner's",
+    "weighted_log_loss_refined_logits": "the logit refiner's (a 1-D conv over the logits), out of fold",
+    "weighted_log_loss_refined_embeddings": "the embedding refiner's (a GRU over logits and features), out of fold",
     "weighted_log_loss_calibrated": "after a temperature per class, out of fold",
     "prior_weighted_log_loss": "the constant training prior's, the floor to beat",
 }
