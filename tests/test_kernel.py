@@ -426,17 +426,23 @@ def _validation_series(n_patients: int, n_slices: int, labels, logits):
     return pd.DataFrame(labels, index=ids, columns=LABELS), 1 / (1 + np.exp(-logits)), headers
 
 
+def _runs_of_bleeding(rng, n_patients: int, n_slices: int, lengths: tuple[int, int]) -> np.ndarray:
+    """Labels (n_patients * n_slices, 6): in each patient's series one run of lengths[0] to
+    lengths[1] - 1 neighbouring slices positive in every class."""
+    y = np.zeros((n_patients, n_slices, 6))
+    for p in range(n_patients):
+        start = rng.integers(0, n_slices - lengths[1] + 1)
+        y[p, start:start + rng.integers(*lengths)] = 1
+    return y.reshape(-1, 6)
+
+
 def test_the_refiner_is_used_where_it_helps_out_of_fold(capsys):
     # Bleeds run along the series, and the per-slice evidence for them is buried in noise
     # that is independent from slice to slice: neighbours average it out.
     import kernel
     rng = np.random.default_rng(0)
     n_patients, n_slices = 40, 24
-    y = np.zeros((n_patients, n_slices, 6))
-    for p in range(n_patients):
-        start = rng.integers(0, n_slices - 8)
-        y[p, start:start + rng.integers(3, 9)] = 1
-    y = y.reshape(-1, 6)
+    y = _runs_of_bleeding(rng, n_patients, n_slices, lengths=(3, 9))
     val_df, probs, headers = _validation_series(n_patients, n_slices, y,
                                                 1.5 * (2 * y - 1) + rng.normal(0, 2.0, y.shape))
     refiner, used_probs, losses = kernel.fit_series_refiner(val_df, probs, headers, kernel.Config(seed=0))
@@ -478,11 +484,7 @@ def test_the_embedding_refiner_is_fitted_beside_the_logit_refiner_where_features
     from test_refiner import label_features
     rng = np.random.default_rng(1)
     n_patients, n_slices = 12, 16
-    y = np.zeros((n_patients, n_slices, 6))
-    for p in range(n_patients):
-        start = rng.integers(0, n_slices - 6)
-        y[p, start:start + rng.integers(2, 6)] = 1
-    y = y.reshape(-1, 6)
+    y = _runs_of_bleeding(rng, n_patients, n_slices, lengths=(2, 6))
     val_df, probs, headers = _validation_series(n_patients, n_slices, y, rng.normal(-1, 1.0, y.shape))
     features = label_features(y, seed=0)
     monkeypatch.setattr("utils.refiner.EMBEDDING_MIN_STEPS", 30)  # enough here; fast
