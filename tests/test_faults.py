@@ -145,9 +145,8 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
 
 # --- 3. nothing overwritten ---------------------------------------------------------------
 
-def test_finished_run_is_refused_unless_resume_or_overwrite(tmp_path):
-    out = tmp_path / "out"
-    assert run_kernel("--out-dir", out, *TINY).returncode == 0
+def test_finished_run_is_refused_unless_resume_or_overwrite(tiny_run_copy):
+    out = tiny_run_copy  # a finished run of *TINY (conftest.py)
     before = (out / "submission.csv").read_bytes()
     refused = run_kernel("--out-dir", out, *TINY)
     assert refused.returncode == 2
@@ -190,11 +189,10 @@ def test_disk_full_writing_a_checkpoint(tmp_path, monkeypatch, capsys):
     assert not list(out.rglob("*.tmp"))
 
 
-def test_disk_full_writing_the_submission_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+def test_disk_full_writing_the_submission_keeps_the_previous_one(tiny_run_copy, monkeypatch, capsys):
     import kernel
     from utils import submission
-    out = tmp_path / "out"
-    assert kernel.cli(["--out-dir", str(out), *TINY]) == 0
+    out = tiny_run_copy  # a finished run of *TINY (conftest.py)
     before = (out / "submission.csv").read_bytes()
     monkeypatch.setattr(submission, "_write_csv", _enospc)
     code = kernel.cli(["--out-dir", str(out), *TINY, "--overwrite", "--seed", "9"])

@@ -12,12 +12,7 @@ from kernel_runs import RESUMABLE, TINY, cli, run_kernel, start_kernel, wait_for
 from utils.labels import LABELS
 from utils.submission import check_submission_file
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    result = run_kernel("--out-dir", out, *TINY)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
+# tiny_run (conftest.py): one finished run of *TINY for the session, read only
 
 
 @pytest.mark.slow
@@ -38,8 +33,8 @@ def test_tiny_demo_writes_every_output(tiny_run):
 
 
 @pytest.mark.slow
-def test_report_command_redraws_a_run_s_report(tiny_run, capsys):
-    out, _ = tiny_run
+def test_report_command_redraws_a_run_s_report(tiny_run_copy, capsys):
+    out = tiny_run_copy
     (out / "report" / "examples.png").unlink()
     assert cli("--report", "--out-dir", out) == 0
     assert (out / "report" / "examples.png").stat().st_size > 1000
@@ -101,8 +96,8 @@ def test_split_keeps_patients_on_one_side_and_metrics_are_consistent(tiny_run):
 
 
 @pytest.mark.slow
-def test_resume_continues_a_finished_run_with_more_epochs(tiny_run, tmp_path):
-    out, _ = tiny_run
+def test_resume_continues_a_finished_run_with_more_epochs(tiny_run_copy):
+    out = tiny_run_copy
     resumed = run_kernel("--out-dir", out, *TINY[:-4], "--epochs", "2", "--workers", "0", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming at epoch 2, batch 0" in resumed.stdout
