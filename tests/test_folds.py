@@ -164,13 +164,14 @@ def test_ensemble_of_two_runs_and_refusal_of_other_data(fold_run, tmp_path):
 
 
 def test_a_run_killed_in_the_middle_fold_resumes_there_to_the_same_submission(tmp_path):
-    args = [*TINY[:-4], "--epochs", "2", "--batch-size", "8", "--ckpt-minutes", "0", "--log-every", "1",
-            "--workers", "0", *FOLDS]
+    # one epoch a fold, a checkpoint after every step: the killed fold 1 goes on from its
+    # last mid-epoch checkpoint
+    args = [*TINY, "--batch-size", "8", "--ckpt-minutes", "0", "--log-every", "1", *FOLDS]
     whole = run_kernel("--out-dir", tmp_path / "whole", *args)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "out"
-    # history.csv is written at the end of each epoch: its third write is fold 1's first
-    kill_at_write(out, *args, write="history.csv:3", held=out / "fold_1" / "history.csv.held", timeout=600)
+    # history.csv is written at the end of each epoch: its second write is fold 1's
+    kill_at_write(out, *args, write="history.csv:2", held=out / "fold_1" / "history.csv.held", timeout=600)
     assert (out / "fold_0" / "metrics.json").is_file() and not (out / "fold_1" / "metrics.json").exists()
     fold0 = (out / "fold_0" / "checkpoints" / "best.pt").stat().st_mtime_ns
     resumed = run_kernel("--out-dir", out, *args, "--resume")
