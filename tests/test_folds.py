@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kernel_runs import TINY, kill_at_write, run_kernel
+from kernel_runs import TINY, cli, kill_at_write, run_kernel
 from utils.labels import LABELS
 from utils.submission import check_submission_file
 
@@ -80,12 +80,13 @@ def test_a_used_calibration_scales_the_read_images_of_predict_only(fold_run, tmp
     temperatures = [2.0, 0.5, 1.0, 3.0, 1.5, 2.5]
     decision = json.loads((out / "calibration.json").read_text())
     (run / "calibration.json").write_text(json.dumps({**decision, "use": False}))
-    plain = run_kernel("--predict-only", "--checkpoint", run, "--data-dir", out / "demo_data",
-                       "--out-dir", tmp_path / "plain", "--workers", "0")
+    # --predict-only in this process (cli): what is compared is its two outputs
+    plain = cli("--predict-only", "--checkpoint", run, "--data-dir", out / "demo_data",
+                "--out-dir", tmp_path / "plain", "--workers", "0")
     (run / "calibration.json").write_text(json.dumps({**decision, "use": True, "temperatures": temperatures}))
-    scaled = run_kernel("--predict-only", "--checkpoint", run, "--data-dir", out / "demo_data",
-                        "--out-dir", tmp_path / "scaled", "--workers", "0")
-    assert plain.returncode == 0 and scaled.returncode == 0, scaled.stderr[-3000:]
+    scaled = cli("--predict-only", "--checkpoint", run, "--data-dir", out / "demo_data",
+                 "--out-dir", tmp_path / "scaled", "--workers", "0")
+    assert plain == 0 and scaled == 0
     before, after = _table(tmp_path / "plain" / "test_predictions.csv"), _table(tmp_path / "scaled" / "test_predictions.csv")
     bad = pd.read_csv(tmp_path / "scaled" / "bad_files.csv")["path"].map(lambda p: Path(p).stem)
     read = [i for i in before.index if i not in set(bad)]
@@ -137,9 +138,10 @@ def test_predict_only_on_the_fold_run_reproduces_its_submission_byte_for_byte(fo
 
 def test_ensemble_of_two_runs_and_refusal_of_other_data(fold_run, tmp_path):
     out, _ = fold_run
+    # the runs to blend train in this process (cli); --ensemble itself runs as a user runs it
     single = tmp_path / "single"
-    assert run_kernel("--data-dir", out / "demo_data", "--out-dir", single, *TINY, "--seed", "8",
-                      "--weights", "none", "--val-frac", "0.25").returncode == 0
+    assert cli("--data-dir", out / "demo_data", "--out-dir", single, *TINY, "--seed", "8",
+               "--weights", "none", "--val-frac", "0.25") == 0
     blend = tmp_path / "blend"
     result = run_kernel("--ensemble", out, single, "--ensemble-weights", "3", "1", "--out-dir", blend)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -157,7 +159,7 @@ def test_ensemble_of_two_runs_and_refusal_of_other_data(fold_run, tmp_path):
     assert (tmp_path / "p" / "submission.csv").read_bytes() == (blend / "submission.csv").read_bytes()
 
     other = tmp_path / "other"  # the demo of another seed: other labels, other sample
-    assert run_kernel("--out-dir", other, *TINY, "--seed", "9").returncode == 0
+    assert cli("--out-dir", other, *TINY, "--seed", "9") == 0
     refused = run_kernel("--ensemble", out, other, "--out-dir", tmp_path / "refused")
     assert refused.returncode == 2 and "different data" in refused.stderr
     assert "stage_2_train.csv differ" in refused.stderr and "Traceback" not in refused.stderr
