@@ -96,11 +96,10 @@ def test_split_keeps_patients_on_one_side_and_metrics_are_consistent(tiny_run):
 
 
 @pytest.mark.slow
-def test_resume_continues_a_finished_run_with_more_epochs(tiny_run_copy):
+def test_resume_continues_a_finished_run_with_more_epochs(tiny_run_copy, capsys):
     out = tiny_run_copy
-    resumed = run_kernel("--out-dir", out, *TINY[:-4], "--epochs", "2", "--workers", "0", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming at epoch 2, batch 0" in resumed.stdout
+    assert cli("--out-dir", out, *TINY[:-4], "--epochs", "2", "--workers", "0", "--resume") == 0
+    assert "Resuming at epoch 2, batch 0" in capsys.readouterr().out
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
 
 
@@ -167,15 +166,14 @@ def test_full_demo_beats_the_constant_prior(tmp_path):
 
 
 @pytest.mark.slow
-def test_kfold_validation_on_one_fold(tmp_path):
+def test_kfold_validation_on_one_fold(tmp_path, capsys):
     out = tmp_path / "out"
-    result = run_kernel("--out-dir", out, *TINY, "--folds", "3", "--fold", "1")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli("--out-dir", out, *TINY, "--folds", "3", "--fold", "1") == 0
     split = pd.read_csv(out / "split.csv")
     assert sorted(split["fold"].unique()) == [0, 1, 2]
     assert (split["is_val"] == (split["fold"] == 1)).all()
     assert split.groupby("patient_id")["fold"].nunique().max() == 1
-    assert "validating on fold 1 of 3" in result.stdout
+    assert "validating on fold 1 of 3" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -285,9 +283,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_result(tmp_path):
 @pytest.mark.slow
 def test_predict_only_from_a_checkpoint(tiny_run, tmp_path, capsys):
     out, _ = tiny_run
-    result = run_kernel("--predict-only", "--checkpoint", out / "checkpoints" / "best.pt",
-                        "--data-dir", out / "demo_data", "--out-dir", tmp_path / "p", "--workers", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli("--predict-only", "--checkpoint", out / "checkpoints" / "best.pt",
+               "--data-dir", out / "demo_data", "--out-dir", tmp_path / "p", "--workers", "0") == 0
     a = pd.read_csv(out / "submission.csv")
     b = pd.read_csv(tmp_path / "p" / "submission.csv")
     assert a["ID"].tolist() == b["ID"].tolist()
@@ -302,8 +299,7 @@ def test_predict_only_from_a_checkpoint(tiny_run, tmp_path, capsys):
 def test_gradient_accumulation_steps(tmp_path):
     import torch
     out = tmp_path / "out"
-    result = run_kernel("--out-dir", out, *TINY, "--batch-size", "4", "--accum", "3")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli("--out-dir", out, *TINY, "--batch-size", "4", "--accum", "3") == 0
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     batches = state["position"]  # finished: epoch 1, batch 0
     assert batches["epoch"] == 1
