@@ -68,8 +68,7 @@ def test_corrupt_files_in_train_and_test_are_listed_and_the_run_completes(data, 
         missing.unlink()
         damaged[str(missing)] = "missing on disk"
     out = tmp_path / "out"
-    result = run_kernel("--data-dir", data, "--out-dir", out, *REAL_MODE)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli("--data-dir", data, "--out-dir", out, *REAL_MODE) == 0  # in this process
     bad = pd.read_csv(out / "bad_files.csv").set_index("path")["reason"]
     for path, reason in damaged.items():
         assert reason in bad[path], (path, bad.get(path))
@@ -123,12 +122,11 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 3, stderr[-2000:]
     assert "--resume" in stderr and "checkpoint saved" in stderr and "Traceback" not in stderr
-    resumed = run_kernel("--out-dir", out, *RESUMABLE, "--workers", "0", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert cli("--out-dir", out, *RESUMABLE, "--workers", "0", "--resume") == 0  # in this process
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
 
 
-def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, capsys):
     out = tmp_path / "out"
     folder = out / "checkpoints"
     # a checkpoint after every step: the third write stops before its rename, and is killed
@@ -136,18 +134,16 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     assert torch.load(folder / "last.pt", weights_only=True)["position"]["batch"] == 2  # whole
     unfinished = list(folder.glob("*.tmp"))
     assert len(unfinished) == 1 and torch.load(unfinished[0], weights_only=True)["position"]["batch"] == 3
-    resumed = run_kernel("--out-dir", out, *RESUMABLE, "--workers", "0", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming at epoch 1, batch 2" in resumed.stdout
+    assert cli("--out-dir", out, *RESUMABLE, "--workers", "0", "--resume") == 0  # in this process
+    assert "Resuming at epoch 1, batch 2" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["best_epoch"] in (1, 2)
     assert not list(folder.glob("*.tmp"))  # the killed run's temporary file is cleared
 
 
 # --- 3. nothing overwritten ---------------------------------------------------------------
 
-def test_finished_run_is_refused_unless_resume_or_overwrite(tmp_path):
-    out = tmp_path / "out"
-    assert run_kernel("--out-dir", out, *TINY).returncode == 0
+def test_finished_run_is_refused_unless_resume_or_overwrite(tiny_run_copy):
+    out = tiny_run_copy  # a finished run of *TINY (conftest.py)
     before = (out / "submission.csv").read_bytes()
     refused = run_kernel("--out-dir", out, *TINY)
     assert refused.returncode == 2
@@ -190,11 +186,10 @@ def test_disk_full_writing_a_checkpoint(tmp_path, monkeypatch, capsys):
     assert not list(out.rglob("*.tmp"))
 
 
-def test_disk_full_writing_the_submission_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+def test_disk_full_writing_the_submission_keeps_the_previous_one(tiny_run_copy, monkeypatch, capsys):
     import kernel
     from utils import submission
-    out = tmp_path / "out"
-    assert kernel.cli(["--out-dir", str(out), *TINY]) == 0
+    out = tiny_run_copy  # a finished run of *TINY (conftest.py)
     before = (out / "submission.csv").read_bytes()
     monkeypatch.setattr(submission, "_write_csv", _enospc)
     code = kernel.cli(["--out-dir", str(out), *TINY, "--overwrite", "--seed", "9"])
@@ -250,17 +245,17 @@ def test_weights_of_the_wrong_architecture(data, tmp_path, capsys):
     assert "right --arch" in capsys.readouterr().err
 
 
-def test_two_windows_with_partial_pretrained_weights_run_and_say_what_was_left_out(data, tmp_path):
+def test_two_windows_with_partial_pretrained_weights_run_and_say_what_was_left_out(data, tmp_path, capsys):
     import torchvision
     state = {k: v for k, v in torchvision.models.resnet18().state_dict().items()
              if not k.startswith("layer4.1.")}
     weights = tmp_path / "resnet18-partial.pth"
     torch.save(state, weights)
     out = tmp_path / "out"
-    result = run_kernel("--data-dir", data, "--out-dir", out, *REAL_MODE[:-2], "--weights", weights,
-                        "--weights-strict", "false", "--windows", "brain,subdural")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "missing keys (first: layer4.1." in result.stdout and "0 unexpected keys" in result.stdout
+    assert cli("--data-dir", data, "--out-dir", out, *REAL_MODE[:-2], "--weights", weights,
+               "--weights-strict", "false", "--windows", "brain,subdural") == 0
+    stdout = capsys.readouterr().out
+    assert "missing keys (first: layer4.1." in stdout and "0 unexpected keys" in stdout
     best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"]
     assert best["conv1.weight"].shape[1] == 2
 

@@ -92,12 +92,13 @@ def test_a_used_calibration_scales_the_read_images_of_predict_only(fold_run, tmp
     temperatures = [2.0, 0.5, 1.0, 3.0, 1.5, 2.5]
     decision = json.loads((out / "calibration.json").read_text())
     (run / "calibration.json").write_text(json.dumps({**decision, "use": False}))
-    plain = run_kernel("--predict-only", "--checkpoint", run, "--data-dir", out / "demo_data",
-                       "--out-dir", tmp_path / "plain", "--workers", "0")
+    # --predict-only in this process (cli): what is compared is its two outputs
+    plain = cli("--predict-only", "--checkpoint", run, "--data-dir", out / "demo_data",
+                "--out-dir", tmp_path / "plain", "--workers", "0")
     (run / "calibration.json").write_text(json.dumps({**decision, "use": True, "temperatures": temperatures}))
-    scaled = run_kernel("--predict-only", "--checkpoint", run, "--data-dir", out / "demo_data",
-                        "--out-dir", tmp_path / "scaled", "--workers", "0")
-    assert plain.returncode == 0 and scaled.returncode == 0, scaled.stderr[-3000:]
+    scaled = cli("--predict-only", "--checkpoint", run, "--data-dir", out / "demo_data",
+                 "--out-dir", tmp_path / "scaled", "--workers", "0")
+    assert plain == 0 and scaled == 0
     before, after = _table(tmp_path / "plain" / "test_predictions.csv"), _table(tmp_path / "scaled" / "test_predictions.csv")
     bad = pd.read_csv(tmp_path / "scaled" / "bad_files.csv")["path"].map(lambda p: Path(p).stem)
     read = [i for i in before.index if i not in set(bad)]
@@ -181,9 +182,10 @@ def test_predict_dir_gives_the_fold_runs_own_test_predictions(fold_run, tmp_path
 
 def test_ensemble_of_two_runs_and_refusal_of_other_data(fold_run, tmp_path):
     out, _ = fold_run
+    # the runs to blend train in this process (cli); --ensemble itself runs as a user runs it
     single = tmp_path / "single"
-    assert run_kernel("--data-dir", out / "demo_data", "--out-dir", single, *TINY, "--seed", "8",
-                      "--weights", "none", "--val-frac", "0.25").returncode == 0
+    assert cli("--data-dir", out / "demo_data", "--out-dir", single, *TINY, "--seed", "8",
+               "--weights", "none", "--val-frac", "0.25") == 0
     blend = tmp_path / "blend"
     result = run_kernel("--ensemble", out, single, "--ensemble-weights", "3", "1", "--out-dir", blend)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -201,20 +203,21 @@ def test_ensemble_of_two_runs_and_refusal_of_other_data(fold_run, tmp_path):
     assert (tmp_path / "p" / "submission.csv").read_bytes() == (blend / "submission.csv").read_bytes()
 
     other = tmp_path / "other"  # the demo of another seed: other labels, other sample
-    assert run_kernel("--out-dir", other, *TINY, "--seed", "9").returncode == 0
+    assert cli("--out-dir", other, *TINY, "--seed", "9") == 0
     refused = run_kernel("--ensemble", out, other, "--out-dir", tmp_path / "refused")
     assert refused.returncode == 2 and "different data" in refused.stderr
     assert "stage_2_train.csv differ" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_a_run_killed_in_the_middle_fold_resumes_there_to_the_same_submission(tmp_path):
-    args = [*TINY[:-4], "--epochs", "2", "--batch-size", "8", "--ckpt-minutes", "0", "--log-every", "1",
-            "--workers", "0", *FOLDS]
+    # one epoch a fold, a checkpoint after every step: the killed fold 1 goes on from its
+    # last mid-epoch checkpoint
+    args = [*TINY, "--batch-size", "8", "--ckpt-minutes", "0", "--log-every", "1", *FOLDS]
     whole = run_kernel("--out-dir", tmp_path / "whole", *args)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "out"
-    # history.csv is written at the end of each epoch: its third write is fold 1's first
-    kill_at_write(out, *args, write="history.csv:3", held=out / "fold_1" / "history.csv.held", timeout=600)
+    # history.csv is written at the end of each epoch: its second write is fold 1's
+    kill_at_write(out, *args, write="history.csv:2", held=out / "fold_1" / "history.csv.held", timeout=600)
     assert (out / "fold_0" / "metrics.json").is_file() and not (out / "fold_1" / "metrics.json").exists()
     fold0 = (out / "fold_0" / "checkpoints" / "best.pt").stat().st_mtime_ns
     resumed = run_kernel("--out-dir", out, *args, "--resume")

@@ -12,12 +12,7 @@ from kernel_runs import RESUMABLE, TINY, cli, run_kernel, start_kernel, wait_for
 from utils.labels import LABELS
 from utils.submission import check_submission_file
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    result = run_kernel("--out-dir", out, *TINY)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
+# tiny_run (conftest.py): one finished run of *TINY for the session, read only
 
 
 @pytest.mark.slow
@@ -38,8 +33,8 @@ def test_tiny_demo_writes_every_output(tiny_run):
 
 
 @pytest.mark.slow
-def test_report_command_redraws_a_run_s_report(tiny_run, capsys):
-    out, _ = tiny_run
+def test_report_command_redraws_a_run_s_report(tiny_run_copy, capsys):
+    out = tiny_run_copy
     (out / "report" / "examples.png").unlink()
     assert cli("--report", "--out-dir", out) == 0
     assert (out / "report" / "examples.png").stat().st_size > 1000
@@ -101,11 +96,10 @@ def test_split_keeps_patients_on_one_side_and_metrics_are_consistent(tiny_run):
 
 
 @pytest.mark.slow
-def test_resume_continues_a_finished_run_with_more_epochs(tiny_run, tmp_path):
-    out, _ = tiny_run
-    resumed = run_kernel("--out-dir", out, *TINY[:-4], "--epochs", "2", "--workers", "0", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming at epoch 2, batch 0" in resumed.stdout
+def test_resume_continues_a_finished_run_with_more_epochs(tiny_run_copy, capsys):
+    out = tiny_run_copy
+    assert cli("--out-dir", out, *TINY[:-4], "--epochs", "2", "--workers", "0", "--resume") == 0
+    assert "Resuming at epoch 2, batch 0" in capsys.readouterr().out
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
 
 
@@ -172,15 +166,14 @@ def test_full_demo_beats_the_constant_prior(tmp_path):
 
 
 @pytest.mark.slow
-def test_kfold_validation_on_one_fold(tmp_path):
+def test_kfold_validation_on_one_fold(tmp_path, capsys):
     out = tmp_path / "out"
-    result = run_kernel("--out-dir", out, *TINY, "--folds", "3", "--fold", "1")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli("--out-dir", out, *TINY, "--folds", "3", "--fold", "1") == 0
     split = pd.read_csv(out / "split.csv")
     assert sorted(split["fold"].unique()) == [0, 1, 2]
     assert (split["is_val"] == (split["fold"] == 1)).all()
     assert split.groupby("patient_id")["fold"].nunique().max() == 1
-    assert "validating on fold 1 of 3" in result.stdout
+    assert "validating on fold 1 of 3" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -288,26 +281,25 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_result(tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_only_from_a_checkpoint(tiny_run, tmp_path):
+def test_predict_only_from_a_checkpoint(tiny_run, tmp_path, capsys):
     out, _ = tiny_run
-    result = run_kernel("--predict-only", "--checkpoint", out / "checkpoints" / "best.pt",
-                        "--data-dir", out / "demo_data", "--out-dir", tmp_path / "p", "--workers", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli("--predict-only", "--checkpoint", out / "checkpoints" / "best.pt",
+               "--data-dir", out / "demo_data", "--out-dir", tmp_path / "p", "--workers", "0") == 0
     a = pd.read_csv(out / "submission.csv")
     b = pd.read_csv(tmp_path / "p" / "submission.csv")
     assert a["ID"].tolist() == b["ID"].tolist()
     np.testing.assert_allclose(a["Label"], b["Label"], rtol=1e-5, atol=1e-7)
-    bad = run_kernel("--predict-only", "--checkpoint", out / "submission.csv",
-                     "--data-dir", out / "demo_data", "--out-dir", tmp_path / "q")
-    assert bad.returncode == 2 and "not a checkpoint" in bad.stderr
+    capsys.readouterr()
+    assert cli("--predict-only", "--checkpoint", out / "submission.csv",
+               "--data-dir", out / "demo_data", "--out-dir", tmp_path / "q", "--workers", "0") == 2
+    assert "not a checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_gradient_accumulation_steps(tmp_path):
     import torch
     out = tmp_path / "out"
-    result = run_kernel("--out-dir", out, *TINY, "--batch-size", "4", "--accum", "3")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli("--out-dir", out, *TINY, "--batch-size", "4", "--accum", "3") == 0
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     batches = state["position"]  # finished: epoch 1, batch 0
     assert batches["epoch"] == 1

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kernel_runs import TINY, run_kernel
+from kernel_runs import TINY, cli, run_kernel
 from factories import (GDCM_SYNTAXES, build_export, compress_with_gdcm, make_enhanced_ct, make_nifti, place_file,
                        read_dicom, rewrite_dicom, screenshot)
 from utils.labels import LABELS
@@ -131,9 +131,9 @@ def test_the_folder_gets_the_runs_own_predictions_refiner_included(trained, tmp_
     """The demo's test images as a folder: the same probabilities as the run's own
     --predict-only (its refiner along each series), whatever the names and nesting."""
     data = trained / "demo_data"
-    again = run_kernel("--predict-only", "--checkpoint", trained, "--data-dir", data,
-                       "--out-dir", tmp_path / "p", "--workers", "0")
-    assert again.returncode == 0, again.stderr[-3000:]
+    # the reference in this process (cli); --predict DIR runs as a user runs it
+    assert cli("--predict-only", "--checkpoint", trained, "--data-dir", data,
+               "--out-dir", tmp_path / "p", "--workers", "0") == 0
     expected = pd.read_csv(tmp_path / "p" / "test_predictions.csv").set_index("image_id")
     root = tmp_path / "scans"
     for i, source in enumerate(sorted((data / "stage_2_test").glob("*.dcm"))):
@@ -170,11 +170,14 @@ def test_series_table_against_a_hand_made_case():
 
 
 @pytest.mark.slow
-def test_a_folder_without_ct_slices_and_a_missing_checkpoint_are_clear_errors(trained, tmp_path):
+def test_a_folder_without_ct_slices_and_a_missing_checkpoint_are_clear_errors(trained, tmp_path, capsys):
+    # both fail before any prediction: the command line in this process (kernel_runs.cli)
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "notes.txt").write_text("no images here\n")
-    result = run_kernel("--predict", tmp_path / "docs", "--checkpoint", trained, "--out-dir", tmp_path / "o")
-    assert result.returncode == 2 and "no CT slice to predict" in result.stderr
+    assert cli("--predict", tmp_path / "docs", "--checkpoint", trained, "--out-dir", tmp_path / "o",
+               "--workers", "0") == 2
+    assert "no CT slice to predict" in capsys.readouterr().err
     assert (tmp_path / "o" / "skipped.csv").is_file() and not (tmp_path / "o" / "slices.csv").exists()
-    alone = run_kernel("--predict", tmp_path / "docs")
-    assert alone.returncode == 2 and "--predict needs --checkpoint" in alone.stderr
+    with pytest.raises(SystemExit) as alone:
+        cli("--predict", tmp_path / "docs")
+    assert alone.value.code == 2 and "--predict needs --checkpoint" in capsys.readouterr().err
