@@ -207,7 +207,7 @@ class EmbeddingRefiner(nn.Module):
                  hidden: int = GRU_HIDDEN):
         super().__init__()
         # dropout after the projection: on the 2,048 inputs its mask cost more than the rest
-        # of a CPU step (49 of ~150 ms), on 32 it costs nothing
+        # of a CPU step (49 of ~150 ms), on PROJECTION it costs nothing
         self.project = nn.Sequential(nn.Linear(n_features, projection), nn.LayerNorm(projection), nn.ReLU(),
                                      nn.Dropout(FEATURE_DROPOUT))
         self.gru = nn.GRU(n_labels + projection, hidden, batch_first=True, bidirectional=True)
