@@ -41,9 +41,9 @@ from utils.demo import DEMO_PRESET, make_demo_dataset
 from utils.crop import CROPS
 from utils.dicom import parse_windows
 from utils.headers import scan_headers
-from utils.engine import (CheckpointMismatch, Checkpoints, Dist, ResumableSampler, barrier, gather_lists,
-                          init_distributed, load_checkpoint, model_state, roc_auc, share, warmup_cosine,
-                          weighted_bce)
+from utils.engine import (Check, CheckpointMismatch, Checkpoints, Dist, ResumableSampler, Tally, barrier,
+                          check_in, gather_lists, init_distributed, load_checkpoint, model_state, roc_auc,
+                          share, warmup_cosine, weighted_bce)
 from utils.ensemble import assemble_oof, average, data_fingerprint, run_ensemble
 from utils.errors import (EXIT_OUTPUT, EXIT_STOPPED, EXIT_USAGE, OutputError, TrainingStopped, UserError,
                           writing)
@@ -52,7 +52,7 @@ from utils.inference import (TestPredictions, calibrate_test, input_layout, pred
 from utils.labels import LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels
 from utils.metrics import logit, per_class_log_loss, prior_probabilities, weighted_log_loss
 from utils.model import WeightsError, build_model, resolve_weights
-from utils.refiner import RefinerResult, fit_refiner, save_refiner
+from utils.refiner import RefinerResult, choose_refiner, fit_refiners, save_refiner
 from utils.report import report_command, write_run_report
 from utils.rundir import PRED_COLUMNS, REFINED_COLUMNS, write_csv, write_json
 from utils.runtime import (PRECISIONS, Runtime, RuntimeChoiceError, default_workers, environment, launch,
@@ -452,57 +452,6 @@ MAX_SKIPPED_IN_A_ROW = 25
 
 
 @dataclass
-class Tally:
-    """What the steps between two checks add up, kept on the device so that no step waits
-    for the GPU: summed loss, images, non-finite losses, fp16 steps the scaler skipped, and
-    the current run of skipped steps."""
-    values: torch.Tensor
-
-    @classmethod
-    def zeros(cls, device: torch.device) -> "Tally":
-        return cls(torch.zeros(5, dtype=torch.float64, device=device))
-
-    def add_batch(self, loss: torch.Tensor, n: int) -> None:
-        loss = loss.detach().double()
-        self.values[0] += loss * n
-        self.values[1] += n
-        self.values[2] += (~torch.isfinite(loss)).double()
-
-    def add_step(self, skipped: torch.Tensor) -> None:
-        skipped = skipped.double()
-        self.values[3] += skipped
-        self.values[4] = (self.values[4] + 1) * skipped  # back to 0 after a step taken
-
-
-@dataclass
-class Check:
-    """The ranks' agreed view at a check: one all-reduce, one copy to the host."""
-    loss_sum: float
-    seen: int
-    nonfinite: int
-    skipped: int
-    skipped_in_a_row: int
-    stop: bool
-    save: bool
-
-
-def check_in(tally: Tally, rt: Runtime, stop_requested: bool, save_due: bool) -> Check:
-    """Sum the ranks' tallies and flags. The step counts of the scaler and whether a
-    checkpoint is due come from rank 0 alone: the first are the same on every rank (the
-    gradients are all-reduced), and the second must be one clock's decision, or two ranks
-    could enter different collectives (one saving, one stepping) and hang."""
-    main = float(rt.dist.main)
-    flags = torch.tensor([float(stop_requested), float(save_due) * main], dtype=torch.float64)
-    values = torch.cat([tally.values, flags.to(tally.values.device)])
-    values[3:5] *= main
-    if rt.dist.enabled:
-        torch.distributed.all_reduce(values)
-    v = values.tolist()
-    tally.values[:4] = 0  # the run of skipped steps goes on across checks
-    return Check(v[0], int(v[1]), int(v[2]), int(v[3]), int(v[4]), v[5] > 0, v[6] > 0)
-
-
-@dataclass
 class Training:
     """One training run as it goes: the model, its optimiser, where it stands. The state
     of a run that ``last.pt`` holds, and that a fold loop creates once per fold."""
@@ -670,7 +619,7 @@ def train_one_epoch(run: Training, cfg: Config, rt: Runtime, stop: _StopRequest)
         steps += stepped
         if not (stepped and (steps % cfg.log_every == 0 or pos["batch"] == batches)):
             continue
-        check = check_in(run.tally, rt, stop.requested,
+        check = check_in(run.tally, rt.dist, stop.requested,
                          time.monotonic() - last_save >= cfg.ckpt_minutes * 60)
         after_check(run, cfg, rt, check)
         bar.set_postfix(loss=f"{pos['running'] / max(pos['seen'], 1):.4f}",
@@ -808,11 +757,9 @@ def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.
         log(f"Refiner skipped: the validation set holds {n_patients} patient, and "
             f"out-of-fold refinement needs at least 2; the submission is not refined")
         return None, val_probs, {}
-    y, series, position = val_df.to_numpy(), h["series"].to_numpy(), h["position"].to_numpy()
-    fitted = {"logits": fit_refiner(logit(val_probs), y, series, position, groups, n_folds=5, seed=cfg.seed)}
-    if features is not None:
-        fitted["embeddings"] = fit_refiner(logit(val_probs), y, series, position, groups, n_folds=5,
-                                           seed=cfg.seed, features=features, device=device)
+    y = val_df.to_numpy()
+    fitted = fit_refiners(logit(val_probs), y, h["series"].to_numpy(), h["position"].to_numpy(), groups,
+                          seed=cfg.seed, features=features, device=device)
     before = weighted_log_loss(y, val_probs)
     losses = {kind: result.loss_after for kind, result in fitted.items()}
     log(f"Refiner: validation weighted log loss {before:.4f} per slice -> "
@@ -824,14 +771,6 @@ def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.
         return None, val_probs, losses
     log(f"Refiner used: the one over the {best}")
     return fitted[best], fitted[best].oof_probs, losses
-
-
-def choose_refiner(losses: dict, per_slice: float) -> str | None:
-    """The kind of refiner with the lowest out-of-fold loss, or None where none beats the
-    per-slice predictions' ``per_slice``: trained on a small validation set a refiner can
-    overfit, so it is used only where its out-of-fold loss shows it helps."""
-    best = min(losses, key=losses.get, default=None)
-    return best if best is not None and losses[best] < per_slice else None
 
 
 def refine_and_calibrate(cfg: Config, table: pd.DataFrame, headers: pd.DataFrame, metrics: dict,

@@ -54,7 +54,7 @@ from utils.headers import scan_headers  # noqa: E402
 from utils.inference import TestPredictions, refine_test  # noqa: E402
 from utils.labels import LABELS, read_labels  # noqa: E402
 from utils.metrics import logit, weighted_log_loss  # noqa: E402
-from utils.refiner import fit_refiner  # noqa: E402
+from utils.refiner import fit_refiners  # noqa: E402
 from utils.slices import order_slices  # noqa: E402
 from utils.split import resolve_groups  # noqa: E402
 from utils.submission import PROB_MAX, PROB_MIN  # noqa: E402
@@ -195,12 +195,10 @@ def refiners_seed(seed: int, root: Path, args) -> dict:
     oof = pd.read_csv(run / "oof_predictions.csv", index_col="image_id")
     train = ordered_headers(data / "stage_2_train").loc[oof.index]
     folders = [run / f"fold_{i}" for i in range(args.folds)]
-    fit = dict(n_folds=5, seed=seed)  # as kernel.fit_series_refiner
-    inputs = (logit(oof[[f"pred_{k}" for k in LABELS]].to_numpy()), oof[list(LABELS)].to_numpy(),
-              train["series"].to_numpy(), train["position"].to_numpy(), train["patient"].to_numpy())
     t0 = time.perf_counter()
-    refiners = {"logits": fit_refiner(*inputs, **fit),
-                "embeddings": fit_refiner(*inputs, **fit, features=embeddings.load(folders, "val", oof.index))}
+    refiners = fit_refiners(logit(oof[[f"pred_{k}" for k in LABELS]].to_numpy()), oof[list(LABELS)].to_numpy(),
+                            train["series"].to_numpy(), train["position"].to_numpy(), train["patient"].to_numpy(),
+                            seed=seed, features=embeddings.load(folders, "val", oof.index))
     fit_seconds = time.perf_counter() - t0
     members = [read_probs(f / "test_predictions.csv") for f in folders]
     test = ordered_headers(data / "stage_2_test")

@@ -1,4 +1,4 @@
-"""Training machinery: resumable sampling, checkpoints, loss, schedule, torchrun (DDP).
+"""Training machinery: resumable sampling, checkpoints, loss, schedule, the loop's checks, torchrun (DDP).
 
 Exact resumption is designed in rather than hoped for: the order of an epoch is a
 permutation drawn from (seed, epoch) alone, each sample's augmentation from
@@ -106,6 +106,60 @@ def gather_lists(d: Dist, items: list) -> list:
     parts = [None] * d.world
     dist.all_gather_object(parts, list(items))
     return [x for part in parts for x in part]
+
+
+# ----------------------------------------------------- the training loop's checks
+
+
+@dataclass
+class Tally:
+    """What the steps between two checks add up, kept on the device so that no step waits
+    for the GPU: summed loss, images, non-finite losses, fp16 steps the scaler skipped, and
+    the current run of skipped steps."""
+    values: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> Tally:
+        return cls(torch.zeros(5, dtype=torch.float64, device=device))
+
+    def add_batch(self, loss: torch.Tensor, n: int) -> None:
+        loss = loss.detach().double()
+        self.values[0] += loss * n
+        self.values[1] += n
+        self.values[2] += (~torch.isfinite(loss)).double()
+
+    def add_step(self, skipped: torch.Tensor) -> None:
+        skipped = skipped.double()
+        self.values[3] += skipped
+        self.values[4] = (self.values[4] + 1) * skipped  # back to 0 after a step taken
+
+
+@dataclass
+class Check:
+    """The ranks' agreed view at a check: one all-reduce, one copy to the host."""
+    loss_sum: float
+    seen: int
+    nonfinite: int
+    skipped: int
+    skipped_in_a_row: int
+    stop: bool
+    save: bool
+
+
+def check_in(tally: Tally, d: Dist, stop_requested: bool, save_due: bool) -> Check:
+    """Sum the ranks' tallies and flags. The step counts of the scaler and whether a
+    checkpoint is due come from rank 0 alone: the first are the same on every rank (the
+    gradients are all-reduced), and the second must be one clock's decision, or two ranks
+    could enter different collectives (one saving, one stepping) and hang."""
+    main = float(d.main)
+    flags = torch.tensor([float(stop_requested), float(save_due) * main], dtype=torch.float64)
+    values = torch.cat([tally.values, flags.to(tally.values.device)])
+    values[3:5] *= main
+    if d.enabled:
+        dist.all_reduce(values)
+    v = values.tolist()
+    tally.values[:4] = 0  # the run of skipped steps goes on across checks
+    return Check(v[0], int(v[1]), int(v[2]), int(v[3]), int(v[4]), v[5] > 0, v[6] > 0)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

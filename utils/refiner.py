@@ -511,6 +511,26 @@ def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed
     )
 
 
+def fit_refiners(logits, labels, series, position, groups, seed: int, features=None,
+                 device="cpu") -> dict[str, RefinerResult]:
+    """The refiners --refine weighs against each other, by kind (KINDS): over the logits
+    and, with ``features``, over the logits and the features; 5 patient folds each, the
+    same for both (fit_refiner)."""
+    fitted = {"logits": fit_refiner(logits, labels, series, position, groups, n_folds=5, seed=seed)}
+    if features is not None:
+        fitted["embeddings"] = fit_refiner(logits, labels, series, position, groups, n_folds=5, seed=seed,
+                                           features=features, device=device)
+    return fitted
+
+
+def choose_refiner(losses: dict, per_slice: float) -> str | None:
+    """The kind of refiner with the lowest out-of-fold loss, or None where none beats the
+    per-slice predictions' ``per_slice``: trained on a small validation set a refiner can
+    overfit, so it is used only where its out-of-fold loss shows it helps."""
+    best = min(losses, key=losses.get, default=None)
+    return best if best is not None and losses[best] < per_slice else None
+
+
 def refine(result: RefinerResult, logits, series, position, features=None) -> np.ndarray:
     """Refined probabilities (n, 6) float64 of new rows: the mean over the fold models
     (on the CPU); an embedding refiner needs each row's ``features`` (n, D).
