@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -308,6 +309,22 @@ def build_export(root: Path, sample: Path) -> tuple[dict, dict]:
 
 CHROMIUM_SECONDS = 90
 REQUIRE_CHROMIUM = "RSNA_REQUIRE_CHROMIUM"  # CI sets it: a missing browser fails, never skips
+
+
+def build_labelled_export(root: Path, sample: Path) -> pd.DataFrame:
+    """The real sample's training slices as a site's export (patient/study/series folders,
+    files without extensions), with their Kaggle labels: a row per slice, indexed by its path
+    relative to ``root``, with sop_uid, series_uid and the LABELS columns."""
+    from utils.labels import read_labels
+    labels = read_labels(sample / "stage_2_train.csv")
+    rows = []
+    for i, source in enumerate(sorted((sample / "stage_2_train").glob("*.dcm"))):
+        ds = read_dicom(source)
+        rel = f"{ds.PatientID}/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/IM{i:04d}"
+        place_file(source, root / rel)
+        rows.append({"path": rel, "sop_uid": ds.SOPInstanceUID, "series_uid": ds.SeriesInstanceUID,
+                     **labels.loc[source.stem].to_dict()})
+    return pd.DataFrame(rows).set_index("path")
 
 
 def screenshot(page: Path, shot: Path, profile: Path, height: int = 3000) -> Path:

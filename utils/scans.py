@@ -5,6 +5,7 @@
     scan.slices                      # one row per slice to predict, in (study, series, index) order
     scan.skipped                     # path, reason: each file found and not predicted
     rows = scan.model_rows()         # absolute path, below, above: what the model reads
+    scan.patients                    # PatientID of each slice ("" when absent): never written
 
 Rules:
 - Files are found by content, not by name: a DICOM Part-10 file has b"DICM" at byte 128,
@@ -32,7 +33,9 @@ Rules:
   disagree in orientation goes along its first slice's normal, and each such slice is noted.
 - A slice without ImagePositionPatient or ImageOrientationPatient is predicted alone (its
   neighbours are itself, as at the edge of any series), and noted.
-- Outputs hold paths, UIDs and SeriesDescription only: no patient text is read into them.
+- Outputs hold paths, UIDs and SeriesDescription only: no patient text is put into them.
+  PatientID is kept apart (``patients``), for splitting a labelled folder by patient
+  (utils.dataset), which writes pseudonyms in its place.
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ class FolderScan:
     n_files: int  # every file found (DICOM or not)
     n_non_dicom: int  # files without b"DICM" at byte 128: counted, not listed
     notes: dict = field(default_factory=dict)  # without_position, other_orientation: rows noted
+    patients: pd.Series = None  # PatientID of each row of ``slices`` ("" when absent); not an output
 
     def model_rows(self) -> pd.DataFrame:
         """Absolute ``path``, ``below`` and ``above`` (the neighbours along the series) of
@@ -108,15 +112,17 @@ def scan_folder(root, workers: int = 0, parallel_min: int = 2000) -> FolderScan:
         elif value[0] in first_of:  # one SOP instance twice (an export made twice): files are sorted
             skipped.append((rel, f"duplicate SOPInstanceUID: the file kept is {first_of[value[0]]}"))
         else:
-            sop_uid, fmt, rows = value
+            sop_uid, fmt, patient, rows = value
             if sop_uid:
                 first_of[sop_uid] = rel
-            found.extend((slice_ref(rel, part, index), rel, index, fmt, sop_uid, study, rel if series is None else series,
-                          *rest) for part, index, study, series, *rest in rows)
-    slices, notes = _order(pd.DataFrame(found, columns=["path", "file", "frame", "format", *_INFO_COLUMNS]), skipped)
+            found.extend((slice_ref(rel, part, index), rel, index, fmt, patient, sop_uid, study,
+                          rel if series is None else series, *rest) for part, index, study, series, *rest in rows)
+    found = pd.DataFrame(found, columns=["path", "file", "frame", "format", "patient_id", *_INFO_COLUMNS])
+    slices, notes = _order(found, skipped)
+    patients = found.set_index("path")["patient_id"].reindex(slices["path"]).set_axis(slices.index)
     skipped = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
     return FolderScan(root, slices, skipped.sort_values("path", ignore_index=True),
-                      len(files), n_non_dicom, notes)
+                      len(files), n_non_dicom, notes, patients.fillna("").astype(str))
 
 
 def _walk(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
@@ -151,7 +157,7 @@ def _walk(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def _read_chunk(paths: list[str]) -> list[tuple[str, object]]:
-    """Per file: ("slices", (sop_uid, format, rows)) | ("not_dicom", None) | ("skip", reason);
+    """Per file: ("slices", (sop_uid, format, patient_id, rows)) | ("not_dicom", None) | ("skip", reason);
     rows: (part, index, study_uid, series_uid, series_description, position, orientation)
     of each slice it holds (part and index None for a single-slice file, series_uid None
     for a NIfTI volume: its path names it)."""
@@ -172,14 +178,14 @@ def _read_file(path: str) -> tuple[str, object]:
         if not kind:
             return "not_dicom", None
         volume = nifti.read_volume(path)
-        return "slices", ("", volume.kind, [(SLICE, k, "", None, "", tuple(map(float, position)), volume.orientation)
+        return "slices", ("", volume.kind, "", [(SLICE, k, "", None, "", tuple(map(float, position)), volume.orientation)
                                             for k, position in enumerate(volume.positions)])
     except MultiFrame:
         return _frame_slices(path)
     reason = _not_predictable(info, info.orientation)
-    # h.patient_id stays here: no patient text goes into the scan's tables
+    # h.patient_id goes into FolderScan.patients, never into the scan's tables
     return ("skip", reason) if reason else \
-        ("slices", (info.sop_uid, _format("DICOM", h.transfer_syntax),
+        ("slices", (info.sop_uid, _format("DICOM", h.transfer_syntax), h.patient_id,
                     [(None, None, h.study_uid, h.series_uid, info.series_description, info.position, info.orientation)]))
 
 
@@ -191,7 +197,7 @@ def _frame_slices(path: str) -> tuple[str, object]:
         reason = _not_predictable(info, orientation)
         if reason:
             return "skip", f"{len(frames)} frames: {reason}"
-    return "slices", (info.sop_uid, _format(frames.kind, h.transfer_syntax),
+    return "slices", (info.sop_uid, _format(frames.kind, h.transfer_syntax), h.patient_id,
                       [(FRAME, i, h.study_uid, h.series_uid, info.series_description, position, orientation)
                        for i, (position, orientation) in enumerate(zip(frames.positions, frames.orientations))])
 
