@@ -157,3 +157,106 @@ def test_logit_and_sigmoid_are_one_pair_with_named_clips():
     edge = logit([0.0, 1.0])  # the default clip is a submission's
     assert np.allclose(edge, [np.log(SUBMISSION_EPS / (1 - SUBMISSION_EPS)), np.log((1 - SUBMISSION_EPS) / SUBMISSION_EPS)])
     assert np.allclose(logit([0.0, 1.0], EPS), [np.log(EPS), -np.log(EPS)], rtol=1e-4)  # 1 - 1e-15 rounds
+
+
+# ----------------------------------------------------------------- unknown labels (NaN)
+
+
+def with_unknowns(y_true, seed=0, share=0.3):
+    """`y_true` with about `share` of its labels NaN (unknown), column 2 (intraventricular)
+    unknown in every row."""
+    rng = np.random.default_rng([seed, 1])  # not random_pair's draws, which made the labels
+    y = np.where(rng.random(y_true.shape) < share, np.nan, y_true)
+    y[:, 2] = np.nan
+    return y
+
+
+def test_unknown_labels_are_left_out_as_sklearn_weighs_them():
+    for seed in range(3):
+        y_true, y_pred = random_pair(seed=seed)
+        y = with_unknowns(y_true, seed)
+        known = ~np.isnan(y)
+        weights = np.broadcast_to(CLASS_WEIGHTS, y.shape)[known]
+        expected = log_loss(y[known], y_pred[known], sample_weight=weights)
+        assert weighted_log_loss(y, y_pred) == pytest.approx(expected, abs=1e-12)
+        # not the loss of calling them negative
+        assert abs(weighted_log_loss(np.nan_to_num(y), y_pred) - expected) > 1e-3
+
+
+def test_an_unknown_label_changes_nothing_whatever_its_prediction():
+    y_true, y_pred = random_pair(n=50, seed=4)
+    y = with_unknowns(y_true, seed=4)
+    other = np.where(np.isnan(y), 1 - y_pred, y_pred)  # only the unknown entries' predictions move
+    assert weighted_log_loss(y, other) == weighted_log_loss(y, y_pred)
+    np.testing.assert_array_equal(list(per_class_log_loss(y, other).values()),
+                                  list(per_class_log_loss(y, y_pred).values()))  # NaN for NaN
+
+
+def test_any_unknown_halves_the_denominator_by_its_weight():
+    # one row, every prediction 0.5: a known `any` and one known subtype give (2 + 1) * ln2 / 3
+    y = np.full((1, 6), np.nan)
+    y[0, [0, 5]] = 0
+    assert weighted_log_loss(y, np.full((1, 6), 0.5)) == pytest.approx(LN2, abs=1e-15)
+    p = np.full((1, 6), 0.5)
+    p[0, 5] = 0.25  # -log(0.75) for `any`, counted twice, over weights 1 + 2
+    assert weighted_log_loss(y, p) == pytest.approx((LN2 - 2 * math.log(0.75)) / 3, abs=1e-15)
+
+
+def test_per_class_loss_is_the_mean_over_known_rows_and_nan_without_any():
+    y_true, y_pred = random_pair(seed=5)
+    y = with_unknowns(y_true, seed=5)
+    per_class = per_class_log_loss(y, y_pred)
+    assert math.isnan(per_class["intraventricular"])
+    for j, name in enumerate(LABELS):
+        known = ~np.isnan(y[:, j])
+        if known.any():
+            assert per_class[name] == pytest.approx(log_loss(y[known, j], y_pred[known, j], labels=[0, 1]), abs=1e-12)
+
+
+def test_nothing_known_scores_nan():
+    unknown = np.full((3, 6), np.nan)
+    assert math.isnan(weighted_log_loss(unknown, np.full((3, 6), 0.5)))
+    assert all(math.isnan(v) for v in per_class_log_loss(unknown, np.full((3, 6), 0.5)).values())
+
+
+def test_check_probabilities_allows_unknown_labels_only_when_asked():
+    y = np.zeros((2, 6))
+    y[0, 1] = np.nan
+    assert np.isnan(check_probabilities(y, "y", allow_unknown=True)[0, 1])
+    with pytest.raises(ValueError, match="y has 1 NaN or infinite"):
+        check_probabilities(y, "y")
+    y[1, 2] = np.inf
+    with pytest.raises(ValueError, match="y has 1 infinite values"):
+        check_probabilities(y, "y", allow_unknown=True)
+    y[1, 2] = 1.5
+    with pytest.raises(ValueError, match=r"1 values outside \[0, 1\] \(e.g. 1.5\)"):
+        check_probabilities(y, "y", allow_unknown=True)
+    labels = np.zeros((2, 6))
+    labels[0, 0] = np.nan
+    with pytest.raises(ValueError, match="y_pred has 1 NaN"):  # a prediction is never unknown
+        weighted_log_loss(np.zeros((2, 6)), np.where(np.isnan(labels), np.nan, 0.5))
+    with pytest.raises(ValueError, match=r"y_true has 1 infinite"):
+        weighted_log_loss(np.where(np.isnan(labels), -np.inf, 0), np.full((2, 6), 0.5))
+
+
+def test_prior_counts_known_rows_only():
+    y = np.full((8, 6), np.nan)
+    y[:4, 0] = [1, 0, 0, 0]  # 1 of 4 known, not 1 of 8
+    y[:, 1] = 0  # never seen in 8 rows: half an example
+    y[:2, 3] = 0  # never seen in 2 known rows: half of one of 2
+    y[:, [4, 5]] = 1
+    y[0, 5] = np.nan  # always seen in 7 known rows
+    with pytest.raises(ValueError, match="no known label of intraventricular: pass a fallback"):
+        prior_probabilities(y)
+    fallback = np.array([0.9, 0.9, 0.07, 0.9, 0.9, 0.9])
+    prior = prior_probabilities(y, fallback=fallback)
+    assert prior.tolist() == [0.25, 0.5 / 8, 0.07, 0.5 / 2, 1 - 0.5 / 8, 1 - 0.5 / 7]
+    y[:, 0] = np.nan
+    with pytest.raises(ValueError, match="of epidural, intraventricular"):
+        prior_probabilities(y)
+    with pytest.raises(ValueError, match=r"fallback must be 6 probabilities in LABELS order, got shape \(5,\)"):
+        prior_probabilities(y, fallback=[0.5] * 5)
+    with pytest.raises(ValueError, match=r"fallback has 1 values outside \[0, 1\]"):
+        prior_probabilities(y, fallback=[0.5] * 5 + [2])
+    assert prior_log_loss(y, y, fallback=fallback) == pytest.approx(
+        weighted_log_loss(y, np.broadcast_to(prior_probabilities(y, fallback), y.shape)), abs=1e-15)
