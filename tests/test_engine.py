@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 from utils import engine
 from utils.engine import (Dist, ResumableSampler, gather_rows, model_state, roc_auc,
                           save_checkpoint, load_checkpoint, unwrap, warmup_cosine, weighted_bce)
+from utils.labels import LABELS
 from utils.metrics import weighted_log_loss
 
 
@@ -61,12 +62,93 @@ def test_weighted_bce_equals_the_competition_metric():
     assert masked.item() == pytest.approx(weighted_log_loss(y[:25], 1 / (1 + np.exp(-logits[:25]))), rel=1e-5)
 
 
+def bce_batch(n=40, seed=0):
+    """Logits (requiring grad), 0/1 targets with `subdural` unknown in every row, the
+    column's index."""
+    rng = np.random.default_rng(seed)
+    logits = torch.tensor(rng.normal(0, 2, (n, 6)), dtype=torch.float32, requires_grad=True)
+    target = torch.tensor(rng.integers(0, 2, (n, 6)), dtype=torch.float32)
+    column = LABELS.index("subdural")
+    target[:, column] = float("nan")
+    return logits, target, column
+
+
+def test_an_unknown_subtype_provably_does_not_enter_the_loss():
+    logits, target, column = bce_batch()
+    readable = torch.ones(len(target))
+    readable[:5] = 0
+    loss = weighted_bce(logits, target, readable)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert (logits.grad[:, column] == 0).all()  # exactly: no gradient reaches the unknown logits
+    assert (logits.grad[5:, :column] != 0).all()  # while the known ones learn
+    # the loss by hand, over the known entries of the readable rows only
+    x, y = logits.detach().double()[5:], target.double()[5:]
+    bce = torch.nn.functional.softplus(x) - y * x
+    keep = [j for j in range(6) if j != column]
+    w = torch.tensor([1.0, 1, 1, 1, 1, 2], dtype=torch.float64)[keep]
+    assert loss.item() == pytest.approx(((bce[:, keep] * w).sum() / (w.sum() * len(x))).item(), rel=1e-6)
+    # whatever the column's targets, masked entry by entry they give the identical loss
+    entries = readable[:, None].repeat(1, 6)
+    entries[:, column] = 0
+    for value in (0.0, 1.0):
+        filled = target.clone()
+        filled[:, column] = value
+        assert torch.equal(weighted_bce(logits, filled, entries), loss)
+    assert torch.equal(weighted_bce(logits, target, entries), loss)
+
+
+def test_weighted_bce_masks_unknown_entries_one_by_one():
+    logits, target, _ = bce_batch(seed=1)
+    target = target.clone()
+    rng = np.random.default_rng(1)
+    unknown = torch.from_numpy(rng.random(target.shape) < 0.3)
+    target[unknown] = float("nan")
+    known = ~torch.isnan(target)
+    probs = torch.sigmoid(logits.detach()).double().numpy()
+    metric = weighted_log_loss(target.numpy(), probs)  # the one definition, in utils.metrics
+    assert weighted_bce(logits, target, torch.ones(len(target))).item() == pytest.approx(metric, rel=1e-5)
+    assert weighted_bce(logits, torch.nan_to_num(target), known.float()).item() == pytest.approx(metric, rel=1e-5)
+    nothing = weighted_bce(logits, target, torch.zeros(len(target)))
+    assert nothing.item() == 0  # no readable row: no loss, not 0 / 0
+    nothing.backward()
+    assert (logits.grad == 0).all()
+    with pytest.raises(ValueError, match=r"mask must be \(n,\) per row or \(n, 6\) per label.*got \(40, 5\)"):
+        weighted_bce(logits, target, torch.ones(40, 5))
+
+
+def test_one_sgd_step_leaves_the_unknown_subtype_alone():
+    # a tiny model, one optimizer step on a batch whose subdural labels are all unknown:
+    # the subdural output's bias and weights are exactly as they were, the others moved
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6))
+    head = model[-1]
+    before = head.bias.detach().clone(), head.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # no weight decay, no momentum: exact
+    _, target, column = bce_batch(n=32, seed=2)
+    loss = weighted_bce(model(torch.randn(32, 8)), target, torch.ones(32))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert head.bias[column].item() == before[0][column].item()
+    assert torch.equal(head.weight[column], before[1][column])
+    others = [j for j in range(6) if j != column]
+    assert (head.bias[others] != before[0][others]).all()
+
+
 def test_roc_auc_matches_sklearn():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 200)
     p = np.round(rng.random(200), 1)  # many ties
     assert roc_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
     assert math.isnan(roc_auc(np.zeros(5), np.arange(5)))
+    # an unknown label (NaN) leaves its row out: not a negative
+    unknown = np.r_[y.astype(float), np.full(50, np.nan)]
+    more = np.r_[p, np.random.default_rng(2).random(50)]
+    assert roc_auc(unknown, more) == roc_auc(y, p)
+    assert roc_auc(unknown, more) != roc_auc(np.nan_to_num(unknown), more)
+    assert math.isnan(roc_auc(np.full(4, np.nan), np.arange(4)))
 
 
 def test_gather_rows_without_processes():

@@ -229,13 +229,29 @@ def _class_weights(device: torch.device) -> torch.Tensor:
     return torch.as_tensor(CLASS_WEIGHTS, dtype=torch.float32, device=device)
 
 
+# The loss's denominator is kept off 0 (a batch with no readable, known label) by a
+# floor far below its smallest real value (one subtype's weight, 1), so 0 / floor = 0.
+LOSS_WEIGHT_FLOOR = 1e-6
+
+
 def weighted_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """BCE weighted like the competition metric ('any' counts twice), over readable rows.
-    The weights are copied to the device once, not at every step."""
-    w = _class_weights(logits.device)
-    per_row = (torch.nn.functional.binary_cross_entropy_with_logits(
-        logits.float(), target, reduction="none") * w).sum(1) / w.sum()
-    return (per_row * mask).sum() / mask.sum().clamp(min=1)
+    """BCE weighted like the competition metric ('any' counts twice) over the readable,
+    known labels: sum(w_c * mask_ic * known_ic * bce_ic) / sum(w_c * mask_ic * known_ic).
+
+    `target` (n, 6) may hold NaN, an unknown label: it adds nothing to the loss nor to any
+    gradient (it is replaced before the BCE, not after, whose NaN would reach the
+    gradients through 0 * NaN). `mask` is (n,) per row (the readable images) or (n, 6)
+    per label. With every label known and a row mask this is the mean over readable rows
+    of sum_c w_c * bce_ic / 7. The weights are copied to the device once, not at every step.
+    """
+    if mask.shape not in (target.shape[:1], target.shape):
+        raise ValueError(f"mask must be (n,) per row or (n, {target.shape[-1]}) per label for "
+                         f"targets of shape {tuple(target.shape)}, got {tuple(mask.shape)}")
+    known = ~torch.isnan(target)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), torch.where(known, target, 0.0), reduction="none")
+    weight = _class_weights(logits.device) * known * (mask[:, None] if mask.ndim == 1 else mask)
+    return (bce * weight).sum() / weight.sum().clamp(min=LOSS_WEIGHT_FLOOR)
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float = 0.05, max_warmup: int = 200,
@@ -252,13 +268,16 @@ def warmup_cosine(total_steps: int, warmup_frac: float = 0.05, max_warmup: int =
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Area under the ROC curve by the rank-sum formula (ties count half); NaN when one
-    class is absent."""
-    pos = np.asarray(y) == 1
+    """Area under the ROC curve by the rank-sum formula (ties count half) over the rows
+    whose label is known (NaN: unknown); NaN when one class is absent."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p)
+    known = ~np.isnan(y)
+    y, p = y[known], p[known]
+    pos = y == 1
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = pd.Series(np.asarray(p)).rank().to_numpy()
+    ranks = pd.Series(p).rank().to_numpy()
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
