@@ -6,7 +6,7 @@ import torch
 
 from utils.headers import scan_headers
 from utils.labels import LABELS, read_labels
-from utils.metrics import logit, weighted_log_loss
+from utils.metrics import logit, sigmoid, weighted_log_loss
 from utils.embeddings import RowSource
 from utils.refiner import (EmbeddingRefiner, RefinerWarning, SeriesRefiner, apply_refiner, fit_refiner, load_refiner,
                            pack_series, refine, save_refiner, train_refiner, unpack_series)
@@ -166,6 +166,61 @@ def test_fit_refiner_with_too_few_patients_or_bad_input():
                     labels, series, position, groups)
     with pytest.raises(ValueError, match="0 or 1"):
         fit_refiner(logits, labels * 0.5, series, position, groups)
+    with pytest.raises(ValueError, match=r"0 or 1, or NaN \(unknown\); found 6 other values, e.g. inf"):
+        fit_refiner(logits, np.where(np.arange(len(labels))[:, None] == 0, np.inf, labels), series, position, groups)
+
+
+# ------------------------------------------------------------------ unknown labels (NaN)
+
+UNKNOWN = LABELS.index("intraventricular")
+
+
+def test_a_class_never_known_leaves_its_logits_as_they_were():
+    # The class's last-layer weights get no gradient at all, and Adam leaves a zero weight
+    # with a zero gradient at zero (its decay too), so the refiner stays the identity on
+    # that class, exactly; had its NaN become 0s, it would learn to push the class down.
+    logits, labels, series, position, groups = smooth_series(30, seed=7)
+    labels[:, UNKNOWN] = np.nan
+    result = fit_refiner(logits, labels, series, position, groups, n_folds=3, seed=0, epochs=3)
+    x = logits.astype(np.float32)
+    assert np.isfinite(result.oof_probs).all()
+    assert np.array_equal(result.oof_probs[:, UNKNOWN], sigmoid(x[:, UNKNOWN]))
+    for model in result.models:
+        assert not model.body[-1].weight[UNKNOWN].any() and model.body[-1].bias[UNKNOWN] == 0
+        assert model.body[-1].weight[UNKNOWN - 1].any()  # the known classes learnt
+    known = [j for j in range(6) if j != UNKNOWN]
+    w = np.array([1, 1, 1, 1, 1, 2.0])[known]
+
+    def by_hand(p):  # the weighted log loss of the five known classes
+        ll = -(labels[:, known] * np.log(p[:, known]) + (1 - labels[:, known]) * np.log1p(-p[:, known]))
+        return (ll @ w).sum() / (w.sum() * len(ll))
+    assert result.loss_before == pytest.approx(by_hand(sigmoid(x)), rel=1e-9)
+    assert result.loss_after == pytest.approx(by_hand(result.oof_probs), rel=1e-9)
+    assert result.loss_after < result.loss_before
+
+
+def test_an_embedding_refiner_never_known_class_stays_its_input():
+    logits, labels, series, position, groups = smooth_series(10, seed=8)
+    labels[:, UNKNOWN] = np.nan
+    result = fit_refiner(logits, labels, series, position, groups, n_folds=2, seed=0, epochs=1, min_steps=10,
+                         features=label_features(np.nan_to_num(labels), seed=3))
+    assert np.array_equal(result.oof_probs[:, UNKNOWN], sigmoid(logits.astype(np.float32)[:, UNKNOWN]))
+    for model in result.models:
+        assert not model.head.weight[UNKNOWN].any() and model.scale[UNKNOWN] == 1
+    assert np.isfinite([result.loss_before, result.loss_after]).all()
+
+
+def test_labels_unknown_here_and_there_are_left_out_of_the_refiners_losses():
+    logits, labels, series, position, groups = smooth_series(30, seed=9)
+    rng = np.random.default_rng(0)
+    unknown = np.where(rng.random(labels.shape) < 0.3, np.nan, labels)
+    result = fit_refiner(logits, unknown, series, position, groups, n_folds=3, seed=0, epochs=3)
+    assert np.isfinite(result.oof_probs).all() and result.loss_after < result.loss_before
+    assert result.loss_after == weighted_log_loss(unknown, result.oof_probs)
+    assert result.loss_before == weighted_log_loss(unknown, sigmoid(logits.astype(np.float32)))
+    # what the fit saw of the labels changed: calling the unknowns negative fits another refiner
+    negatives = fit_refiner(logits, np.nan_to_num(unknown), series, position, groups, n_folds=3, seed=0, epochs=3)
+    assert not np.allclose(negatives.oof_probs, result.oof_probs, atol=1e-3)
 
 
 def test_real_sample_end_to_end(rsna_sample):

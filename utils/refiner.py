@@ -42,7 +42,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from utils.atomic import atomic_write
 from utils.engine import weighted_bce
 from utils.labels import LABELS, format_examples
-from utils.metrics import sigmoid, weighted_log_loss
+from utils.metrics import fold_labels, sigmoid, weighted_log_loss
 from utils.split import fold_count, kfold_by_patient, sorted_codes
 
 N_LABELS = len(LABELS)
@@ -248,11 +248,14 @@ def _check_logits(logits, name: str = "logits") -> np.ndarray:
 
 
 def _check_targets(labels, n_rows: int) -> np.ndarray:
+    """Labels (n, 6) float32 of 0, 1 or NaN (unknown: left out of the loss, never a 0)."""
     array = np.asarray(labels, dtype=np.float32)
     if array.shape != (n_rows, N_LABELS):
         raise ValueError(f"labels must have shape ({n_rows}, {N_LABELS}), got {array.shape}")
-    if not np.isin(array, (0.0, 1.0)).all():
-        raise ValueError("labels must all be 0 or 1")
+    bad = ~(np.isin(array, (0.0, 1.0)) | np.isnan(array))
+    if bad.any():
+        raise ValueError(f"labels must all be 0 or 1, or NaN (unknown); found {int(bad.sum())} "
+                         f"other values, e.g. {float(array[bad][0])}")
     return array
 
 
@@ -330,7 +333,8 @@ def train_refiner(logits, labels, series, position, *, features=None, rows=None,
                   seed: int = 0, epochs: int | None = None, lr: float | None = None,
                   batch_size: int = BATCH_SERIES, hidden: int = HIDDEN,
                   kernels: tuple[int, int] = KERNELS, min_steps: int | None = None) -> nn.Module:
-    """One refiner fitted to these rows (all of them), with the metric's weighted BCE: a
+    """One refiner fitted to these rows (all of them), with the metric's weighted BCE over
+    the known labels (NaN: unknown): a
     SeriesRefiner, or with ``features`` (row ``rows[i]`` of it for input row i; default
     row i) an EmbeddingRefiner, trained for at least ``min_steps`` steps (default
     EMBEDDING_MIN_STEPS). Epochs and learning rate default by kind.
@@ -362,7 +366,19 @@ def train_refiner(logits, labels, series, position, *, features=None, rows=None,
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
         model.train()
         _train_epochs(model, optimizer, batches, epochs, batch_size, seed)
+    _pass_through(model, np.isnan(y).all(axis=0))
     return model.eval()
+
+
+@torch.no_grad()
+def _pass_through(model: nn.Module, unknown: np.ndarray) -> None:
+    """Classes no training row knows (`unknown`, (6,) bool) keep their input logits. Their
+    weights get no gradient, and the logit refiner's stay at their zero start; but Adam's
+    weight decay would still shrink the embedding refiner's scale, at the optimiser's full
+    step (Adam normalises even a gradient of wd * 1: 1 -> 0.72 in 100 steps), moving the
+    class towards 0.5 with nothing learnt."""
+    if isinstance(model, EmbeddingRefiner) and unknown.any():
+        model.scale[torch.from_numpy(unknown).to(model.scale.device)] = 1.0
 
 
 def _train_epochs(model: nn.Module, optimizer, batches: _Batches, epochs: int, batch_size: int,
@@ -373,6 +389,7 @@ def _train_epochs(model: nn.Module, optimizer, batches: _Batches, epochs: int, b
         for first in range(0, n_series, batch_size):
             inputs, mask, targets, features = batches.take(order[first:first + batch_size])
             out = model(inputs, mask, features)
+            # padded slots are masked by row, unknown (NaN) targets by weighted_bce itself
             loss = weighted_bce(out.reshape(-1, N_LABELS), targets.reshape(-1, N_LABELS),
                                 mask.reshape(-1).float())
             optimizer.zero_grad(set_to_none=True)
@@ -428,7 +445,8 @@ class RefinerResult:
     models[k] was trained on rows train_index[k] only, which exclude every row with
     folds == k, and produced oof_probs for those rows. Test rows get the mean of all
     models' probabilities (refine). Losses are the weighted log loss of the validation
-    rows before (sigmoid of the input logits) and after (out of fold) refinement.
+    rows before (sigmoid of the input logits) and after (out of fold) refinement, over
+    their known labels (utils.metrics.weighted_log_loss).
     """
 
     models: list[nn.Module]
@@ -458,7 +476,8 @@ def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed
                 epochs: int | None = None, lr: float | None = None, batch_size: int = BATCH_SERIES,
                 hidden: int = HIDDEN, kernels: tuple[int, int] = KERNELS, features=None,
                 device="cpu", min_steps: int | None = None) -> RefinerResult:
-    """Out-of-fold refiners over validation rows: per-slice logits (n, 6), labels (n, 6) 0/1,
+    """Out-of-fold refiners over validation rows: per-slice logits (n, 6), labels (n, 6) 0/1
+    or NaN (unknown: left out of the training loss and of loss_before/loss_after),
     series key and position of each row, and its patient group (see resolve_groups); with
     ``features`` (n, D), indexed by row, embedding refiners (EmbeddingRefiner) on ``device``.
 
@@ -483,7 +502,7 @@ def fit_refiner(logits, labels, series, position, groups, n_folds: int = 5, seed
     n_folds = _check_positive_int(n_folds, "n_folds")
     n_folds = fold_count(len(group_keys), n_folds, "fit_refiner", RefinerWarning, stacklevel=2)
 
-    folds = kfold_by_patient(y.astype(np.int64), group_array, n_folds, _crossing_seed(seed))
+    folds = kfold_by_patient(fold_labels(y).astype(np.int64), group_array, n_folds, _crossing_seed(seed))
     oof_logits = np.empty_like(x)
     models, train_index, fold_seeds = [], [], []
     for fold in range(n_folds):
