@@ -100,7 +100,9 @@ def test_summary_is_per_class_in_labels_order():
 
 @pytest.mark.parametrize(("y", "p", "message"), [
     ([0, 1], [0.5], "2 rows but p has 1"),
-    ([0, 1], [0.5, np.nan], "NaN"),
+    ([0, 1], [0.5, np.nan], "p has 1 NaN"),
+    ([0, np.inf], [0.5, 0.5], "y has 1 infinite"),
+    ([0, np.nan], [0.5, 1.5], "p has 1 values outside"),
     ([0, 1], [0.5, 1.5], "outside"),
     ([], [], "non-empty"),
     ([[0, 1]], [[0.5, 0.5]], "1-D"),
@@ -261,6 +263,79 @@ def test_decide_calibration_rejects_bad_input():
         decide_calibration(y, p, groups, n_folds=1)
     with pytest.raises(ValueError, match="0/1"):
         decide_calibration(y * 0.5, p, groups)
+
+
+# --------------------------------------------------------------------------- unknown labels (NaN)
+
+UNKNOWN = LABELS.index("subarachnoid")
+
+
+def with_unknowns(y, seed=0, share=0.3):
+    """`y` with about `share` of its labels NaN (unknown) and `subarachnoid` unknown in every row."""
+    rng = np.random.default_rng([seed, 1])
+    out = np.where(rng.random(y.shape) < share, np.nan, y)
+    out[:, UNKNOWN] = np.nan
+    return out
+
+
+def test_reliability_and_ece_count_known_rows_only():
+    p = np.array([0.15] * 30 + [0.75] * 10 + [0.95] * 5)
+    y = np.array([1] * 3 + [0] * 27 + [1] * 9 + [0] + [np.nan] * 5)  # the two bins of before, and 5 unknown
+    table = reliability(y, p)
+    assert table["count"].tolist() == [0, 30, 0, 0, 0, 0, 0, 10, 0, 0]  # the rows at 0.95 are not in a bin
+    assert expected_calibration_error(y, p) == pytest.approx(0.075, abs=1e-12)
+    assert max_calibration_error(y, p) == pytest.approx(0.15, abs=1e-12)
+    # had they counted as negatives: a bin of 5 at 0.95 observed 0, a gap of 0.95
+    assert max_calibration_error(np.nan_to_num(y), p) == pytest.approx(0.95, abs=1e-12)
+    nothing = reliability(np.full(4, np.nan), [0.1, 0.5, 0.7, 1.0])
+    assert nothing["count"].tolist() == [0] * 10 and nothing["observed"].isna().all()
+    assert np.isnan(expected_calibration_error(np.full(4, np.nan), np.full(4, 0.3)))
+    assert np.isnan(max_calibration_error(np.full(4, np.nan), np.full(4, 0.3)))
+
+
+def test_summary_measures_each_class_on_its_known_rows():
+    y, p, _ = patients(n_patients=10, true_t=3.0)
+    unknown = with_unknowns(y)
+    summary = calibration_summary(unknown, p)
+    for j, k in enumerate(LABELS):
+        known = ~np.isnan(unknown[:, j])
+        if j == UNKNOWN:
+            assert np.isnan(summary["ece"][k]) and np.isnan(summary["max_calibration_error"][k])
+        else:
+            assert summary["ece"][k] == expected_calibration_error(y[known, j], p[known, j])
+            assert summary["max_calibration_error"][k] == max_calibration_error(y[known, j], p[known, j])
+
+
+def test_temperatures_are_fitted_on_known_rows_and_one_without_any():
+    y, p, _ = patients(n_patients=60, true_t=2.0)
+    unknown = with_unknowns(y, seed=1)
+    # the unknown rows' predictions are made wildly wrong: they must not move any temperature
+    wrong = np.where(np.isnan(unknown), np.where(y == 1, 1e-6, 1 - 1e-6), p)
+    fitted = fit_temperatures(unknown, wrong)
+    assert fitted[UNKNOWN] == 1.0
+    for j in range(6):
+        if j != UNKNOWN:
+            known = ~np.isnan(unknown[:, j])
+            assert fitted[j] == fit_temperatures(six(y[known, j]), six(p[known, j]))[j]
+            assert abs(fitted[j] - 2) < 0.3
+    assert fit_temperatures(np.full((3, 6), np.nan), np.full((3, 6), 0.3)).tolist() == [1.0] * 6
+
+
+def test_the_decision_ignores_what_was_predicted_for_unknown_labels():
+    y, p, groups = patients(n_patients=30, true_t=3.0, seed=2)
+    unknown = with_unknowns(y, seed=2)
+    decision = decide_calibration(unknown, p, groups, n_folds=3)
+    assert decision["use"] is True and decision["temperatures"][UNKNOWN] == 1.0
+    assert all(t[UNKNOWN] == 1.0 for t in decision["fold_temperatures"])
+    assert decision["loss_before"] == weighted_log_loss(unknown, p)
+    assert np.isfinite([decision["loss_before"], decision["loss_after_oof"]]).all()
+    for key in ("per_class_before", "per_class_after_oof", "ece_before", "ece_after_oof"):
+        assert np.isnan(decision[key]["subarachnoid"]) and np.isfinite(decision[key]["any"])
+    other = decide_calibration(unknown, np.where(np.isnan(unknown), 1 - p, p), groups, n_folds=3)
+    for key in ("loss_before", "loss_after_oof", "temperatures", "fold_temperatures"):
+        assert other[key] == decision[key], key
+    # the same labels with the unknowns called negative decide on other numbers
+    assert decide_calibration(np.nan_to_num(unknown), p, groups, n_folds=3)["loss_before"] != decision["loss_before"]
 
 
 # --------------------------------------------------------------------------- the figure

@@ -7,6 +7,9 @@ per-class temperature scaling that is used only when it helps out of fold.
     if decision["use"]:
         test_probs = apply_temperatures(test_probs, decision["temperatures"])
 
+A label may be unknown (NaN in `y`): each class is measured and fitted on its known rows
+only; a class with none has NaN metrics and temperature 1.
+
 Reliability: each class's predictions fall into `n_bins` equal-width bins [k/n, (k+1)/n) on
 [0, 1], the last one closed so that p = 1 counts. The expected calibration error (ECE) is
 sum over bins of count / N * |observed frequency - mean prediction|: 0 for a perfectly
@@ -29,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from utils.labels import LABELS
-from utils.metrics import EPS, check_probabilities, logit, per_class_log_loss, sigmoid, weighted_log_loss
+from utils.metrics import (EPS, check_probabilities, fold_labels, logit, per_class_log_loss, sigmoid,
+                           weighted_log_loss)
 from utils.split import fold_count, kfold_by_patient, sorted_codes
 
 N_BINS = 10
@@ -52,19 +56,23 @@ class CalibrationWarning(UserWarning):
 # Reliability and expected calibration error, one class at a time.
 
 def _check_class(y, p) -> tuple[np.ndarray, np.ndarray]:
+    """One class's labels and predictions, checked, on the rows whose label is known
+    (NaN in `y`: unknown; NaN in `p` is an error)."""
     arrays = []
     for name, values in (("y", y), ("p", p)):
         array = np.asarray(values, dtype=np.float64)
         if array.ndim != 1 or len(array) == 0:
             raise ValueError(f"{name} must be 1-D and non-empty (one class), got shape {array.shape}")
-        if not np.isfinite(array).all():
-            raise ValueError(f"{name} has {int((~np.isfinite(array)).sum())} NaN or infinite values")
+        bad, what = (np.isinf(array), "infinite") if name == "y" else (~np.isfinite(array), "NaN or infinite")
+        if bad.any():
+            raise ValueError(f"{name} has {int(bad.sum())} {what} values")
         if ((array < 0) | (array > 1)).any():
             raise ValueError(f"{name} has {int(((array < 0) | (array > 1)).sum())} values outside [0, 1]")
         arrays.append(array)
     if len(arrays[0]) != len(arrays[1]):
         raise ValueError(f"y has {len(arrays[0])} rows but p has {len(arrays[1])}")
-    return arrays[0], arrays[1]
+    known = ~np.isnan(arrays[0])
+    return arrays[0][known], arrays[1][known]
 
 
 def _check_n_bins(n_bins) -> int:
@@ -76,8 +84,9 @@ def _check_n_bins(n_bins) -> int:
 def reliability(y, p, n_bins: int = N_BINS) -> pd.DataFrame:
     """One row per bin of one class: lower, upper, count, mean_predicted, observed.
 
-    `y` holds the labels (0/1, or soft targets in [0, 1]) and `p` the predicted
-    probabilities, both 1-D. An empty bin has count 0 and NaN means.
+    `y` holds the labels (0/1, or soft targets in [0, 1], or NaN: unknown, a row left
+    out) and `p` the predicted probabilities, both 1-D. An empty bin has count 0 and NaN
+    means; so has every bin when no label is known.
     """
     truth, pred = _check_class(y, p)
     n_bins = _check_n_bins(n_bins)
@@ -100,21 +109,24 @@ def _bin_gaps(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def expected_calibration_error(y, p, n_bins: int = N_BINS) -> float:
-    """Sum over bins of count / N * |observed frequency - mean prediction|, for one class."""
+    """Sum over bins of count / N * |observed frequency - mean prediction|, for one class,
+    over its known rows (N of them); NaN when none is known."""
     count, gap = _bin_gaps(reliability(y, p, n_bins))
-    return float((count * gap).sum() / count.sum())
+    return float((count * gap).sum() / count.sum()) if count.sum() else float("nan")
 
 
 def max_calibration_error(y, p, n_bins: int = N_BINS) -> float:
-    """The largest |observed frequency - mean prediction| of a non-empty bin, for one class."""
+    """The largest |observed frequency - mean prediction| of a non-empty bin, for one class,
+    over its known rows; NaN when none is known."""
     _, gap = _bin_gaps(reliability(y, p, n_bins))
-    return float(gap.max())
+    return float(gap.max()) if len(gap) else float("nan")
 
 
 def calibration_summary(y, p, n_bins: int = N_BINS) -> dict[str, dict[str, float]]:
     """{"ece": {label: ...}, "max_calibration_error": {label: ...}} of (n, 6) labels and
     predictions in LABELS order: each metric keyed by class, as metrics.json's per-class
-    entries are (the report shows each as a column of its per-class table)."""
+    entries are (the report shows each as a column of its per-class table). Each class is
+    measured on its known rows; NaN for a class with none."""
     truth, pred = check_predictions(y, p)
     return {"ece": {k: expected_calibration_error(truth[:, j], pred[:, j], n_bins) for j, k in enumerate(LABELS)},
             "max_calibration_error": {k: max_calibration_error(truth[:, j], pred[:, j], n_bins)
@@ -122,8 +134,9 @@ def calibration_summary(y, p, n_bins: int = N_BINS) -> dict[str, dict[str, float
 
 
 def check_predictions(y, p) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 6) labels and predictions as float64 arrays of one shape, or a ValueError saying why not."""
-    truth, pred = check_probabilities(y, "y"), check_probabilities(p, "p")
+    """(n, 6) labels (NaN: unknown) and predictions as float64 arrays of one shape, or a
+    ValueError saying why not."""
+    truth, pred = check_probabilities(y, "y", allow_unknown=True), check_probabilities(p, "p")
     if truth.shape != pred.shape:
         raise ValueError(f"y has shape {truth.shape} but p has shape {pred.shape}")
     return truth, pred
@@ -164,10 +177,13 @@ def _fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
 
 def fit_temperatures(y, p) -> np.ndarray:
     """One temperature per class (6,), each minimising the binary log loss of
-    sigmoid(logit(p) / T) over the rows of (n, 6) labels `y` and predictions `p`."""
+    sigmoid(logit(p) / T) over the rows of (n, 6) labels `y` and predictions `p` where
+    that class's label is known; 1.0 (no change) for a class with no known row."""
     truth, pred = check_predictions(y, p)
     z = logit(pred, EPS)  # the metric's own clip: the loss fitted is the loss scored
-    return np.array([_fit_temperature(z[:, j], truth[:, j]) for j in range(len(LABELS))])
+    known = ~np.isnan(truth)
+    return np.array([_fit_temperature(z[known[:, j], j], truth[known[:, j], j]) if known[:, j].any() else 1.0
+                     for j in range(len(LABELS))])
 
 
 def apply_temperatures(p, temperatures) -> np.ndarray:
@@ -198,7 +214,7 @@ def _check_folds(groups, n_rows: int, n_folds) -> tuple[np.ndarray, int]:
 def decide_calibration(y, p, groups, n_folds: int = 5, seed: int = 0, n_bins: int = N_BINS) -> dict:
     """Whether per-class temperatures lower the weighted log loss out of fold, as a JSON-ready dict.
 
-    `y` (n, 6) 0/1 labels, `p` (n, 6) predictions (validation or out-of-fold ones) and the
+    `y` (n, 6) 0/1 labels (NaN: unknown, left out of every loss and fit), `p` (n, 6) predictions (validation or out-of-fold ones) and the
     patient group of each row (see resolve_groups). Rows are split into kfold_by_patient's
     folds; each fold's rows are scaled by temperatures fitted on the other folds, and the
     weighted log loss of all rows so scaled (loss_after_oof) is compared with that of `p`
@@ -208,7 +224,7 @@ def decide_calibration(y, p, groups, n_folds: int = 5, seed: int = 0, n_bins: in
     """
     truth, pred = check_predictions(y, p)
     group_array, n_folds = _check_folds(groups, len(truth), n_folds)
-    folds = kfold_by_patient(truth, group_array, n_folds, seed)
+    folds = kfold_by_patient(fold_labels(truth), group_array, n_folds, seed)
     oof = np.empty_like(pred)
     fold_temperatures = []
     for fold in range(n_folds):
