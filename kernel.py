@@ -5,6 +5,8 @@
     python kernel.py --data-dir DATA --weights none    # random init, on purpose
     torchrun --nproc_per_node 4 kernel.py --data-dir DATA --weights WEIGHTS.pth
     python kernel.py --export-kaggle kaggle/ --kaggle-id USER/SLUG   # notebook to upload
+    python kernel.py --evaluate SCANS --labels labels.csv --checkpoint runs/X   # a model on your scans
+    python kernel.py --scans SCANS --labels labels.csv --weights runs/X/checkpoints/best.pt  # fine-tune
 
 Stages, in the order they run: settings -> labels -> headers (and slice order) ->
 split -> train -> validate (and refine) -> predict and submit -> report. DATA is the
@@ -22,7 +24,6 @@ import importlib
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -47,16 +48,16 @@ from utils.engine import (Check, CheckpointMismatch, Checkpoints, Dist, Resumabl
 from utils.ensemble import assemble_oof, average, data_fingerprint, run_ensemble
 from utils.errors import (EXIT_OUTPUT, EXIT_STOPPED, EXIT_USAGE, OutputError, TrainingStopped, UserError,
                           writing)
-from utils.inference import (TestPredictions, calibrate_test, input_layout, predict, predict_saved,
-                             predict_test, refine_test, slice_dataset)
+from utils.inference import (TestPredictions, calibrate_test, fine_tuning_settings, input_layout, predict,
+                             predict_saved, predict_test, refine_test, run_checkpoint, slice_dataset, training_prior)
 from utils.labels import LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels
-from utils.metrics import logit, per_class_log_loss, prior_probabilities, weighted_log_loss
+from utils.metrics import logit, per_class_log_loss, weighted_log_loss
 from utils.model import WeightsError, build_model, resolve_weights
 from utils.refiner import RefinerResult, choose_refiner, fit_refiners, save_refiner
 from utils.report import report_command, write_run_report
 from utils.rundir import PRED_COLUMNS, REFINED_COLUMNS, write_csv, write_json
-from utils.runtime import (PRECISIONS, Runtime, RuntimeChoiceError, default_workers, environment, launch,
-                           log_to_stdout, plan_processes, setup_runtime, under_torchrun)
+from utils.runtime import (PRECISIONS, Runtime, RuntimeChoiceError, StopRequest, default_workers, environment,
+                           launch, log_to_stdout, plan_processes, setup_runtime, under_torchrun)
 from utils.slices import neighbour_paths, order_slices
 from utils.split import fold_table, format_fold_table, kfold_by_patient, resolve_groups, split_by_patient
 from utils.submission import (SubmissionError, build_submission, check_submission_command,
@@ -71,6 +72,8 @@ KAGGLE_INPUT, KAGGLE_WORKING = Path("/kaggle/input"), Path("/kaggle/working")
 @dataclass
 class Config:
     data_dir: str | None = None      # folder with stage_2_train.csv; None: Kaggle or demo
+    scans: str | None = None         # instead: a folder of your own scans (any tree), labelled by --labels
+    labels: str | None = None        # the label CSV of --scans or --evaluate (utils/dataset.py)
     out_dir: str | None = None       # default ./runs/<timestamp>, /kaggle/working on Kaggle
     epochs: int = 3
     arch: str = "resnext101_32x8d"
@@ -129,10 +132,15 @@ def _bool(text: str) -> bool:
 # Each option, its type and what it does; the default is Config's (the demo's without data).
 OPTIONS = {
     "data_dir": (str, "the folder of stage_2_train.csv and the DICOM folders (default: Kaggle's, else the demo)"),
+    "scans": (str, "train on a folder of your own scans (any tree, any format --predict reads) with --labels "
+                   "(default: none)"),
+    "labels": (str, "with --scans or --evaluate: the label CSV of the folder, by path, sop_uid or series_uid "
+                    "(default: none)"),
     "out_dir": (str, "the run folder (default: runs/<time>, /kaggle/working on Kaggle)"),
     "epochs": (int, "passes over the training images"),
     "arch": (str, "the torchvision ResNet or ResNeXt to fine-tune"),
-    "weights": (str, "pretrained weights file, or none for random initialisation (default: searched)"),
+    "weights": (str, "pretrained weights file, a run's checkpoint to fine-tune (its model settings come "
+                     "with it), or none for random initialisation (default: searched)"),
     "weights_strict": (_bool, "refuse weights with missing or unexpected keys"),
     "image_size": (int, "side of the square input in pixels"),
     "windows": (str, "comma-separated windows (names or center:width), one channel each"),
@@ -150,13 +158,15 @@ OPTIONS = {
     "accum": (int, "batches per optimiser step (gradient accumulation)"),
     "ckpt_minutes": (float, "minutes between mid-epoch checkpoints (0: at every check)"),
     "log_every": (int, "optimiser steps between checks: loss shown, NaN, Ctrl-C, checkpoint due"),
-    "checkpoint": (str, "with --predict-only or --predict: a best.pt, a run folder or an ensemble folder "
+    "checkpoint": (str, "with --predict-only, --predict or --evaluate: a best.pt, a run folder or an ensemble folder "
                         "(default: none)"),
     "context": (int, "1: the slices below and above as channels"),
     "crop": (str, "none, or head: cut each slice to the head (the largest region above -500 HU, squared) before resizing"),
     "precision": (str, "auto, fp32, bf16 or fp16 (auto: bf16 from sm_80, fp16 below, fp32 on the CPU)"),
     "predict": (str, "predict every CT slice in this folder of your own scans with --checkpoint (default: none)"),
-    "threshold": (float, f"with --predict: the `any` probability that makes a slice, and its series, positive "
+    "evaluate": (str, "score --checkpoint on this folder of your own scans against --labels, no training "
+                      "(default: none)"),
+    "threshold": (float, f"with --predict or --evaluate: the `any` probability that makes a slice, and its series, positive "
                          f"(default: {PREDICT_THRESHOLD})"),
     "processes": (int, "processes to train with (default: one per GPU; started under torchrun)")}
 
@@ -213,7 +223,9 @@ def _problems(cfg: Config) -> list[str]:
               (cfg.folds == 1 or cfg.folds < 0, "--folds must be 0 (a single --val-frac split) or at least 2"),
               (cfg.folds >= 2 and not (cfg.fold == FOLD_ALL or 0 <= cfg.fold < cfg.folds),
                f"--fold must be between 0 and {cfg.folds - 1}, or all"),
-              (cfg.fold == FOLD_ALL and cfg.folds < 2, "--fold all needs --folds K (K >= 2)")]
+              (cfg.fold == FOLD_ALL and cfg.folds < 2, "--fold all needs --folds K (K >= 2)"),
+              (cfg.scans is not None and cfg.data_dir is not None, "--scans and --data-dir are two datasets: give one"),
+              (cfg.scans is not None and cfg.labels is None, "--scans needs --labels CSV")]
     problems += [text for failed, text in checks if failed]
     try:
         parse_windows(cfg.windows)
@@ -224,8 +236,8 @@ def _problems(cfg: Config) -> list[str]:
 
 # The ways in besides training, and the options that belong to some of them alone: not
 # settings of a run (Config), but what parse_args returns beside them.
-MODES = ("predict_only", "predict", "ensemble", "check_submission", "report", "export_kaggle")
-MODE_OPTIONS = {"checkpoint": ("predict_only", "predict"), "threshold": ("predict",),
+MODES = ("predict_only", "predict", "evaluate", "ensemble", "check_submission", "report", "export_kaggle")
+MODE_OPTIONS = {"checkpoint": ("predict_only", "predict", "evaluate"), "threshold": ("predict", "evaluate"),
                 "ensemble_weights": ("ensemble",), "kaggle_id": ("export_kaggle",),
                 "kaggle_weights_dataset": ("export_kaggle",), "with_wheels": ("export_kaggle",)}
 
@@ -238,8 +250,12 @@ def _mode_problems(given: dict) -> list[str]:
     """Modes exclude each other; an option of one mode given without it names that mode."""
     chosen = [m for m in MODES if m in given]
     problems = [f"{' and '.join(map(_flag, chosen))} are different modes: give one"] if len(chosen) > 1 else []
-    problems += [f"{_flag(m)} needs --checkpoint PATH" for m in ("predict_only", "predict")
+    problems += [f"{_flag(m)} needs --checkpoint PATH" for m in ("predict_only", "predict", "evaluate")
                  if m in given and "checkpoint" not in given]
+    if "labels" in given and not ({"scans", "evaluate"} & set(given)):
+        problems.append("--labels belongs to --scans or --evaluate")
+    if "evaluate" in given and "labels" not in given:
+        problems.append("--evaluate needs --labels CSV")
     if not 0 < given.get("threshold", PREDICT_THRESHOLD) < 1:
         problems.append("--threshold must be between 0 and 1")
     return problems + [f"{_flag(option)} belongs to {' or '.join(map(_flag, owners))}"
@@ -256,9 +272,12 @@ def parse_args(argv=None) -> tuple[Config, dict]:
     modes = {k: given.pop(k, None) for k in (*MODES, *MODE_OPTIONS)}
     modes["threshold"] = modes["threshold"] or PREDICT_THRESHOLD
     cfg = Config()
-    if given.get("data_dir") is None and find_kaggle_data() is None:
+    if given.get("data_dir") is None and given.get("scans") is None and find_kaggle_data() is None:
         cfg = dataclasses.replace(cfg, demo=True, **DEMO_PRESET)
     cfg = dataclasses.replace(cfg, **given)
+    if not any(modes[m] for m in MODES):
+        cfg, clash = fine_tuning_settings(cfg, given)
+        mode_problems += clash
     if cfg.workers is None:
         cfg = dataclasses.replace(cfg, workers=default_workers(os.cpu_count(),
                                                                int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -290,6 +309,10 @@ def find_kaggle_data() -> Path | None:
 
 
 def resolve_data_dir(cfg: Config, out_dir: Path) -> Path:
+    if cfg.scans:
+        if not Path(cfg.scans).is_dir():
+            raise UserError(f"--scans {cfg.scans}: no such folder")
+        return Path(cfg.scans)
     if cfg.demo:
         root = out_dir / "demo_data"
         if not (root / "stage_2_train.csv").is_file():
@@ -395,7 +418,7 @@ def make_split(labels: pd.DataFrame, headers: pd.DataFrame, cfg: Config, out_dir
     if n_study or n_image:
         log(f"Split: {n_study} images grouped by StudyInstanceUID and {n_image} by themselves "
             f"(no PatientID)")
-    y = usable.to_numpy()
+    y = np.nan_to_num(usable.to_numpy())  # an unknown label (a site's CSV) stratifies as a 0
     split = pd.DataFrame({"image_id": usable.index, "patient_id": groups})
     if cfg.folds >= 2:
         folds = kfold_by_patient(y, groups, cfg.folds, cfg.seed)
@@ -420,30 +443,6 @@ def validation_fold(cfg: Config) -> int:
 
 
 # %% Stage 4: training. Device, precision and processes are decided once, in utils.runtime.
-
-
-class _StopRequest:
-    """Ctrl-C sets a flag that the loop reads at its next check, so the checkpoint it then
-    writes is never taken halfway through an update. A second Ctrl-C aborts a plain run;
-    under torchrun it does not: a terminal signals every rank and torchrun passes the same
-    signal on again, and torchrun itself kills ranks that outlast its shutdown timeout."""
-
-    def __init__(self, distributed: bool = False):
-        self.requested, self.distributed = False, distributed
-
-    def __enter__(self):
-        self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and not self.distributed:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        if not self.requested:
-            log("\nInterrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._old)
 
 
 # A run of fp16 steps skipped in a row (a loss or gradient not finite) beyond which the
@@ -498,11 +497,15 @@ def start_training(cfg: Config, train_df: pd.DataFrame, headers: pd.DataFrame, o
     """The model, its optimiser and data for cfg; resumed from last.pt under --resume."""
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
     channels, slices = input_layout(cfg)
+    start = run_checkpoint(cfg.weights)
     try:
-        model = build_model(cfg.arch, resolve_weights(cfg.weights, cfg.arch), strict=cfg.weights_strict,
-                            in_channels=channels, slices=slices)
+        model = build_model(cfg.arch, None if start else resolve_weights(cfg.weights, cfg.arch),
+                            strict=cfg.weights_strict, in_channels=channels, slices=slices)
     except WeightsError as err:
         raise UserError(str(err)) from None
+    if start:  # fine-tuning: the whole model, head included (fine_tuning_settings made them alike)
+        model.load_state_dict(start["model"])
+        log(f"Fine-tuning {cfg.weights} (its epoch {start.get('epoch', '?')})")
     model = model.to(rt.device).to(memory_format=torch.channels_last)
     net = model
     if rt.dist.enabled:
@@ -521,7 +524,7 @@ def start_training(cfg: Config, train_df: pd.DataFrame, headers: pd.DataFrame, o
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
     run = Training(model, net, optimizer, scheduler, scaler, data, sampler,
-                   prior_probabilities(train_df.to_numpy()),
+                   training_prior(cfg.weights, train_df),
                    Checkpoints(out_dir / rundir.CHECKPOINTS, dataclasses.asdict(cfg)), Tally.zeros(rt.device))
     state = run.ckpt.resumable() if cfg.resume else None
     if state is not None:
@@ -599,7 +602,7 @@ def after_check(run: Training, cfg: Config, rt: Runtime, check: Check) -> None:
             f"continue with --resume.")
 
 
-def train_one_epoch(run: Training, cfg: Config, rt: Runtime, stop: _StopRequest) -> float:
+def train_one_epoch(run: Training, cfg: Config, rt: Runtime, stop: StopRequest) -> float:
     """The rest of the current epoch, from pos["batch"]. Every --log-every steps the ranks
     check in together: the loss is shown, a NaN stops the run, and a checkpoint is written
     when rank 0's clock says --ckpt-minutes have passed, or on Ctrl-C before stopping.
@@ -679,7 +682,7 @@ def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd
           out_dir: Path, rt: Runtime):
     """Fine-tune for cfg.epochs; returns the best model, its validation predictions, epoch."""
     run = start_training(cfg, train_df, headers, out_dir, rt)
-    with _StopRequest(rt.dist.enabled) as stop:
+    with StopRequest(rt.dist.enabled) as stop:
         while run.pos["epoch"] < cfg.epochs:
             started = time.perf_counter()
             images_s = train_one_epoch(run, cfg, rt, stop)
@@ -822,6 +825,8 @@ def submit(pred: TestPredictions, data_dir: Path, out_dir: Path, rt: Runtime) ->
 
 def load_data(cfg: Config, out_dir: Path, data_dir: Path, d: Dist) -> dict:
     """Labels, test IDs and both header tables (with slice order where it is used)."""
+    if cfg.scans:
+        return repository_tool("own_labels", "--scans").load_scans(cfg.scans, cfg.labels, cfg.workers, out_dir, d.main)
     labels = load_labels(data_dir, out_dir, d)
     test_ids = list(read_sample_submission(data_dir / "stage_2_sample_submission.csv").image_ids)
     headers = scan_data(data_dir, {"train": list(labels.index), "test": test_ids}, cfg, out_dir, d)
@@ -843,14 +848,15 @@ def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, starte
     if d.enabled:
         digest = hashlib.sha1(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
         print(f"rank {d.rank} of {d.world}: final weights sha1 {digest.hexdigest()}", flush=True)
-    prior = prior_probabilities(train_df.to_numpy())
+    prior = training_prior(cfg.weights, train_df)
     metrics = {**evaluate(val_df, val_probs, prior, "validation"), "n_train": len(train_df), "best_epoch": best_epoch}
-    pred = predict_test(model, cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt, embed=cfg.refine)
+    pred = (predict_test(model, cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt, embed=cfg.refine)
+            if data["test_ids"] else None)
     features = keep_features(model, cfg, val_df, data["train_headers"], pred, out_dir, rt) if cfg.refine else None
     finish(cfg, rt, out_dir, data, predictions_table(val_df, val_probs), metrics, pred, started, features)
 
 
-def keep_features(model, cfg: Config, val_df: pd.DataFrame, headers: pd.DataFrame, pred: TestPredictions,
+def keep_features(model, cfg: Config, val_df: pd.DataFrame, headers: pd.DataFrame, pred: TestPredictions | None,
                   out_dir: Path, rt: Runtime) -> np.ndarray:
     """--refine: the best model's pooled features of the validation images (with the test
     predictions' flips), saved with those of the test images (``pred``) in OUT/embeddings/
@@ -860,7 +866,8 @@ def keep_features(model, cfg: Config, val_df: pd.DataFrame, headers: pd.DataFram
                        embed=True).features
     if rt.dist.main:
         embeddings.save(out_dir, rundir.VAL_SPLIT, val_df.index, features)
-        embeddings.save(out_dir, rundir.TEST_SPLIT, pred.scanned, pred.features)
+        if pred is not None:
+            embeddings.save(out_dir, rundir.TEST_SPLIT, pred.scanned, pred.features)
     return features
 
 
@@ -869,7 +876,7 @@ def keep_features(model, cfg: Config, val_df: pd.DataFrame, headers: pd.DataFram
 @dataclass
 class FoldResult:
     val: pd.DataFrame   # the fold's validation images: labels and pred_* columns
-    test: pd.DataFrame  # its per-slice probabilities of every test image
+    test: pd.DataFrame | None  # its per-slice probabilities of every test image (None: no test set)
 
 
 def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.ndarray,
@@ -891,12 +898,12 @@ def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.nd
     val = folds == i
     train_df, val_df = usable.loc[~val], usable.loc[val]
     model, val_probs, best_epoch = train(fold_cfg, train_df, val_df, data["train_headers"], fold_dir, rt)
-    prior = prior_probabilities(train_df.to_numpy())
+    prior = training_prior(cfg.weights, train_df)
     pred = predict_test(model, fold_cfg, data["test_ids"], data["test_headers"], prior, fold_dir, rt,
-                        embed=cfg.refine)
+                        embed=cfg.refine) if data["test_ids"] else None
     if cfg.refine:  # for the embedding refiner of the whole run, fitted out of fold
         keep_features(model, fold_cfg, val_df, data["train_headers"], pred, fold_dir, rt)
-    test_metrics = submit(pred, data["data_dir"], fold_dir, rt)
+    test_metrics = submit(pred, data["data_dir"], fold_dir, rt) if pred else {}
     if rt.dist.main:
         write_csv(fold_dir / rundir.VAL_PREDICTIONS, predictions_table(val_df, val_probs))
         metrics = {**evaluate(val_df, val_probs, prior, "validation"), "n_train": len(train_df), **test_metrics,
@@ -909,8 +916,9 @@ def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.nd
 def read_fold(fold_dir: Path) -> FoldResult:
     """A finished fold's predictions as its files hold them, so that a fold trained now and
     one read back after a restart give the same numbers to what follows."""
+    test = fold_dir / rundir.TEST_PREDICTIONS
     return FoldResult(rundir.read_predictions(fold_dir / rundir.VAL_PREDICTIONS),
-                      rundir.read_predictions(fold_dir / rundir.TEST_PREDICTIONS))
+                      rundir.read_predictions(test) if test.is_file() else None)
 
 
 def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: float) -> None:
@@ -921,19 +929,20 @@ def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: 
     usable, folds = make_split(data["labels"], data["train_headers"], cfg, out_dir, rt.dist)
     results = [run_fold(cfg, i, data, usable, folds, out_dir, rt) for i in range(cfg.folds)]
     oof = assemble_oof({i: r.val for i, r in enumerate(results)})
-    metrics = evaluate(oof[list(LABELS)], oof[PRED_COLUMNS].to_numpy(), prior_probabilities(usable.to_numpy()),
-                       "out_of_fold")
+    metrics = evaluate(oof[list(LABELS)], oof[PRED_COLUMNS].to_numpy(), training_prior(cfg.weights, usable), "out_of_fold")
     metrics["weighted_log_loss_per_fold"] = {
         int(f): weighted_log_loss(g[list(LABELS)].to_numpy(), g[PRED_COLUMNS].to_numpy()) for f, g in oof.groupby("fold")}
-    scanned, failed = scanned_and_failed(out_dir, data)
     folders = [rundir.fold_dir(out_dir, i) for i in range(cfg.folds)]
     features = embeddings.load(folders, rundir.VAL_SPLIT, oof.index) if cfg.refine else None
-    members = [TestPredictions(r.test, scanned, failed,
-                               embeddings.load([f], rundir.TEST_SPLIT, scanned) if features is not None else None)
-               for f, r in zip(folders, results)]
-    if any(m.features is None for m in members):
-        features = None  # the embedding refiner needs every fold's test features too
-    pred = TestPredictions(average([r.test for r in results]), scanned, failed, members=members)
+    pred = None
+    if data["test_ids"]:
+        scanned, failed = scanned_and_failed(out_dir, data)
+        members = [TestPredictions(r.test, scanned, failed,
+                                   embeddings.load([f], rundir.TEST_SPLIT, scanned) if features is not None else None)
+                   for f, r in zip(folders, results)]
+        if any(m.features is None for m in members):
+            features = None  # the embedding refiner needs every fold's test features too
+        pred = TestPredictions(average([r.test for r in results]), scanned, failed, members=members)
     finish(cfg, rt, out_dir, data, oof, {**metrics, "folds": cfg.folds}, pred, started, features)
 
 
@@ -953,9 +962,9 @@ def finish(cfg: Config, rt: Runtime, out_dir: Path, data: dict, table: pd.DataFr
     and the report."""
     refiner, calibration, table = refine_and_calibrate(cfg, table, data["train_headers"], metrics, out_dir, rt.dist,
                                                        features, rt.device)
-    if refiner is not None:
-        pred = refine_test(refiner, pred, data["test_headers"])
-    metrics.update(submit(calibrate_test(calibration, pred), data["data_dir"], out_dir, rt))
+    if pred is not None:  # a test set to submit (--scans has none)
+        pred = refine_test(refiner, pred, data["test_headers"]) if refiner is not None else pred
+        metrics.update(submit(calibrate_test(calibration, pred), data["data_dir"], out_dir, rt))
     if rt.dist.main:
         if refiner is not None:
             with writing(out_dir / rundir.REFINER):

@@ -62,7 +62,7 @@ def test_notebook_is_valid_nbformat_4_with_a_cell_per_stage(export):
 
 
 # what main() imports when chosen, and what only they use: the repository's tools
-REPOSITORY_ONLY = {"export", "own_scans", "scans", "series_results", "gradcam"}
+REPOSITORY_ONLY = {"export", "own_scans", "scans", "series_results", "gradcam", "dataset", "evaluation", "own_labels"}
 
 
 def test_export_is_generated_from_the_sources():

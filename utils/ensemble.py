@@ -50,14 +50,15 @@ def average(tables: list[pd.DataFrame], weights=None) -> pd.DataFrame:
 
 def data_fingerprint(data_dir) -> dict[str, str]:
     """SHA-1 of the label file and the sample submission: runs on the same data agree."""
-    out = {}
-    for name in DATA_FILES:
-        digest = hashlib.sha1()
-        with open(Path(data_dir) / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        out[name] = digest.hexdigest()
-    return out
+    return {name: file_sha1(Path(data_dir) / name) for name in DATA_FILES}
+
+
+def file_sha1(path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_same_data(fingerprints: dict[str, dict]) -> None:

@@ -28,7 +28,7 @@ from utils.engine import MODEL_SETTINGS, gather_rows, load_checkpoint
 from utils.ensemble import average
 from utils.errors import UserError
 from utils.labels import LABELS
-from utils.metrics import logit
+from utils.metrics import logit, prior_probabilities
 from utils.model import build_model, pooled_features
 from utils.refiner import RefinerResult, load_refiner, refine
 from utils.runtime import Runtime
@@ -37,6 +37,7 @@ LOG = logging.getLogger(__name__)
 
 # what a prediction with a saved model takes from the run that trained it
 PREDICTION_SETTINGS = (*MODEL_SETTINGS, "tta")
+FINE_TUNE_SETTINGS = tuple(k for k in MODEL_SETTINGS if k != "batch_size")  # what --weights RUN/best.pt fixes
 
 
 def slice_dataset(rows: pd.DataFrame, cfg, labels=None, transform=None) -> data_utils.SliceDataset:
@@ -123,6 +124,44 @@ def load_model(path: Path, rt: Runtime) -> tuple[torch.nn.Module, dict, np.ndarr
         raise UserError(f"{path}: not a checkpoint of this pipeline "
                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
     return model.to(rt.device).to(memory_format=torch.channels_last), state["config"], state["prior"].numpy()
+
+
+def run_checkpoint(path) -> dict | None:
+    """The checkpoint of a run of this pipeline at ``path`` (weights, settings, prior), or
+    None for anything else: no path, plain backbone weights, a file that does not load."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        state = load_checkpoint(Path(path))
+    except Exception:  # noqa: BLE001 - not ours; utils.model's loader says what is wrong with it
+        return None
+    return state if isinstance(state, dict) and {"model", "config", "prior"} <= set(state) else None
+
+
+def fine_tuning_settings(cfg, given: dict) -> tuple[object, list[str]]:
+    """--weights a run's checkpoint: fine-tune its model. The settings that shape the model
+    and its input (arch, windows, image size, context, crop) are the checkpoint's; one given
+    otherwise is a problem, in the words of the options."""
+    state = run_checkpoint(cfg.weights)
+    if state is None:
+        return cfg, []
+    trained = {k: state["config"][k] for k in FINE_TUNE_SETTINGS if k in state["config"]}
+    clash = [k for k, v in trained.items() if k in given and given[k] != v]
+    problems = [f"--weights {cfg.weights} is the checkpoint of a run made with "
+                + ", ".join(f"--{k.replace('_', '-')} {trained[k]}" for k in clash)
+                + "; fine-tuning keeps the model's settings: leave those options out"] if clash else []
+    return dataclasses.replace(cfg, **trained), problems
+
+
+def training_prior(weights: str | None, train_df: pd.DataFrame) -> np.ndarray:
+    """The labels' frequencies in training: an unreadable image's prediction. A class no
+    training label knows (a site's CSV without it) takes the fine-tuned checkpoint's prior."""
+    start = run_checkpoint(weights) if train_df.isna().all().any() else None
+    try:
+        return prior_probabilities(train_df.to_numpy(), fallback=None if start is None else start["prior"].numpy())
+    except ValueError as err:
+        raise UserError(f"{err}; a class unknown in every training label needs a run's checkpoint to fine-tune "
+                        f"(--weights RUN/checkpoints/best.pt), whose prior it keeps") from None
 
 
 def trained_settings(cfg, trained: dict):

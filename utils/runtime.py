@@ -243,3 +243,27 @@ def log_to_stdout(*names: str, quiet: bool = False) -> None:
             handler.setFormatter(logging.Formatter("%(message)s"))
             logger.addHandler(handler)
         logger.setLevel(logging.ERROR if quiet else logging.INFO)
+
+
+class StopRequest:
+    """Ctrl-C sets a flag that the loop reads at its next check, so the checkpoint it then
+    writes is never taken halfway through an update. A second Ctrl-C aborts a plain run;
+    under torchrun it does not: a terminal signals every rank and torchrun passes the same
+    signal on again, and torchrun itself kills ranks that outlast its shutdown timeout."""
+
+    def __init__(self, distributed: bool = False):
+        self.requested, self.distributed = False, distributed
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and not self.distributed:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        if not self.requested:
+            logging.getLogger("kernel").info("\nInterrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
