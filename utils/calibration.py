@@ -214,11 +214,11 @@ def _check_folds(groups, n_rows: int, n_folds) -> tuple[np.ndarray, int]:
 def decide_calibration(y, p, groups, n_folds: int = 5, seed: int = 0, n_bins: int = N_BINS) -> dict:
     """Whether per-class temperatures lower the weighted log loss out of fold, as a JSON-ready dict.
 
-    `y` (n, 6) 0/1 labels (NaN: unknown, left out of every loss and fit), `p` (n, 6) predictions (validation or out-of-fold ones) and the
-    patient group of each row (see resolve_groups). Rows are split into kfold_by_patient's
-    folds; each fold's rows are scaled by temperatures fitted on the other folds, and the
-    weighted log loss of all rows so scaled (loss_after_oof) is compared with that of `p`
-    (loss_before). `use` is loss_after_oof < loss_before; `temperatures` are fitted on all
+    `y` (n, 6) 0/1 labels (NaN: unknown, left out of every loss and fit), `p` (n, 6)
+    predictions (validation or out-of-fold ones) and the patient group of each row (see
+    resolve_groups). Rows are split into kfold_by_patient's folds; each fold's rows are
+    scaled by temperatures fitted on the other folds, and the weighted log loss of all rows
+    so scaled (loss_after_oof) is compared with that of `p` (loss_before). `use` is loss_after_oof < loss_before; `temperatures` are fitted on all
     rows, for the test set. With fewer groups than n_folds, one fold per group (and a
     CalibrationWarning); fewer than 2 groups is an error.
     """
