@@ -334,10 +334,9 @@ def train_refiner(logits, labels, series, position, *, features=None, rows=None,
                   batch_size: int = BATCH_SERIES, hidden: int = HIDDEN,
                   kernels: tuple[int, int] = KERNELS, min_steps: int | None = None) -> nn.Module:
     """One refiner fitted to these rows (all of them), with the metric's weighted BCE over
-    the known labels (NaN: unknown): a
-    SeriesRefiner, or with ``features`` (row ``rows[i]`` of it for input row i; default
-    row i) an EmbeddingRefiner, trained for at least ``min_steps`` steps (default
-    EMBEDDING_MIN_STEPS). Epochs and learning rate default by kind.
+    the known labels (NaN: unknown): a SeriesRefiner, or with ``features`` (row ``rows[i]``
+    of it for input row i; default row i) an EmbeddingRefiner, trained for at least
+    ``min_steps`` steps (default EMBEDDING_MIN_STEPS). Epochs and learning rate default by kind.
 
     Deterministic for a seed on the CPU: the weights and dropout draw from a forked torch
     RNG (the caller's global RNG is left untouched), the batch order from numpy's generator
