@@ -976,7 +976,8 @@ def finish(cfg: Config, rt: Runtime, out_dir: Path, data: dict, table: pd.DataFr
         metrics.update(n_bad_files=len(pd.read_csv(out_dir / rundir.BAD_FILES)), processes=rt.dist.world,
                        data=data["fingerprint"], seconds=round(time.perf_counter() - started, 1))
         write_json(out_dir / rundir.METRICS, metrics)
-        write_run_report(out_dir, data["labels"], [data["train_headers"], data["test_headers"]], cfg.windows)
+        # its label chart counts positives: an unknown label (a site's CSV) is no positive
+        write_run_report(out_dir, data["labels"].fillna(0), [data["train_headers"], data["test_headers"]], cfg.windows)
         log(f"Done in {metrics['seconds']:.0f}s: outputs in {out_dir}")
 
 
@@ -1037,6 +1038,9 @@ def main(argv=None) -> int:
         rt = setup_runtime(d, cfg.precision, cfg.compile)
     except RuntimeChoiceError as err:
         raise UserError(str(err)) from None
+    if modes["evaluate"] is not None:
+        return repository_tool("own_labels", "--evaluate DIR").evaluate_folder(
+            cfg, rt, started, modes["evaluate"], modes["checkpoint"], modes["threshold"])
     if modes["predict"] is not None:
         return repository_tool("own_scans", "--predict DIR").predict_folder(
             cfg, rt, started, modes["predict"], modes["checkpoint"], modes["threshold"])

@@ -192,7 +192,7 @@ def _check_any_format(path: Path, what: str) -> str:
         (kind, value), = _read_chunk([str(path)])
         if kind != "slices":
             return kind if kind == "not_dicom" else value
-        for part, index, *_ in value[2]:
+        for part, index, *_ in value[3]:
             try:
                 image = read_ref(slice_ref(path, part, index), size=SIZE)
                 assert image.dtype == np.uint8 and image.shape == (SIZE, SIZE, 3), what

@@ -6,12 +6,23 @@ the training loop, the refiner and calibration take as they take the Kaggle layo
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import time
+from datetime import datetime
 from pathlib import Path
 
-from utils import rundir
+import pandas as pd
+
+from utils import evaluation, rundir
 from utils.dataset import labelled_folder
+from utils.engine import barrier, share
 from utils.ensemble import file_sha1
+from utils.inference import predict_saved
+from utils.labels import LABELS
+from utils.own_scans import heatmaps
+from utils.runtime import environment
 
 LOG = logging.getLogger(__name__)
 
@@ -28,3 +39,71 @@ def load_scans(scans: str, labels: str, workers: int, out_dir: Path, main: bool)
     return {"labels": data.labels, "test_ids": [], "train_headers": data.headers,
             "test_headers": data.headers.iloc[:0], "data_dir": Path(scans),
             "fingerprint": {Path(labels).name: file_sha1(labels)}}
+
+
+def evaluate_folder(cfg, rt, started: float, folder: str, checkpoint: str, threshold: float) -> int:
+    """The whole of --evaluate DIR --labels CSV --checkpoint RUN: the checkpoint's predictions
+    of the folder's labelled slices (as --predict makes them: its settings, refiner and
+    calibration) scored against the labels, no training (utils/evaluation.py): metrics.json,
+    slices.csv, series.csv, skipped.csv and report/evaluate.html. 0 when done."""
+    d = rt.dist
+    with contextlib.ExitStack() as held:
+        out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / datetime.now().strftime("evaluate-%Y%m%d-%H%M%S")
+        out_dir = share(d, rundir.prepare_predict_dir(out, held, cfg.overwrite) if d.main else None)
+        asked = {"evaluate": folder, "labels": cfg.labels, "checkpoint": checkpoint, "threshold": threshold}
+        if d.main:
+            rundir.write_json(out_dir / rundir.CONFIG, {**dataclasses.asdict(cfg), **asked, "environment": environment()})
+            rundir.write_csv(out_dir / rundir.BAD_FILES, pd.DataFrame(columns=["path", "reason"]), index=False)
+        barrier(d)
+        data = labelled_folder(folder, cfg.labels, workers=cfg.workers)
+        LOG.info(f"Scanned {folder}: {data.scan.summary()}")
+        LOG.info(f"Labels {cfg.labels}: {data.describe()}")
+        rows = data.headers
+        pred = predict_saved(Path(checkpoint), cfg, rt, {"test_ids": list(rows.index), "test_headers": rows}, out_dir)
+        keep = ~rows.index.isin(pred.failed)  # undecodable: in skipped.csv, not scored
+        slices = evaluation.slice_frame(rows.index[keep], data.labels[keep].to_numpy(),
+                                        pred.probs.loc[rows.index[keep]].to_numpy(), rows["series"][keep].to_numpy(),
+                                        rows["patient_id"][keep].to_numpy())
+        validation = _run_validation(Path(checkpoint))
+        summary = evaluation.evaluate(slices, data.series_labels, threshold=threshold, validation=validation,
+                                      seed=cfg.seed)
+        if d.main:
+            skipped = pd.concat([data.scan.skipped, pd.DataFrame({"path": pred.failed, "reason": "pixel data could "
+                                                                  "not be decoded"})], ignore_index=True)
+            write_evaluation(cfg, rt, out_dir, slices, data, summary, skipped, asked)
+            rundir.write_json(out_dir / rundir.METRICS, {**summary, **asked, "seconds": round(time.perf_counter() - started, 1)})
+        LOG.info(f"Evaluated {summary['counts']['slices']} slices of {summary['counts']['patients']} patients in "
+                 f"{time.perf_counter() - started:.0f}s: {out_dir / rundir.METRICS}, "
+                 f"{out_dir / rundir.REPORT / rundir.EVALUATE_HTML}")
+        barrier(d)
+        return 0
+
+
+def _run_validation(checkpoint: Path) -> pd.DataFrame | None:
+    """The validation (or out-of-fold) predictions of the run a checkpoint belongs to, for
+    the threshold that run would choose; None for a lone best.pt."""
+    run = checkpoint if checkpoint.is_dir() else checkpoint.parent.parent
+    try:
+        return rundir.validation_predictions(run)
+    except (OSError, ValueError, KeyError) as err:
+        LOG.info(f"No validation predictions in {run} ({type(err).__name__}): the second threshold is not chosen")
+        return None
+
+
+def write_evaluation(cfg, rt, out_dir: Path, slices: pd.DataFrame, data, summary: dict, skipped: pd.DataFrame,
+                     asked: dict) -> None:
+    """slices.csv, series.csv, skipped.csv and evaluate.html, with the heatmaps of the most
+    wrong slices and of the slice that gave each most wrong series its maximum."""
+    series = evaluation.series_frame(slices, data.series_labels)
+    rundir.write_csv(out_dir / rundir.SLICES, slices.drop(columns="patient"))
+    rundir.write_csv(out_dir / rundir.SERIES, series.drop(columns="patient"))
+    rundir.write_csv(out_dir / rundir.SKIPPED, skipped, index=False)
+    (out_dir / rundir.BAD_FILES).unlink()  # its rows are in skipped.csv
+    worst, worst_series = evaluation.worst_slices(slices), evaluation.worst_series(series)
+    shown = list(dict.fromkeys([*worst.index, *worst_series["at"]]))
+    probs = slices[rundir.PRED_COLUMNS].set_axis(list(LABELS), axis=1)
+    maps = heatmaps(Path(asked["checkpoint"]), cfg, rt, data.headers.loc[shown], probs) if shown else {}
+    notes = [f"{asked['evaluate']}: {data.scan.summary()}", f"Labels: {asked['labels']}: {data.describe()}",
+             f"Model: {asked['checkpoint']}; heatmaps (Grad-CAM) of the most probable subtype"]
+    evaluation.write_evaluate_html(out_dir / rundir.REPORT / rundir.EVALUATE_HTML, summary, worst, worst_series,
+                                   maps, notes)

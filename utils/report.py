@@ -29,7 +29,7 @@ import pandas as pd
 
 from utils import rundir
 from utils.errors import UserError
-from utils.figures import (SURVEY_COLUMNS, as_windows, write_bytes, write_examples, write_folds_figure,
+from utils.figures import (SURVEY_COLUMNS, SURVEY_SOURCE_COLUMNS, as_windows, write_bytes, write_examples, write_folds_figure,
                            write_header_survey, write_label_figure, write_reliability_figure,
                            write_training_figure)
 from utils.headers import scan_headers
@@ -305,6 +305,8 @@ def write_report(out_dir: str | PathLike, labels: pd.DataFrame | None = None,
 
     if headers is None:
         figures["DICOM headers"] = "Not drawn: no header scan was given."
+    elif not set(SURVEY_SOURCE_COLUMNS) <= set(headers.columns):
+        figures["DICOM headers"] = "Not drawn: a folder of scans (--scans) is read without a survey of its headers."
     else:
         survey = write_header_survey(headers, report_dir / HEADERS_CSV, report_dir / HEADERS_PNG)
         figures["DICOM headers"] = report_dir / HEADERS_PNG

@@ -58,7 +58,7 @@ EMBEDDINGS = "embeddings"  # a folder: VAL_SPLIT and TEST_SPLIT features and the
 VAL_SPLIT, TEST_SPLIT = "val", "test"
 SLICES, SERIES, SKIPPED = "slices.csv", "series.csv", "skipped.csv"  # --predict DIR's folder
 PREDICT_OUTPUTS = (SLICES, SERIES, SKIPPED)
-PREDICT_HTML = "predict.html"  # in REPORT
+PREDICT_HTML, EVALUATE_HTML = "predict.html", "evaluate.html"  # in REPORT
 
 PRED_COLUMNS = [f"pred_{k}" for k in LABELS]
 REFINED_COLUMNS = [f"refined_{k}" for k in LABELS]  # oof_predictions.csv, where the refiner was used
