@@ -50,8 +50,9 @@ from utils.errors import (EXIT_OUTPUT, EXIT_STOPPED, EXIT_USAGE, OutputError, Tr
                           writing)
 from utils.inference import (TestPredictions, calibrate_test, fine_tuning_settings, input_layout, predict,
                              predict_saved, predict_test, refine_test, run_checkpoint, slice_dataset, training_prior)
-from utils.labels import LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels
-from utils.metrics import logit, per_class_log_loss, weighted_log_loss
+from utils.labels import (LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels,
+                          series_picks)
+from utils.metrics import fold_labels, logit, per_class_log_loss, weighted_log_loss
 from utils.model import WeightsError, build_model, resolve_weights
 from utils.refiner import RefinerResult, choose_refiner, fit_refiners, save_refiner
 from utils.report import report_command, write_run_report
@@ -418,7 +419,7 @@ def make_split(labels: pd.DataFrame, headers: pd.DataFrame, cfg: Config, out_dir
     if n_study or n_image:
         log(f"Split: {n_study} images grouped by StudyInstanceUID and {n_image} by themselves "
             f"(no PatientID)")
-    y = np.nan_to_num(usable.to_numpy())  # an unknown label (a site's CSV) stratifies as a 0
+    y = fold_labels(usable.to_numpy())  # an unknown label (a site's CSV) stratifies as a 0
     split = pd.DataFrame({"image_id": usable.index, "patient_id": groups})
     if cfg.folds >= 2:
         folds = kfold_by_patient(y, groups, cfg.folds, cfg.seed)
@@ -678,13 +679,34 @@ def end_epoch(run: Training, rt: Runtime, val_probs: np.ndarray, row: dict, out_
     save_last(run, rt)
 
 
+def label_series_maxima(run: Training, cfg: Config, rt: Runtime, train_df: pd.DataFrame, headers: pd.DataFrame,
+                        series_labels: pd.DataFrame) -> None:
+    """The series-level loss of --scans' series-level labels (utils.labels.series_picks): at
+    each epoch's start, the slice where the current model puts a series-labelled class's
+    maximum is labelled 1 for the epoch; a resumed epoch keeps its checkpoint's picks."""
+    y = train_df.to_numpy(np.float32, copy=True)
+    if run.pos["batch"] == 0 or "picks" not in run.pos:
+        h = headers.loc[train_df.index]
+        rows = np.flatnonzero(h["series"].isin(series_labels.index).to_numpy())
+        probs = predict(run.model, h.iloc[rows], cfg, rt, "series maxima").probs
+        picks = series_picks(probs, h["series"].to_numpy()[rows], y[rows], series_labels)
+        run.pos["picks"] = np.column_stack([rows[picks[:, 0]], picks[:, 1]]).tolist()
+        log(f"Series-level labels: {len(picks)} series maxima labelled 1 for epoch {run.pos['epoch'] + 1}")
+    for r, c in run.pos["picks"]:
+        y[r, c] = 1
+    run.data.labels = y
+
+
 def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd.DataFrame,
-          out_dir: Path, rt: Runtime):
-    """Fine-tune for cfg.epochs; returns the best model, its validation predictions, epoch."""
+          out_dir: Path, rt: Runtime, series_labels: pd.DataFrame | None = None):
+    """Fine-tune for cfg.epochs; returns the best model, its validation predictions, epoch.
+    ``series_labels``: --scans' series-level labels, learned through label_series_maxima."""
     run = start_training(cfg, train_df, headers, out_dir, rt)
     with StopRequest(rt.dist.enabled) as stop:
         while run.pos["epoch"] < cfg.epochs:
             started = time.perf_counter()
+            if series_labels is not None and len(series_labels):
+                label_series_maxima(run, cfg, rt, train_df, headers, series_labels)
             images_s = train_one_epoch(run, cfg, rt, stop)
             val_probs, row = validate(run, cfg, rt, val_df, headers, out_dir, started)
             end_epoch(run, rt, val_probs, {**row, "train_images_s": images_s}, out_dir)
@@ -844,7 +866,8 @@ def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, starte
     usable, folds = make_split(data["labels"], data["train_headers"], cfg, out_dir, d)
     val = folds == validation_fold(cfg)
     train_df, val_df = usable.loc[~val], usable.loc[val]
-    model, val_probs, best_epoch = train(cfg, train_df, val_df, data["train_headers"], out_dir, rt)
+    model, val_probs, best_epoch = train(cfg, train_df, val_df, data["train_headers"], out_dir, rt,
+                                         data.get("series_labels"))
     if d.enabled:
         digest = hashlib.sha1(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
         print(f"rank {d.rank} of {d.world}: final weights sha1 {digest.hexdigest()}", flush=True)
@@ -897,7 +920,8 @@ def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.nd
     barrier(rt.dist)
     val = folds == i
     train_df, val_df = usable.loc[~val], usable.loc[val]
-    model, val_probs, best_epoch = train(fold_cfg, train_df, val_df, data["train_headers"], fold_dir, rt)
+    model, val_probs, best_epoch = train(fold_cfg, train_df, val_df, data["train_headers"], fold_dir, rt,
+                                         data.get("series_labels"))
     prior = training_prior(cfg.weights, train_df)
     pred = predict_test(model, fold_cfg, data["test_ids"], data["test_headers"], prior, fold_dir, rt,
                         embed=cfg.refine) if data["test_ids"] else None

@@ -278,3 +278,30 @@ def format_label_report(report: pd.DataFrame) -> str:
     pairs = sorted((pair for pair in sections["co_occurrence"] if pair[1] > 0), key=lambda pair: -pair[1])  # stable
     shown = "  ".join(f"{name}: {count}" for name, count, _ in pairs[:_MAX_EXAMPLES]) or "none"
     return "\n".join([*lines, f"  commonest subtype pairs (images with both): {shown}"])
+
+
+def series_picks(probs: np.ndarray, series: np.ndarray, labels: np.ndarray, series_labels: pd.DataFrame) -> np.ndarray:
+    """The series-level loss of a series labelled 1 for a class that none of its slices is
+    known to show: (k, 2) int64 pairs (row, class), one per such series and class, the row
+    being the series' slice of that class's largest probability among those whose label of
+    it is unknown.
+
+    A series labelled 1 says some slice shows the class; its loss -log(max over its slices
+    of p) has the gradient of its maximum, which flows to that one slice: so that slice,
+    labelled 1, gives the loss (with the model that picked it). A learned attention pooling
+    was left out: one series-labelled scan is too little to learn where to look, and the
+    maximum is the rule --predict and --evaluate call a series positive by. A series labelled
+    0 needs no pick: each of its slices is a known 0 (utils.dataset).
+    """
+    probs, labels, series = np.asarray(probs), np.asarray(labels, dtype=np.float64), np.asarray(series)
+    if probs.shape != labels.shape or probs.shape != (len(series), len(LABELS)):
+        raise ValueError(f"probs {probs.shape} and labels {labels.shape} must be (n, {len(LABELS)}) "
+                         f"with n = {len(series)} series keys")
+    picks = []
+    for key, row in series_labels.reindex(columns=list(LABELS)).iterrows():
+        rows = np.flatnonzero(series == key)
+        for c in np.flatnonzero(row.to_numpy() == 1):
+            unknown = rows[np.isnan(labels[rows, c])]
+            if len(unknown) and not (labels[rows, c] == 1).any():
+                picks.append((unknown[np.argmax(probs[unknown, c])], c))
+    return np.array(picks, dtype=np.int64).reshape(-1, 2)

@@ -37,7 +37,7 @@ def load_scans(scans: str, labels: str, workers: int, out_dir: Path, main: bool)
     if main:
         rundir.write_csv(out_dir / rundir.BAD_FILES, data.scan.skipped, index=False)
     return {"labels": data.labels, "test_ids": [], "train_headers": data.headers,
-            "test_headers": data.headers.iloc[:0], "data_dir": Path(scans),
+            "test_headers": data.headers.iloc[:0], "data_dir": Path(scans), "series_labels": data.series_labels,
             "fingerprint": {Path(labels).name: file_sha1(labels)}}
 
 

@@ -1,0 +1,131 @@
+"""A site's own labelled scans: fine-tuning a run's model on them (--scans --labels --weights
+RUN/checkpoints/best.pt) and scoring a model on them (--evaluate)."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+
+import kernel
+from factories import build_labelled_export
+from kernel_runs import cli
+from utils.labels import LABELS, series_picks
+from utils.metrics import CLASS_WEIGHTS
+
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+NAN = np.nan
+
+
+def test_series_picks_take_the_maximum_among_the_unknown_slices_of_each_positive_series():
+    probs = np.tile([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], (6, 1))
+    probs[1, 5], probs[2, 5], probs[4, 0] = 0.9, 0.95, 0.7
+    labels = np.full((6, 6), NAN)
+    labels[2, 5] = 0  # known: not a candidate, though the most probable
+    labels[5, 0] = 1  # series b already has a slice known to show epidural: no pick for it
+    series = np.array(["a", "a", "a", "b", "b", "b"])
+    site = pd.DataFrame([[NAN, NAN, 0, NAN, NAN, 1], [1, NAN, NAN, NAN, 1, 1]], index=["a", "b"], columns=list(LABELS))
+    picks = series_picks(probs, series, labels, site)
+    assert sorted(map(tuple, picks)) == [(1, 5), (3, 4), (3, 5)]  # ties: the first slice
+    assert series_picks(probs, series, labels, site.iloc[:0]).shape == (0, 2)
+    with pytest.raises(ValueError, match="must be"):
+        series_picks(probs[:5], series, labels, site)
+
+
+def test_the_picked_slice_gives_the_gradient_of_the_series_maximum():
+    # the series-level loss -log(max_i p_i) and the picked slice's -log(p_i*) move the
+    # model alike: their gradients are equal
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, 6), torch.randn(7, 4)
+    series, positive = np.zeros(7, dtype=int), pd.DataFrame([[NAN, 1, NAN, NAN, NAN, 1]], columns=list(LABELS))
+    logits = model(x)
+    picks = series_picks(torch.sigmoid(logits).detach().numpy(), series, np.full((7, 6), NAN), positive)
+    grads = []
+    for loss in (sum(torch.nn.functional.softplus(-logits[:, c].max()) for c in (1, 5)),
+                 sum(torch.nn.functional.softplus(-logits[r, c]) for r, c in picks)):
+        grads.append(torch.autograd.grad(loss, model.weight, retain_graph=True)[0])
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--labels", "l.csv"], "--labels belongs to --scans or --evaluate"),
+    (["--evaluate", "scans", "--checkpoint", "c.pt"], "--evaluate needs --labels CSV"),
+    (["--evaluate", "scans", "--labels", "l.csv"], "--evaluate needs --checkpoint PATH"),
+    (["--scans", "scans"], "--scans needs --labels CSV"),
+    (["--scans", "scans", "--labels", "l.csv", "--data-dir", "d"], "--scans and --data-dir are two datasets"),
+])
+def test_own_label_options_say_what_they_need(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit):
+        kernel.parse_args(args)
+    assert message in capsys.readouterr().err
+
+
+def test_a_runs_checkpoint_as_weights_brings_its_model_settings(tmp_path, capsys):
+    run_cfg = {"arch": "resnet18", "image_size": 32, "windows": "brain", "context": 1, "crop": "head"}
+    torch.save({"model": {}, "config": run_cfg, "prior": torch.zeros(6)}, tmp_path / "best.pt")
+    cfg, _ = kernel.parse_args(["--scans", "s", "--labels", "l.csv", "--weights", str(tmp_path / "best.pt")])
+    assert {k: getattr(cfg, k) for k in run_cfg} == run_cfg and cfg.batch_size == kernel.Config.batch_size
+    with pytest.raises(SystemExit):
+        kernel.parse_args(["--weights", str(tmp_path / "best.pt"), "--image-size", "64", "--crop", "head"])
+    assert "made with --image-size 32; fine-tuning keeps the model's settings" in capsys.readouterr().err
+
+
+def _site_labels(truth: pd.DataFrame, path) -> tuple[str, pd.Series]:
+    """The first series slice by slice without the epidural column; the second as a whole."""
+    first, second = sorted(truth["series_uid"].unique())
+    rows = truth[truth["series_uid"] == first].drop(columns=["series_uid", "sop_uid", "epidural"]).reset_index()
+    whole = truth[truth["series_uid"] == second][list(LABELS)].max().drop("epidural")
+    pd.concat([rows, pd.DataFrame([{"series_uid": second, **whole}])]).to_csv(path, index=False, float_format="%.0f")
+    return second, whole
+
+
+@pytest.mark.slow
+def test_a_labelled_folder_fine_tunes_from_a_checkpoint_resumes_and_evaluates(tiny_run, tmp_path, rsna_sample):
+    root = tmp_path / "site"
+    truth = build_labelled_export(root, rsna_sample)
+    second, whole = _site_labels(truth, tmp_path / "labels.csv")
+    out = tmp_path / "tuned"
+    args = ["--scans", root, "--labels", tmp_path / "labels.csv", "--weights", tiny_run[0] / "checkpoints" / "best.pt",
+            "--out-dir", out, "--val-frac", "0.5", "--batch-size", "8", "--workers", "0"]
+    assert cli(*args, "--epochs", "1") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["arch"], config["image_size"]) == ("resnet18", 32)  # the checkpoint's, not Config's
+    assert not (out / "submission.csv").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert np.isnan(metrics["log_loss_per_class"]["epidural"]) and np.isfinite(metrics["weighted_log_loss"])
+    split = pd.read_csv(out / "split.csv")
+    assert split["patient_id"].str.fullmatch(r"patient_\d{4}").all()
+    # the series labelled as a whole trains (seed 42): its classes labelled 1 each got their slice
+    trained = split.loc[~split["is_val"], "image_id"]
+    assert trained.str.contains(second).all()
+    picks = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["position"]["picks"]
+    assert sorted(c for _, c in picks) == sorted(LABELS.index(c) for c in whole.index[whole == 1])
+
+    first_epoch = pd.read_csv(out / "history.csv")
+    assert cli(*args, "--epochs", "2", "--resume") == 0
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    pd.testing.assert_frame_equal(history.iloc[:1], first_epoch)
+
+    ev = tmp_path / "evaluate"
+    assert cli("--evaluate", root, "--labels", tmp_path / "labels.csv", "--checkpoint", out, "--out-dir", ev,
+               "--workers", "0") == 0
+    summary = json.loads((ev / "metrics.json").read_text())
+    assert summary["counts"]["slices"] == len(truth) and summary["counts"]["patients"] == 2
+    slices = pd.read_csv(ev / "slices.csv", index_col="slice")
+    y, p = slices[list(LABELS)].to_numpy(), slices[[f"pred_{c}" for c in LABELS]].to_numpy()
+    known = ~np.isnan(y)
+    assert not known[:, 0].any()  # epidural: absent from the CSV, unknown everywhere
+    weights = np.broadcast_to(CLASS_WEIGHTS, y.shape)[known]
+    expected = log_loss(y[known], p[known], sample_weight=weights, labels=[0, 1])
+    assert summary["slice"]["weighted_log_loss"]["value"] == pytest.approx(expected, rel=1e-9)
+    j = LABELS.index("subarachnoid")  # known on every slice: the second series' 0 is each slice's 0
+    assert known[:, j].all()
+    assert summary["slice"]["per_class"]["subarachnoid"]["auc"]["value"] == pytest.approx(roc_auc_score(y[:, j], p[:, j]))
+    series = pd.read_csv(ev / "series.csv", index_col="series")
+    row = series.loc[[s for s in series.index if s.endswith(second)][0]]
+    assert row[list(whole.index)].tolist() == whole.tolist()
+    page = (ev / "report" / "evaluate.html").read_text()
+    assert page.count("alt='heatmap'") >= 1
