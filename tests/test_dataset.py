@@ -1,4 +1,6 @@
 """utils.dataset: a folder of a site's own scans and its label CSV as the one slice table."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -108,3 +110,13 @@ def test_the_csv_parser_on_its_own(tmp_path):
     place_file(None, tmp_path / "bin.csv", bytes(range(256)) * 4)
     with pytest.raises(LabelError, match="bin.csv: "):
         read_folder_labels(tmp_path / "bin.csv")
+
+
+def test_the_readmes_example_label_file_parses(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("**The label CSV**", 1)[1].split("```csv\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "labels.csv").write_text(example)
+    table = read_folder_labels(tmp_path / "labels.csv")
+    assert table["kind"].tolist() == ["slice", "slice", "slice", "series"]
+    assert table["frame"].tolist()[2] == 12 and table["epidural"].isna().all()
+    assert table["any"].tolist() == [0, 1, 1, 1]

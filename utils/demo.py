@@ -179,8 +179,10 @@ def _mimics_for(rng, n_slices: int) -> dict[int, tuple]:
 
 
 def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8,
-                      slices: tuple[int, int] = (10, 14), size: int = 128, seed: int = 0) -> Path:
+                      slices: tuple[int, int] = (10, 14), size: int = 128, seed: int = 0,
+                      head_sizes: tuple[float, float] = HEAD_SIZES) -> Path:
     """Write the demo dataset under ``root`` (created; replaced atomically) and return it.
+    Each patient's head size is drawn uniformly from ``head_sizes`` (another scanner's framing).
 
     ``TEST_MASKS`` holds a mask for every test slice, empty where test_truth.csv says "any" 0;
     the damaged test file keeps the mask of the pixels it was meant to hold."""
@@ -193,10 +195,10 @@ def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8
     def write(tmp: Path) -> None:
         used: set[str] = set()
         label_rows = _write_patients(tmp / "stage_2_train", n_train_patients, (rng, mimic_rng, head_rng), used, slices,
-                                     size)
+                                     size, head_sizes=head_sizes)
         test_masks: dict[str, np.ndarray] = {}
         sample_rows = _write_patients(tmp / "stage_2_test", n_test_patients, (rng, mimic_rng, head_rng), used,
-                                      slices, size, masks=test_masks)
+                                      slices, size, masks=test_masks, head_sizes=head_sizes)
         _add_faults(tmp, size)
         label_rows += label_rows[:2]  # the real label file repeats some images, identically
         _write_csv(tmp / "stage_2_train.csv", [(i, v) for rows in label_rows for i, v in rows])
@@ -213,7 +215,8 @@ def make_demo_dataset(root, n_train_patients: int = 36, n_test_patients: int = 8
 
 
 def _write_patients(folder: Path, n_patients: int, rngs: tuple, used: set, slices: tuple[int, int],
-                    size: int, masks: dict | None = None) -> list[list[tuple[str, int]]]:
+                    size: int, masks: dict | None = None,
+                    head_sizes: tuple[float, float] = HEAD_SIZES) -> list[list[tuple[str, int]]]:
     """Each patient's series of slices; per slice, its six (row ID, label) pairs. ``rngs``:
     the main stream, the mimics' and the head sizes'. With ``masks``, each slice's lesion
     mask goes there under its image ID."""
@@ -221,7 +224,7 @@ def _write_patients(folder: Path, n_patients: int, rngs: tuple, used: set, slice
     folder.mkdir(parents=True)
     out = []
     for p in range(n_patients):
-        head = float(head_rng.uniform(*HEAD_SIZES))  # a child's head, a wide field of view
+        head = float(head_rng.uniform(*head_sizes))  # a child's head, a wide field of view
         variant = VARIANTS[p % len(VARIANTS)]
         patient, study, series = f"ID_{_hex(rng, 8)}", f"ID_{_hex(rng, 10)}", f"ID_{_hex(rng, 10)}"
         n_slices = int(rng.integers(slices[0], slices[1] + 1))
