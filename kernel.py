@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from utils import data as data_utils
 from utils import embeddings, rundir
-from utils.calibration import calibration_summary, decide_calibration
+from utils.calibration import calibration_metrics, calibration_summary, decide_calibration
 from utils.demo import DEMO_PRESET, make_demo_dataset
 from utils.crop import CROPS
 from utils.dicom import parse_windows
@@ -49,7 +49,8 @@ from utils.ensemble import assemble_oof, average, data_fingerprint, run_ensemble
 from utils.errors import (EXIT_OUTPUT, EXIT_STOPPED, EXIT_USAGE, OutputError, TrainingStopped, UserError,
                           writing)
 from utils.inference import (TestPredictions, calibrate_test, fine_tuning_settings, input_layout, predict,
-                             predict_saved, predict_test, refine_test, run_checkpoint, slice_dataset, training_prior)
+                             predict_saved, predict_test, refine_test, run_checkpoint, scanned_and_failed,
+                             slice_dataset, training_prior)
 from utils.labels import (LABELS, LabelError, check_image_id, format_label_report, label_report, read_labels,
                           series_picks)
 from utils.metrics import fold_labels, logit, per_class_log_loss, weighted_log_loss
@@ -730,11 +731,6 @@ def evaluate(truth: pd.DataFrame, probs: np.ndarray, prior: np.ndarray, validate
             "prior_log_loss_per_class": per_class_log_loss(y, prior_probs), "prior": dict(zip(LABELS, map(float, prior)))}
 
 
-def predictions_table(truth: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
-    """Labels and pred_* columns: val_predictions.csv, and a fold's share of oof_predictions.csv."""
-    return pd.concat([truth, pd.DataFrame(probs, index=truth.index, columns=PRED_COLUMNS)], axis=1)
-
-
 # %% Stage 6: refine along each series and calibrate, fitted on the validation predictions.
 
 def patient_groups(headers: pd.DataFrame, ids: pd.Index) -> np.ndarray:
@@ -758,13 +754,6 @@ def fit_calibration(truth: pd.DataFrame, probs: np.ndarray, headers: pd.DataFram
     if d.main:
         write_json(out_dir / rundir.CALIBRATION, decision)
     return decision
-
-
-def calibration_metrics(decision: dict | None) -> dict:
-    if decision is None:
-        return {}
-    return {"calibration_used": decision["use"], "weighted_log_loss_calibrated": decision["loss_after_oof"],
-            "calibration_temperatures": dict(zip(LABELS, decision["temperatures"]))}
 
 
 def fit_series_refiner(val_df: pd.DataFrame, val_probs: np.ndarray, headers: pd.DataFrame, cfg: Config,
@@ -876,7 +865,7 @@ def run_pipeline(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, starte
     pred = (predict_test(model, cfg, data["test_ids"], data["test_headers"], prior, out_dir, rt, embed=cfg.refine)
             if data["test_ids"] else None)
     features = keep_features(model, cfg, val_df, data["train_headers"], pred, out_dir, rt) if cfg.refine else None
-    finish(cfg, rt, out_dir, data, predictions_table(val_df, val_probs), metrics, pred, started, features)
+    finish(cfg, rt, out_dir, data, rundir.predictions_table(val_df, val_probs), metrics, pred, started, features)
 
 
 def keep_features(model, cfg: Config, val_df: pd.DataFrame, headers: pd.DataFrame, pred: TestPredictions | None,
@@ -929,7 +918,7 @@ def run_fold(cfg: Config, i: int, data: dict, usable: pd.DataFrame, folds: np.nd
         keep_features(model, fold_cfg, val_df, data["train_headers"], pred, fold_dir, rt)
     test_metrics = submit(pred, data["data_dir"], fold_dir, rt) if pred else {}
     if rt.dist.main:
-        write_csv(fold_dir / rundir.VAL_PREDICTIONS, predictions_table(val_df, val_probs))
+        write_csv(fold_dir / rundir.VAL_PREDICTIONS, rundir.predictions_table(val_df, val_probs))
         metrics = {**evaluate(val_df, val_probs, prior, "validation"), "n_train": len(train_df), **test_metrics,
                    "best_epoch": best_epoch, "data": data["fingerprint"]}
         write_json(fold_dir / rundir.METRICS, metrics)  # last: it marks the fold finished
@@ -960,7 +949,7 @@ def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: 
     features = embeddings.load(folders, rundir.VAL_SPLIT, oof.index) if cfg.refine else None
     pred = None
     if data["test_ids"]:
-        scanned, failed = scanned_and_failed(out_dir, data)
+        scanned, failed = scanned_and_failed(out_dir, data["test_ids"], data["test_headers"])
         members = [TestPredictions(r.test, scanned, failed,
                                    embeddings.load([f], rundir.TEST_SPLIT, scanned) if features is not None else None)
                    for f, r in zip(folders, results)]
@@ -968,14 +957,6 @@ def run_folds(cfg: Config, rt: Runtime, out_dir: Path, data_dir: Path, started: 
             features = None  # the embedding refiner needs every fold's test features too
         pred = TestPredictions(average([r.test for r in results]), scanned, failed, members=members)
     finish(cfg, rt, out_dir, data, oof, {**metrics, "folds": cfg.folds}, pred, started, features)
-
-
-def scanned_and_failed(out_dir: Path, data: dict) -> tuple[list[str], list[str]]:
-    """Which test images had a readable header, and which of those failed to decode."""
-    scanned = [i for i in data["test_ids"] if i in data["test_headers"].index]
-    bad = rundir.bad_paths(rundir.fold_dirs(out_dir))
-    paths = data["test_headers"]["path"].astype(str)
-    return scanned, [i for i in scanned if paths[i] in bad]
 
 
 def finish(cfg: Config, rt: Runtime, out_dir: Path, data: dict, table: pd.DataFrame, metrics: dict,

@@ -246,3 +246,11 @@ def decide_calibration(y, p, groups, n_folds: int = 5, seed: int = 0, n_bins: in
         "n_folds": n_folds,
         "seed": int(seed),
     }
+
+
+def calibration_metrics(decision: dict | None) -> dict:
+    """metrics.json's calibration keys of a decide_calibration decision (none without one)."""
+    if decision is None:
+        return {}
+    return {"calibration_used": decision["use"], "weighted_log_loss_calibrated": decision["loss_after_oof"],
+            "calibration_temperatures": dict(zip(LABELS, decision["temperatures"]))}

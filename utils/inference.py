@@ -256,3 +256,11 @@ def predict_saved(path: Path, cfg, rt: Runtime, data: dict, out_dir: Path, embed
     if (path / rundir.CALIBRATION).is_file():
         pred = calibrate_test(rundir.read_json(path / rundir.CALIBRATION), pred)
     return pred
+
+
+def scanned_and_failed(out_dir: Path, test_ids: list[str], test_headers: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Which test images had a readable header, and which of those failed to decode."""
+    scanned = [i for i in test_ids if i in test_headers.index]
+    bad = rundir.bad_paths(rundir.fold_dirs(out_dir))
+    paths = test_headers["path"].astype(str)
+    return scanned, [i for i in scanned if paths[i] in bad]

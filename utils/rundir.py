@@ -180,6 +180,11 @@ def read_predictions(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, engine="pyarrow").set_index("image_id")
 
 
+def predictions_table(truth: pd.DataFrame, probs) -> pd.DataFrame:
+    """Labels and pred_* columns: val_predictions.csv, and a fold's share of oof_predictions.csv."""
+    return pd.concat([truth, pd.DataFrame(probs, index=truth.index, columns=PRED_COLUMNS)], axis=1)
+
+
 def final_columns(predictions: pd.DataFrame) -> list[str]:
     """The columns of a predictions table that hold what its run submitted: refined_*
     where the refiner was used, else pred_*."""
