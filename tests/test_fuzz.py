@@ -230,3 +230,31 @@ def test_damaged_compressed_multiframe_and_nifti_files_give_slices_or_a_reason(t
         signal.signal(signal.SIGALRM, old)
     assert 0.2 * N_FORMAT_FILES < sum(v for k, v in outcomes.items() if k not in ("ok", "not_dicom")), outcomes
     assert outcomes.get("ok", 0) > 0.1 * N_FORMAT_FILES and len(outcomes) >= 10, outcomes
+
+
+def test_damaged_label_files_of_a_folder_give_labels_or_a_label_error(tmp_path, rsna_sample):
+    from factories import build_labelled_export
+    from utils.dataset import labelled_folder, match_labels, read_folder_labels
+    from utils.labels import LabelError
+    from utils.scans import scan_folder
+    truth = build_labelled_export(tmp_path / "site", rsna_sample)
+    lines = [f"{p},,{int(a)},{int(s)}" for p, a, s in zip(truth.index[:6], truth["any"], truth["subdural"])]
+    data = "\n".join(["path,series_uid,any,subdural", *lines, f",{truth['series_uid'].iloc[-1]},1,"]).encode()
+    (tmp_path / "labels.csv").write_bytes(data)
+    assert len(labelled_folder(tmp_path / "site", tmp_path / "labels.csv").series_labels) == 1
+    scan, rng, outcomes = scan_folder(tmp_path / "site"), random.Random(5), {"labels": 0, "error": 0}
+    for i in range(150):
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 2)):
+            at = rng.randrange(len(b))
+            b[at:at + rng.randint(0, 2)] = bytes(rng.choice(b",\n\r\"01 x\x00\xff") for _ in range(rng.randint(0, 3)))
+        (tmp_path / "labels.csv").write_bytes(bytes(b))
+        try:
+            result = match_labels(scan, read_folder_labels(tmp_path / "labels.csv"), tmp_path / "labels.csv")
+            values = result.labels.to_numpy()
+            assert np.isin(values[~np.isnan(values)], (0, 1)).all(), i
+            outcomes["labels"] += 1
+        except LabelError as err:
+            assert "labels.csv" in str(err), (i, str(err))
+            outcomes["error"] += 1
+    assert outcomes["labels"] > 5 and outcomes["error"] > 5, outcomes  # both ways were exercised

@@ -129,3 +129,16 @@ def test_a_labelled_folder_fine_tunes_from_a_checkpoint_resumes_and_evaluates(ti
     assert row[list(whole.index)].tolist() == whole.tolist()
     page = (ev / "report" / "evaluate.html").read_text()
     assert page.count("alt='heatmap'") >= 1
+
+
+@pytest.mark.parametrize("any_labels, chosen", [([0, 1, 0, 1], True), ([NAN, 1, NAN, 1], False), (None, False)])
+def test_the_runs_validation_gives_the_second_threshold_only_where_it_can(tmp_path, any_labels, chosen):
+    from utils import rundir
+    from utils.own_labels import _run_validation
+    (tmp_path / "checkpoints").mkdir()
+    if any_labels is not None:
+        table = pd.DataFrame(np.full((4, 6), NAN), columns=list(LABELS)).assign(any=any_labels)
+        rundir.write_csv(tmp_path / rundir.VAL_PREDICTIONS,
+                         rundir.predictions_table(table.rename_axis("image_id"), np.full((4, 6), 0.3)))
+    validation = _run_validation(tmp_path / "checkpoints" / "best.pt")
+    assert (validation is not None) == chosen

@@ -84,10 +84,14 @@ def _run_validation(checkpoint: Path) -> pd.DataFrame | None:
     the threshold that run would choose; None for a lone best.pt."""
     run = checkpoint if checkpoint.is_dir() else checkpoint.parent.parent
     try:
-        return rundir.validation_predictions(run)
+        validation = rundir.validation_predictions(run)
     except (OSError, ValueError, KeyError) as err:
         LOG.info(f"No validation predictions in {run} ({type(err).__name__}): the second threshold is not chosen")
         return None
+    if set(validation["any"].dropna()) != {0, 1}:  # a run on series-level labels may know no slice's `any`
+        LOG.info(f"The validation of {run} lacks slices known to be `any` 0 and 1: the second threshold is not chosen")
+        return None
+    return validation
 
 
 def write_evaluation(cfg, rt, out_dir: Path, slices: pd.DataFrame, data, summary: dict, skipped: pd.DataFrame,
