@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from factories import build_labelled_export, make_enhanced_ct, place_file, rewrite_dicom
+from factories import build_labelled_export, make_enhanced_ct, make_nifti, place_file, read_dicom, rewrite_dicom
 from utils.dataset import HEADER_COLUMNS, labelled_folder, read_folder_labels
 from utils.labels import LABELS, SUBTYPES, LabelError
 
@@ -62,10 +62,13 @@ def test_slices_named_by_sop_uid_and_unlabelled_slices_are_left_out(export, tmp_
 def test_frames_of_a_multiframe_file_are_named_by_frame(tmp_path, rsna_sample):
     sources = sorted((rsna_sample / "stage_2_train").glob("ID_*.dcm"))[:4]
     make_enhanced_ct(tmp_path / "scans" / "ct", sources)
-    rows = pd.DataFrame({"path": ["ct", "ct::frame=1"], "frame": ["2", ""], "any": [1, 0]})
+    uid = read_dicom(tmp_path / "scans" / "ct").SeriesInstanceUID
+    rows = pd.DataFrame({"path": ["ct", "ct::frame=1", ""], "series_uid": ["", "", uid], "frame": ["2", "", "3"],
+                         "any": [1, 0, 1]})
     rows.to_csv(tmp_path / "labels.csv", index=False)
     data = labelled_folder(tmp_path / "scans", tmp_path / "labels.csv")
-    assert data.labels["any"].to_dict() == {"ct::frame=1": 0.0, "ct::frame=2": 1.0}
+    assert data.labels["any"].to_dict() == {"ct::frame=1": 0.0, "ct::frame=2": 1.0, "ct::frame=3": 1.0}
+    assert data.series_labels.empty  # a series_uid with a frame names a slice
     (tmp_path / "bad.csv").write_text("path,any\nct,1\n")
     with pytest.raises(LabelError, match=r"bad.csv: line 2: ct holds 4 slices: give the frame"):
         labelled_folder(tmp_path / "scans", tmp_path / "bad.csv")
@@ -77,7 +80,7 @@ def test_frames_of_a_multiframe_file_are_named_by_frame(tmp_path, rsna_sample):
     ("path,any\nnowhere/IM9,1\n", r"line 2: no CT slice found under the folder is path nowhere/IM9"),
     ("path,sop_uid,any\n{a},x,1\n", r"line 2: give exactly one of path, sop_uid"),
     ("series_uid,any\n1.2.3.4,1\n", r"line 2: no series of CT slices found .* series_uid 1.2.3.4"),
-    ("series_uid,frame,any\n{s},3,1\n", r"line 2: frame '3' with series_uid"),
+    ("series_uid,frame,any\n{s},3,1\n", r"line 2: no CT slice found under the folder is frame 3 of series_uid"),
     ("path,subdral\n{a},1\n", r"line 1: unknown columns \['subdral'\]"),
     ("any,subdural\n1,0\n", r"line 1: no key column"),
     ("path\n{a}\n", r"line 1: no label column"),
@@ -120,3 +123,12 @@ def test_the_readmes_example_label_file_parses(tmp_path):
     assert table["kind"].tolist() == ["slice", "slice", "slice", "series"]
     assert table["frame"].tolist()[2] == 12 and table["epidural"].isna().all()
     assert table["any"].tolist() == [0, 1, 1, 1]
+
+
+def test_slices_of_a_nifti_volume_are_named_by_path_or_series_and_slice_index(tmp_path, rsna_sample):
+    pytest.importorskip("nibabel")
+    sources = sorted((rsna_sample / "stage_2_train").glob("ID_*.dcm"))[:4]
+    make_nifti(tmp_path / "scans" / "head.nii.gz", sources)
+    (tmp_path / "labels.csv").write_text("path,series_uid,frame,subdural\nhead.nii.gz,,0,1\n,head.nii.gz,2,0\n")
+    data = labelled_folder(tmp_path / "scans", tmp_path / "labels.csv")
+    assert data.labels["subdural"].to_dict() == {"head.nii.gz::slice=0": 1.0, "head.nii.gz::slice=2": 0.0}

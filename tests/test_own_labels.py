@@ -121,6 +121,7 @@ def test_a_labelled_folder_fine_tunes_from_a_checkpoint_resumes_and_evaluates(ti
     weights = np.broadcast_to(CLASS_WEIGHTS, y.shape)[known]
     expected = log_loss(y[known], p[known], sample_weight=weights, labels=[0, 1])
     assert summary["slice"]["weighted_log_loss"]["value"] == pytest.approx(expected, rel=1e-9)
+    assert summary["validated_on"] == "site" and summary["weighted_log_loss"] == pytest.approx(expected, rel=1e-9)
     j = LABELS.index("subarachnoid")  # known on every slice: the second series' 0 is each slice's 0
     assert known[:, j].all()
     assert summary["slice"]["per_class"]["subarachnoid"]["auc"]["value"] == pytest.approx(roc_auc_score(y[:, j], p[:, j]))

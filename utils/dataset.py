@@ -17,7 +17,8 @@ per series, and any subset of the six LABELS columns, each 0, 1 or empty:
 - a slice is named by ``path`` (relative to the folder; a frame of a multi-frame file or a
   slice of a NIfTI volume by its ``frame`` beside it, or by the reference "ct.dcm::frame=3")
   or by ``sop_uid`` (with ``frame`` for a multi-frame file);
-- a series by ``series_uid`` alone: a label of the whole series.
+- a series by ``series_uid`` alone: a label of the whole series (with ``frame``, the slice of
+  that index of a NIfTI volume, whose series_uid is its path, or of a one-file Enhanced CT series).
 A column that is absent, or a cell that is empty, is unknown: never 0. A series-level 0 is
 every slice's 0 (no slice of a series without a subdural shows one); a series-level 1 says
 only that some slice does, so its slices stay unknown for that class (the series-level loss,
@@ -106,8 +107,6 @@ def _parse_row(row: dict, keys: list[str], classes: list[str], line: int) -> tup
     frame_text = row.get(FRAME_COLUMN, "").strip()
     frame = None
     if frame_text:
-        if key == SERIES_KEY:
-            raise ValueError(f"{FRAME_COLUMN} {frame_text!r} with series_uid: a series label is of the whole series")
         if not frame_text.isdigit():
             raise ValueError(f"{FRAME_COLUMN} must be a whole number >= 0, got {frame_text!r}")
         frame = int(frame_text)
@@ -119,7 +118,7 @@ def _parse_row(row: dict, keys: list[str], classes: list[str], line: int) -> tup
         values.append(VALUES[text])
     if key == "path":
         value = value.replace("\\", "/").removeprefix("./")
-    kind = "series" if key == SERIES_KEY else "slice"
+    kind = "series" if key == SERIES_KEY and frame is None else "slice"
     return (line, kind, key, value, frame, *values)
 
 
@@ -169,6 +168,7 @@ def _slice_positions(s: pd.DataFrame, rows: pd.DataFrame, skipped: pd.DataFrame,
     frames = s["frame"].astype("float").to_numpy()
     by_file = {(f, None if np.isnan(k) else int(k)): i for i, (f, k) in enumerate(zip(s["file"], frames))}
     by_sop = {(u, None if np.isnan(k) else int(k)): i for i, (u, k) in enumerate(zip(s["sop_uid"], frames)) if u}
+    by_series = pd.Series(range(len(s))).groupby([s["series_uid"].to_numpy(), frames]).agg(list).to_dict()
     n_in_file = s["file"].value_counts()
     reasons = dict(zip(skipped["path"], skipped["reason"]))
     out = np.full(len(rows), np.nan)
@@ -176,6 +176,13 @@ def _slice_positions(s: pd.DataFrame, rows: pd.DataFrame, skipped: pd.DataFrame,
         frame = None if pd.isna(frame) else int(frame)
         if key == "path":
             hit = by_ref.get(value) if frame is None else by_file.get((value, frame))
+        elif key == SERIES_KEY:  # a slice of a series by its frame: a NIfTI volume's, or one Enhanced CT file's
+            hits = by_series.get((value, float(frame)), [])
+            hit = hits[0] if len(hits) == 1 else None
+            if len(hits) > 1:
+                problems.append(f"line {line}: {FRAME_COLUMN} {frame} of series_uid {value} names {len(hits)} "
+                                f"slices (in different files); name the slice by path")
+                continue
         else:
             hit = by_sop.get((value, frame))
         if hit is not None:

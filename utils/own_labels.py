@@ -13,14 +13,17 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from utils import evaluation, rundir
 from utils.dataset import labelled_folder
 from utils.engine import barrier, share
+from utils.calibration import calibration_summary
 from utils.ensemble import file_sha1
 from utils.inference import predict_saved
 from utils.labels import LABELS
+from utils.metrics import per_class_log_loss, weighted_log_loss
 from utils.own_scans import heatmaps
 from utils.runtime import environment
 
@@ -71,12 +74,22 @@ def evaluate_folder(cfg, rt, started: float, folder: str, checkpoint: str, thres
             skipped = pd.concat([data.scan.skipped, pd.DataFrame({"path": pred.failed, "reason": "pixel data could "
                                                                   "not be decoded"})], ignore_index=True)
             write_evaluation(cfg, rt, out_dir, slices, data, summary, skipped, asked)
-            rundir.write_json(out_dir / rundir.METRICS, {**summary, **asked, "seconds": round(time.perf_counter() - started, 1)})
+            rundir.write_json(out_dir / rundir.METRICS, {**run_metrics(slices), **summary, **asked,
+                                                         "seconds": round(time.perf_counter() - started, 1)})
         LOG.info(f"Evaluated {summary['counts']['slices']} slices of {summary['counts']['patients']} patients in "
                  f"{time.perf_counter() - started:.0f}s: {out_dir / rundir.METRICS}, "
                  f"{out_dir / rundir.REPORT / rundir.EVALUATE_HTML}")
         barrier(d)
         return 0
+
+
+def run_metrics(slices: pd.DataFrame) -> dict:
+    """The keys every run's metrics.json has (rundir.METRIC_KEYS), of the slices scored:
+    the weighted log loss over the known labels, per class, and the calibration errors."""
+    y, p = slices[list(LABELS)].to_numpy(), slices[rundir.PRED_COLUMNS].to_numpy()
+    labelled = ~np.isnan(y).all(axis=1)
+    return {"validated_on": "site", "n_validation": int(labelled.sum()), "weighted_log_loss": weighted_log_loss(y, p),
+            "log_loss_per_class": per_class_log_loss(y, p), **calibration_summary(y, p)}
 
 
 def _run_validation(checkpoint: Path) -> pd.DataFrame | None:

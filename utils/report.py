@@ -182,7 +182,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 _VALIDATED_ON = {"validation": "Validation", "out_of_fold": "Out-of-fold",
-                 "shared_validation": "Blend's validation"}
+                 "shared_validation": "Blend's validation", "site": "The site's labelled scans"}
 
 
 def _metrics_html(metrics: Mapping | None) -> str:

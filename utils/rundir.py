@@ -68,7 +68,7 @@ REFINED_COLUMNS = [f"refined_{k}" for k in LABELS]  # oof_predictions.csv, where
 # number. weighted_log_loss is the loss of what the run submitted (refined where the refiner
 # was used), the others the steps towards it; a step not taken is absent.
 METRIC_KEYS = {
-    "validated_on": "validation, out_of_fold or shared_validation",
+    "validated_on": "validation, out_of_fold, shared_validation or site (--evaluate: a site's labelled scans)",
     "n_validation": "the images the losses are measured on",
     "weighted_log_loss": "the competition metric of the submitted predictions",
     "weighted_log_loss_per_slice": "before refining: the per-slice model's",
