@@ -143,3 +143,23 @@ def test_the_runs_validation_gives_the_second_threshold_only_where_it_can(tmp_pa
                          rundir.predictions_table(table.rename_axis("image_id"), np.full((4, 6), 0.3)))
     validation = _run_validation(tmp_path / "checkpoints" / "best.pt")
     assert (validation is not None) == chosen
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_on_a_labelled_folder_with_the_same_picks_and_weights(tiny_run, tmp_path, rsna_sample):
+    import re
+
+    from test_distributed import torchrun
+    root = tmp_path / "site"
+    truth = build_labelled_export(root, rsna_sample)
+    _, whole = _site_labels(truth, tmp_path / "labels.csv")
+    out = tmp_path / "tuned"
+    result = torchrun("--scans", root, "--labels", tmp_path / "labels.csv", "--weights",
+                      tiny_run[0] / "checkpoints" / "best.pt", "--out-dir", out, "--val-frac", "0.5",
+                      "--batch-size", "4", "--workers", "0", "--epochs", "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    digests = re.findall(r"final weights sha1 ([0-9a-f]{40})", result.stdout)
+    assert len(digests) == 2 and digests[0] == digests[1]
+    picks = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["position"]["picks"]
+    assert len(picks) == int((whole == 1).sum())
+    assert json.loads((out / "metrics.json").read_text())["processes"] == 2
