@@ -132,3 +132,24 @@ def test_slices_of_a_nifti_volume_are_named_by_path_or_series_and_slice_index(tm
     (tmp_path / "labels.csv").write_text("path,series_uid,frame,subdural\nhead.nii.gz,,0,1\n,head.nii.gz,2,0\n")
     data = labelled_folder(tmp_path / "scans", tmp_path / "labels.csv")
     assert data.labels["subdural"].to_dict() == {"head.nii.gz::slice=0": 1.0, "head.nii.gz::slice=2": 0.0}
+
+
+def test_the_kaggle_layout_read_as_a_labelled_folder_gives_the_kaggle_adapters_table(tmp_path, rsna_sample):
+    import kernel
+    from utils.headers import scan_headers
+    from utils.labels import read_labels
+    labels = read_labels(rsna_sample / "stage_2_train.csv")
+    headers, bad = scan_headers(sorted((rsna_sample / "stage_2_train").glob("*.dcm")))
+    kaggle = kernel.add_slice_order(headers.set_index("image_id"), "train")
+    labels.rename(index=lambda i: f"{i}.dcm").rename_axis("path").reset_index().to_csv(tmp_path / "l.csv", index=False)
+    folder = labelled_folder(rsna_sample / "stage_2_train", tmp_path / "l.csv")
+    ids = folder.labels.index.str.removesuffix(".dcm")
+    assert bad.empty and sorted(ids) == sorted(labels.index)
+    np.testing.assert_array_equal(folder.labels.to_numpy(), labels.loc[ids].to_numpy())
+    k = kaggle.loc[ids]
+    name = lambda paths: [Path(p).stem for p in paths]  # noqa: E731
+    assert folder.headers["position"].tolist() == k["position"].tolist()  # one slice order
+    assert name(folder.headers["below"]) == name(k["below"]) and name(folder.headers["above"]) == name(k["above"])
+    same_patient = lambda g: pd.factorize(np.asarray(g))[0].tolist()  # noqa: E731
+    assert same_patient(folder.headers["patient_id"]) == same_patient(k["patient_id"])
+    assert same_patient(folder.headers["series"]) == same_patient(k["series"])
