@@ -121,3 +121,15 @@ def test_test_masks_mark_the_drawn_lesions(demo):
         assert hu[mask].mean() > hu[ring].mean() + 25, image_id  # brighter than around it
         checked += 1
     assert checked >= 5 and damaged <= 1 and checked + damaged == (lesion == 1).sum()
+
+
+def test_head_sizes_frame_the_heads_of_a_draw(tmp_path):
+    from utils.crop import HEAD_HU, head_box
+    sides = {}
+    for heads in ((0.35, 0.35), (1.0, 1.0)):
+        data = make_demo_dataset(tmp_path / str(heads[0]), n_train_patients=2, n_test_patients=1, seed=3,
+                                 size=64, head_sizes=heads)
+        headers, _ = scan_headers(sorted((data / "stage_2_train").glob("*.dcm")))  # the damaged file left out
+        boxes = [head_box(read_hu(p) > HEAD_HU) for p in headers["path"]]
+        sides[heads] = np.median([b[2] for b in boxes if b])
+    assert sides[(0.35, 0.35)] < 0.5 * sides[(1.0, 1.0)]
