@@ -103,6 +103,9 @@ def test_a_labelled_folder_fine_tunes_from_a_checkpoint_resumes_and_evaluates(ti
     picks = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["position"]["picks"]
     assert sorted(c for _, c in picks) == sorted(LABELS.index(c) for c in whole.index[whole == 1])
 
+    assert (out / "report" / "report.html").is_file()
+    assert cli("--report", "--out-dir", out) == 2  # a --scans run's report is drawn at its end, said so
+
     first_epoch = pd.read_csv(out / "history.csv")
     assert cli(*args, "--epochs", "2", "--resume") == 0
     history = pd.read_csv(out / "history.csv")

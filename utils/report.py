@@ -335,6 +335,9 @@ def report_command(out_dir: str | None, data_dir: str | None, windows: str, work
         raise UserError("--report needs --out-dir, the folder of a run (or where to put the report)")
     out = Path(out_dir)
     config = _read_json(out / CONFIG_JSON) or {}
+    if config.get("scans"):
+        raise UserError(f"--report redraws a run on the Kaggle layout; {out} is a --scans run, whose report "
+                        f"{out / REPORT_DIR / REPORT_HTML} was drawn at its end")
     data = Path(config.get("data_dir") or data_dir or "")
     if not (data / "stage_2_train.csv").is_file():
         raise UserError(f"--report found no data: {out} holds no run's config.json naming it; pass --data-dir")
