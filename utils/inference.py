@@ -131,8 +131,8 @@ def run_checkpoint(path) -> dict | None:
     None for anything else: no path, plain backbone weights, a file that does not load."""
     if not path or not Path(path).is_file():
         return None
-    try:
-        state = load_checkpoint(Path(path))
+    try:  # mapped, not read: plain backbone weights (350 MB for ResNeXt-101) are asked about too
+        state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - not ours; utils.model's loader says what is wrong with it
         return None
     return state if isinstance(state, dict) and {"model", "config", "prior"} <= set(state) else None
