@@ -166,3 +166,11 @@ def test_two_processes_fine_tune_on_a_labelled_folder_with_the_same_picks_and_we
     picks = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["position"]["picks"]
     assert len(picks) == int((whole == 1).sum())
     assert json.loads((out / "metrics.json").read_text())["processes"] == 2
+
+
+@pytest.mark.parametrize("mode", ["--predict", "--evaluate"])
+def test_a_missing_folder_is_a_clear_error(tmp_path, capsys, mode):
+    labels = ["--labels", tmp_path / "labels.csv"] if mode == "--evaluate" else []
+    assert cli(mode, tmp_path / "nowhere", *labels, "--checkpoint", tmp_path / "best.pt",
+               "--out-dir", tmp_path / "out") == 2
+    assert f"{mode} {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from utils.dataset import labelled_folder
 from utils.engine import barrier, share
 from utils.calibration import calibration_summary
 from utils.ensemble import file_sha1
+from utils.errors import UserError
 from utils.inference import predict_saved
 from utils.labels import LABELS
 from utils.metrics import per_class_log_loss, weighted_log_loss
@@ -50,6 +51,8 @@ def evaluate_folder(cfg, rt, started: float, folder: str, checkpoint: str, thres
     calibration) scored against the labels, no training (utils/evaluation.py): metrics.json,
     slices.csv, series.csv, skipped.csv and report/evaluate.html. 0 when done."""
     d = rt.dist
+    if not Path(folder).is_dir():
+        raise UserError(f"--evaluate {folder}: no such folder")
     with contextlib.ExitStack() as held:
         out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / datetime.now().strftime("evaluate-%Y%m%d-%H%M%S")
         out_dir = share(d, rundir.prepare_predict_dir(out, held, cfg.overwrite) if d.main else None)

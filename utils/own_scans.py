@@ -55,6 +55,8 @@ def predict_folder(cfg, rt: Runtime, started: float, folder: str, checkpoint: st
     """The whole of --predict DIR: the scans in ``folder`` predicted with ``checkpoint``
     (series over ``threshold`` positive): tables, predict.html; 0 when done."""
     d = rt.dist
+    if not Path(folder).is_dir():
+        raise UserError(f"--predict {folder}: no such folder")
     with contextlib.ExitStack() as held:
         out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / datetime.now().strftime("predict-%Y%m%d-%H%M%S")
         out_dir = share(d, rundir.prepare_predict_dir(out, held, cfg.overwrite) if d.main else None)
