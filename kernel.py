@@ -689,7 +689,8 @@ def label_series_maxima(run: Training, cfg: Config, rt: Runtime, train_df: pd.Da
     if run.pos["batch"] == 0 or "picks" not in run.pos:
         h = headers.loc[train_df.index]
         rows = np.flatnonzero(h["series"].isin(series_labels.index).to_numpy())
-        probs = predict(run.model, h.iloc[rows], cfg, rt, "series maxima").probs
+        probs, ok, _ = predict(run.model, h.iloc[rows], cfg, rt, "series maxima")
+        rows, probs = rows[ok], probs[ok]  # an unreadable slice is nobody's maximum
         picks = series_picks(probs, h["series"].to_numpy()[rows], y[rows], series_labels)
         run.pos["picks"] = np.column_stack([rows[picks[:, 0]], picks[:, 1]]).tolist()
         log(f"Series-level labels: {len(picks)} series maxima labelled 1 for epoch {run.pos['epoch'] + 1}")
@@ -700,8 +701,8 @@ def label_series_maxima(run: Training, cfg: Config, rt: Runtime, train_df: pd.Da
 
 def train(cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, headers: pd.DataFrame,
           out_dir: Path, rt: Runtime, series_labels: pd.DataFrame | None = None):
-    """Fine-tune for cfg.epochs; returns the best model, its validation predictions, epoch.
-    ``series_labels``: --scans' series-level labels, learned through label_series_maxima."""
+    """Fine-tune for cfg.epochs (--scans' ``series_labels`` through label_series_maxima);
+    returns the best model, its validation predictions, epoch."""
     run = start_training(cfg, train_df, headers, out_dir, rt)
     with StopRequest(rt.dist.enabled) as stop:
         while run.pos["epoch"] < cfg.epochs:

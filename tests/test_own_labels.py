@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
 import kernel
-from factories import build_labelled_export
+from factories import build_labelled_export, make_corrupt_rle, rewrite_dicom
 from kernel_runs import cli
 from utils.labels import LABELS, series_picks
 from utils.metrics import CLASS_WEIGHTS
@@ -86,6 +86,11 @@ def test_a_labelled_folder_fine_tunes_from_a_checkpoint_resumes_and_evaluates(ti
     root = tmp_path / "site"
     truth = build_labelled_export(root, rsna_sample)
     second, whole = _site_labels(truth, tmp_path / "labels.csv")
+    # a series of one file whose header reads and whose pixels do not: trained around, not scored
+    make_corrupt_rle(rewrite_dicom(root / truth.index[0], root / "broken" / "IM0", SOPInstanceUID="ID_broken",
+                                   SeriesInstanceUID="ID_broken_series"))
+    with open(tmp_path / "labels.csv", "a") as f:
+        f.write(",0,0,0,0,1,ID_broken_series\n")  # the columns of _site_labels
     out = tmp_path / "tuned"
     args = ["--scans", root, "--labels", tmp_path / "labels.csv", "--weights", tiny_run[0] / "checkpoints" / "best.pt",
             "--out-dir", out, "--val-frac", "0.5", "--batch-size", "8", "--workers", "0"]
@@ -99,9 +104,10 @@ def test_a_labelled_folder_fine_tunes_from_a_checkpoint_resumes_and_evaluates(ti
     assert split["patient_id"].str.fullmatch(r"patient_\d{4}").all()
     # the series labelled as a whole trains (seed 42): its classes labelled 1 each got their slice
     trained = split.loc[~split["is_val"], "image_id"]
-    assert trained.str.contains(second).all()
+    assert trained.str.contains(second).sum() == len(trained) - 1 and trained.str.startswith("broken/").any()
     picks = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["position"]["picks"]
-    assert sorted(c for _, c in picks) == sorted(LABELS.index(c) for c in whole.index[whole == 1])
+    assert sorted(c for _, c in picks) == sorted(LABELS.index(c) for c in whole.index[whole == 1])  # broken: none
+    assert pd.read_csv(out / "bad_files.csv")["path"].str.endswith("broken/IM0").tolist() == [True]
 
     assert (out / "report" / "report.html").is_file()
     assert cli("--report", "--out-dir", out) == 2  # a --scans run's report is drawn at its end, said so
@@ -117,6 +123,7 @@ def test_a_labelled_folder_fine_tunes_from_a_checkpoint_resumes_and_evaluates(ti
                "--workers", "0") == 0
     summary = json.loads((ev / "metrics.json").read_text())
     assert summary["counts"]["slices"] == len(truth) and summary["counts"]["patients"] == 2
+    assert pd.read_csv(ev / "skipped.csv")["path"].tolist() == ["broken/IM0"]
     slices = pd.read_csv(ev / "slices.csv", index_col="slice")
     y, p = slices[list(LABELS)].to_numpy(), slices[[f"pred_{c}" for c in LABELS]].to_numpy()
     known = ~np.isnan(y)

@@ -70,13 +70,14 @@ def evaluate_folder(cfg, rt, started: float, folder: str, checkpoint: str, thres
         slices = evaluation.slice_frame(rows.index[keep], data.labels[keep].to_numpy(),
                                         pred.probs.loc[rows.index[keep]].to_numpy(), rows["series"][keep].to_numpy(),
                                         rows["patient_id"][keep].to_numpy())
-        validation = _run_validation(Path(checkpoint))
-        summary = evaluation.evaluate(slices, data.series_labels, threshold=threshold, validation=validation,
-                                      seed=cfg.seed)
+        series_labels = data.series_labels[data.series_labels.index.isin(slices["series"])]  # some decoded
+        summary = evaluation.evaluate(slices, series_labels, threshold=threshold,
+                                      validation=_run_validation(Path(checkpoint)), seed=cfg.seed)
         if d.main:
             skipped = pd.concat([data.scan.skipped, pd.DataFrame({"path": pred.failed, "reason": "pixel data could "
                                                                   "not be decoded"})], ignore_index=True)
-            write_evaluation(cfg, rt, out_dir, slices, data, summary, skipped, asked)
+            write_evaluation(cfg, rt, out_dir, slices, dataclasses.replace(data, series_labels=series_labels),
+                             summary, skipped, asked)
             rundir.write_json(out_dir / rundir.METRICS, {**run_metrics(slices), **summary, **asked,
                                                          "seconds": round(time.perf_counter() - started, 1)})
         LOG.info(f"Evaluated {summary['counts']['slices']} slices of {summary['counts']['patients']} patients in "
