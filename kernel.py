@@ -311,9 +311,7 @@ def find_kaggle_data() -> Path | None:
 
 
 def resolve_data_dir(cfg: Config, out_dir: Path) -> Path:
-    if cfg.scans:
-        if not Path(cfg.scans).is_dir():
-            raise UserError(f"--scans {cfg.scans}: no such folder")
+    if cfg.scans:  # read by utils.dataset.labelled_folder, which refuses one that is missing
         return Path(cfg.scans)
     if cfg.demo:
         root = out_dir / "demo_data"

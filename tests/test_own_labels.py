@@ -175,9 +175,10 @@ def test_two_processes_fine_tune_on_a_labelled_folder_with_the_same_picks_and_we
     assert json.loads((out / "metrics.json").read_text())["processes"] == 2
 
 
-@pytest.mark.parametrize("mode", ["--predict", "--evaluate"])
+@pytest.mark.parametrize("mode", ["--predict", "--evaluate", "--scans"])
 def test_a_missing_folder_is_a_clear_error(tmp_path, capsys, mode):
-    labels = ["--labels", tmp_path / "labels.csv"] if mode == "--evaluate" else []
-    assert cli(mode, tmp_path / "nowhere", *labels, "--checkpoint", tmp_path / "best.pt",
-               "--out-dir", tmp_path / "out") == 2
-    assert f"{mode} {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+    labels = ["--labels", tmp_path / "labels.csv"] if mode != "--predict" else []
+    checkpoint = ["--checkpoint", tmp_path / "best.pt"] if mode != "--scans" else ["--weights", "none"]
+    assert cli(mode, tmp_path / "nowhere", *labels, *checkpoint, "--out-dir", tmp_path / "out") == 2
+    said = capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'}: no such folder" in said and "Traceback" not in said

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from utils.errors import UserError
 from utils.labels import LABELS, LabelError
 from utils.scans import FolderScan, scan_folder
 from utils.split import resolve_groups
@@ -124,6 +125,8 @@ def _parse_row(row: dict, keys: list[str], classes: list[str], line: int) -> tup
 
 def labelled_folder(folder, labels_csv, workers: int = 0) -> LabelledSlices:
     """The labelled slices of ``folder`` (scanned as --predict scans it) by ``labels_csv``."""
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder}: no such folder of scans")
     table = read_folder_labels(labels_csv)
     scan = scan_folder(folder, workers=workers)
     return match_labels(scan, table, Path(labels_csv))
