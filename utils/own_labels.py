@@ -10,22 +10,20 @@ import contextlib
 import dataclasses
 import logging
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from utils import evaluation, rundir
-from utils.dataset import labelled_folder
-from utils.engine import barrier, share
 from utils.calibration import calibration_summary
+from utils.dataset import labelled_folder
+from utils.engine import barrier
 from utils.ensemble import file_sha1
-from utils.errors import UserError
 from utils.inference import predict_saved
 from utils.labels import LABELS
 from utils.metrics import per_class_log_loss, weighted_log_loss
-from utils.own_scans import heatmaps
+from utils.own_scans import folder_tool_dir, heatmaps
 from utils.runtime import environment
 
 LOG = logging.getLogger(__name__)
@@ -51,11 +49,8 @@ def evaluate_folder(cfg, rt, started: float, folder: str, checkpoint: str, thres
     calibration) scored against the labels, no training (utils/evaluation.py): metrics.json,
     slices.csv, series.csv, skipped.csv and report/evaluate.html. 0 when done."""
     d = rt.dist
-    if not Path(folder).is_dir():
-        raise UserError(f"--evaluate {folder}: no such folder")
     with contextlib.ExitStack() as held:
-        out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / datetime.now().strftime("evaluate-%Y%m%d-%H%M%S")
-        out_dir = share(d, rundir.prepare_predict_dir(out, held, cfg.overwrite) if d.main else None)
+        out_dir = folder_tool_dir(cfg, rt, held, "evaluate", folder)
         asked = {"evaluate": folder, "labels": cfg.labels, "checkpoint": checkpoint, "threshold": threshold}
         if d.main:
             rundir.write_json(out_dir / rundir.CONFIG, {**dataclasses.asdict(cfg), **asked, "environment": environment()})

@@ -51,15 +51,21 @@ def heatmaps(path: Path, cfg, rt: Runtime, rows: pd.DataFrame, probs: pd.DataFra
     return out
 
 
+def folder_tool_dir(cfg, rt: Runtime, held: contextlib.ExitStack, mode: str, folder: str) -> Path:
+    """The outputs' folder of --predict or --evaluate (``mode``) on ``folder``: --out-dir, else
+    runs/<mode>-<time>; held by rank 0 until ``held`` closes. A missing ``folder`` is an error."""
+    if not Path(folder).is_dir():
+        raise UserError(f"--{mode} {folder}: no such folder")
+    out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / datetime.now().strftime(f"{mode}-%Y%m%d-%H%M%S")
+    return share(rt.dist, rundir.prepare_predict_dir(out, held, cfg.overwrite) if rt.dist.main else None)
+
+
 def predict_folder(cfg, rt: Runtime, started: float, folder: str, checkpoint: str, threshold: float) -> int:
     """The whole of --predict DIR: the scans in ``folder`` predicted with ``checkpoint``
     (series over ``threshold`` positive): tables, predict.html; 0 when done."""
     d = rt.dist
-    if not Path(folder).is_dir():
-        raise UserError(f"--predict {folder}: no such folder")
     with contextlib.ExitStack() as held:
-        out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / datetime.now().strftime("predict-%Y%m%d-%H%M%S")
-        out_dir = share(d, rundir.prepare_predict_dir(out, held, cfg.overwrite) if d.main else None)
+        out_dir = folder_tool_dir(cfg, rt, held, "predict", folder)
         if d.main:
             rundir.write_json(out_dir / rundir.CONFIG, {**dataclasses.asdict(cfg), "predict": folder, "checkpoint": checkpoint,
                                                         "threshold": threshold, "environment": environment()})
