@@ -59,7 +59,7 @@ from utils.labels import LABELS
 from utils.metrics import CLASS_WEIGHTS, EPS
 from utils.report import html_page, png_src
 from utils.rundir import PRED_COLUMNS
-from utils.series_results import _image_png
+from utils.series_results import image_png
 from utils.split import sorted_codes
 
 ANY = LABELS[ANY_INDEX]
@@ -578,7 +578,7 @@ def _heatmap_cell(key, heatmaps: Mapping) -> str:
     if key not in heatmaps:
         return "<td></td>"
     label, rgb = heatmaps[key]
-    return (f"<td><figure><img alt='heatmap' src='{_image_png(rgb)}'>"
+    return (f"<td><figure><img alt='heatmap' src='{image_png(rgb)}'>"
             f"<figcaption>{html.escape(str(label))}</figcaption></figure></td>")
 
 

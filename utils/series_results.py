@@ -79,7 +79,7 @@ def _png(fig: Figure) -> str:
     return png_src(png_bytes(fig, dpi=100))
 
 
-def _image_png(rgb: np.ndarray) -> str:
+def image_png(rgb: np.ndarray) -> str:
     fig = Figure(figsize=(rgb.shape[1] / 100, rgb.shape[0] / 100))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(rgb)
@@ -166,7 +166,7 @@ def _section(number: int, row: pd.Series, s: pd.DataFrame,
     s = s.sort_values("index", kind="stable")
     title = f"{number}. {_text(row['series_description']) or 'series'} — {int(row['n_slices'])} slices"
     figures = "".join(
-        f"<figure><img alt='heatmap' src='{_image_png(heatmaps[p][1])}'>"
+        f"<figure><img alt='heatmap' src='{image_png(heatmaps[p][1])}'>"
         f"<figcaption>{html.escape(p)}<br>{html.escape(heatmaps[p][0])} "
         f"{s.loc[s['path'] == p, heatmaps[p][0]].iloc[0]:.2f}</figcaption></figure>"
         for p in s["path"] if p in heatmaps)
