@@ -1,7 +1,7 @@
 """Does fine-tuning on a site's own labelled scans beat the competition checkpoint alone?
 
     python benchmarks/bench_finetune.py [--seeds 0 1 2] [--patients 36] [--site-patients 24]
-                                        [--epochs 3] [--threads 1] [--workdir DIR]
+                                        [--site-test-patients 24] [--epochs 3] [--threads 1] [--workdir DIR]
 
 Per seed, on the demo (utils/demo.py), as a site would meet it:
   checkpoint  one kernel.py run on a demo draw (`--patients` training patients, heads 0.6-1.0
@@ -9,7 +9,8 @@ Per seed, on the demo (utils/demo.py), as a site would meet it:
   site        another draw (seed + 100, heads 0.35-0.6: another scanner's framing, small heads
               in a wide field of view), its training share a labelled folder of the site's
               (`--site-patients` patients, labels.csv by path) and its test share the site's
-              held-out scans (test_labels.csv, by path, from the draw's test truth).
+              held-out scans (`--site-test-patients`; test_labels.csv, by path, from the draw's
+              test truth).
 Arms, each scored by `kernel.py --evaluate` on the site's held-out scans:
   (a) the checkpoint alone;
   (b) fine-tuned from it on the site's folder (--scans --labels --weights RUN/best.pt);
@@ -88,7 +89,7 @@ def one_seed(seed: int, args, work: Path) -> pd.DataFrame:
         kernel("--out-dir", ckpt, "--demo-patients", args.patients, "--epochs", args.epochs, "--seed", seed,
                "--weights", "none", "--overwrite", "--workers", "0", *SETTINGS, threads=args.threads)
     if not (site / "stage_2_train.csv").is_file():
-        make_demo_dataset(site, n_train_patients=args.site_patients, n_test_patients=args.site_patients // 2,
+        make_demo_dataset(site, n_train_patients=args.site_patients, n_test_patients=args.site_test_patients,
                           seed=seed + 100, head_sizes=SITE_HEADS)
     labels, series_labels, test_labels = site_labels(site, work)
     best = ckpt / "checkpoints" / "best.pt"
@@ -116,6 +117,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--patients", type=int, default=36)
     p.add_argument("--site-patients", type=int, default=24)
+    p.add_argument("--site-test-patients", type=int, default=24)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", default=None)
