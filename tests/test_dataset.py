@@ -105,10 +105,11 @@ def test_a_series_labelled_0_with_a_slice_labelled_1_is_a_contradiction(export, 
 
 
 def test_the_csv_parser_on_its_own(tmp_path):
-    (tmp_path / "l.csv").write_text("path, frame, any ,subdural\n./a\\b, 1, 1,\nc,,0,1\n")
+    # Excel's byte-order mark and line ends, a blank line: the line numbers stay the file's
+    (tmp_path / "l.csv").write_bytes("\ufeffpath, frame, any ,subdural\r\n./a\\b, 1, 1,\r\n\r\nc,,0,1\r\n".encode())
     table = read_folder_labels(tmp_path / "l.csv")
     assert table["value"].tolist() == ["a/b", "c"] and table["frame"].tolist() == [1, pd.NA]
-    assert table["line"].tolist() == [2, 3] and table["kind"].eq("slice").all()
+    assert table["line"].tolist() == [2, 4] and table["kind"].eq("slice").all()
     np.testing.assert_array_equal(table[["any", "subdural", "epidural"]], [[1, np.nan, np.nan], [0, 1, np.nan]])
     place_file(None, tmp_path / "bin.csv", bytes(range(256)) * 4)
     with pytest.raises(LabelError, match="bin.csv: "):

@@ -67,7 +67,8 @@ def read_folder_labels(csv_path) -> pd.DataFrame:
     columns (float, NaN unknown). A LabelError naming the file and the line otherwise."""
     path = Path(csv_path)
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        # blank lines are kept, to be skipped below, so that every row knows its line in the file
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, skip_blank_lines=False)
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise LabelError(f"{path}: cannot be read as a CSV ({str(err).splitlines()[0][:200]})") from None
     raw.columns = [c.strip() for c in raw.columns]
@@ -84,11 +85,12 @@ def read_folder_labels(csv_path) -> pd.DataFrame:
         problems.append(f"line 1: columns named twice: {sorted(set(raw.columns[raw.columns.duplicated()]))}")
     if problems:
         raise LabelError(f"{path}: {problems[0]}")
+    raw.index += 2  # the file's line numbers: the header is line 1
+    raw = raw[raw.map(str.strip).ne("").any(axis=1)]
     if raw.empty:
         raise LabelError(f"{path}: no label rows after the header")
     rows, problems = [], []
-    for i, row in enumerate(raw.to_dict("records")):
-        line = i + 2
+    for line, row in zip(raw.index, raw.to_dict("records")):
         try:
             rows.append(_parse_row(row, keys, classes, line))
         except ValueError as err:
