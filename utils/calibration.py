@@ -218,8 +218,8 @@ def decide_calibration(y, p, groups, n_folds: int = 5, seed: int = 0, n_bins: in
     predictions (validation or out-of-fold ones) and the patient group of each row (see
     resolve_groups). Rows are split into kfold_by_patient's folds; each fold's rows are
     scaled by temperatures fitted on the other folds, and the weighted log loss of all rows
-    so scaled (loss_after_oof) is compared with that of `p` (loss_before). `use` is loss_after_oof < loss_before; `temperatures` are fitted on all
-    rows, for the test set. With fewer groups than n_folds, one fold per group (and a
+    so scaled (loss_after_oof) is compared with that of `p` (loss_before). `use` is
+    loss_after_oof < loss_before; `temperatures` are fitted on all rows, for the test set. With fewer groups than n_folds, one fold per group (and a
     CalibrationWarning); fewer than 2 groups is an error.
     """
     truth, pred = check_predictions(y, p)
