@@ -182,3 +182,21 @@ def test_a_missing_folder_is_a_clear_error(tmp_path, capsys, mode):
     assert cli(mode, tmp_path / "nowhere", *labels, *checkpoint, "--out-dir", tmp_path / "out") == 2
     said = capsys.readouterr().err
     assert f"{tmp_path / 'nowhere'}: no such folder" in said and "Traceback" not in said
+
+
+@pytest.mark.slow
+def test_a_labelled_folder_takes_folds_the_refiner_and_calibration(tiny_run, tmp_path, rsna_sample):
+    root = tmp_path / "site"
+    truth = build_labelled_export(root, rsna_sample)
+    _site_labels(truth, tmp_path / "labels.csv")
+    out = tmp_path / "folds"
+    assert cli("--scans", root, "--labels", tmp_path / "labels.csv", "--weights", tiny_run[0] / "checkpoints" / "best.pt",
+               "--out-dir", out, "--folds", "2", "--fold", "all", "--refine", "--calibrate", "--epochs", "1",
+               "--batch-size", "8", "--workers", "0") == 0
+    oof = pd.read_csv(out / "oof_predictions.csv", index_col="image_id")
+    assert sorted(oof.index) == sorted(truth.index) and sorted(oof["fold"].unique()) == [0, 1]
+    assert oof["epidural"].isna().all()  # unknown stays unknown through the folds
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["refiner"] in ("logits", "embeddings", "none") and "calibration_used" in metrics
+    assert np.isfinite(metrics["weighted_log_loss_refined_logits"]) and np.isfinite(metrics["weighted_log_loss"])
+    assert not list(out.rglob("submission.csv")) and not list(out.rglob("test*.npy"))
