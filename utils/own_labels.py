@@ -116,10 +116,12 @@ def write_evaluation(cfg, rt, out_dir: Path, slices: pd.DataFrame, data, summary
     rundir.write_csv(out_dir / rundir.SKIPPED, skipped, index=False)
     (out_dir / rundir.BAD_FILES).unlink()  # its rows are in skipped.csv
     worst, worst_series = evaluation.worst_slices(slices), evaluation.worst_series(series)
-    shown = list(dict.fromkeys([*worst.index, *worst_series["at"]]))
+    # each shown slice's map is of the class it got most wrong (a series': at its maximum)
+    shown = dict(zip(worst_series["at"], worst_series["worst_class"])) | dict(zip(worst.index, worst["worst_class"]))
     probs = slices[rundir.PRED_COLUMNS].set_axis(list(LABELS), axis=1)
-    maps = heatmaps(Path(asked["checkpoint"]), cfg, rt, data.headers.loc[shown], probs) if shown else {}
+    maps = heatmaps(Path(asked["checkpoint"]), cfg, rt, data.headers.loc[list(shown)], probs,
+                    [LABELS.index(c) for c in shown.values()]) if shown else {}
     notes = [f"{asked['evaluate']}: {data.scan.summary()}", f"Labels: {asked['labels']}: {data.describe()}",
-             f"Model: {asked['checkpoint']}; heatmaps (Grad-CAM) of the most probable subtype"]
+             f"Model: {asked['checkpoint']}; heatmaps (Grad-CAM) of the class each slice or series got most wrong"]
     evaluation.write_evaluate_html(out_dir / rundir.REPORT / rundir.EVALUATE_HTML, summary, worst, worst_series,
                                    maps, notes)

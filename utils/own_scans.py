@@ -35,11 +35,14 @@ LOG = logging.getLogger(__name__)
 HEATMAPS_PER_SERIES = 3
 
 
-def heatmaps(path: Path, cfg, rt: Runtime, rows: pd.DataFrame, probs: pd.DataFrame) -> dict:
-    """Grad-CAM of each row's most probable subtype, over its brain window."""
+def heatmaps(path: Path, cfg, rt: Runtime, rows: pd.DataFrame, probs: pd.DataFrame, classes=None) -> dict:
+    """Grad-CAM of each row's class in ``classes`` (indices into LABELS; default: its most
+    probable subtype), over its brain window: {key: (class, RGB image)}."""
     model, trained, _ = load_model(rundir.first_checkpoint(path), rt)
     run_cfg = trained_settings(cfg, trained)
-    classes = probs.loc[rows.index, list(SUBTYPES)].to_numpy().argmax(axis=1)  # LABELS starts with them
+    if classes is None:
+        classes = probs.loc[rows.index, list(SUBTYPES)].to_numpy().argmax(axis=1)  # LABELS starts with them
+    classes = np.asarray(classes)
     loader = data_utils.make_loader(slice_dataset(rows, run_cfg), cfg.batch_size, workers=0)
     slices = input_layout(run_cfg)[1]
     cams = [grad_cam(model.float(), data_utils.to_device_normalized(images, rt.device, slices), classes[index.numpy()])
