@@ -222,15 +222,15 @@ def _with_series_negatives(y: np.ndarray, series: np.ndarray, series_labels: pd.
                            paths: np.ndarray, source: Path) -> np.ndarray:
     """Each series-level 0 given to every slice of the series, where the slice's own label
     is unknown; a slice labelled 1 in a series labelled 0 is a contradiction."""
-    y = y.copy()
+    y, rows_of = y.copy(), pd.Series(np.arange(len(series))).groupby(series).indices
     for (key, labels), line in zip(series_labels.iterrows(), lines):
-        rows = series == key
+        rows = rows_of[key]
         for j, c in enumerate(LABELS):
             if labels[c] == 0:
-                clash = rows & (y[:, j] == 1)
-                if clash.any():
+                clash = rows[y[rows, j] == 1]
+                if len(clash):
                     raise LabelError(f"{source}: line {line}: series {key} is labelled {c} 0, but its slice "
-                                     f"{paths[clash][0]} is labelled {c} 1")
+                                     f"{paths[clash[0]]} is labelled {c} 1")
                 y[rows, j] = np.where(np.isnan(y[rows, j]), 0.0, y[rows, j])
     return y
 

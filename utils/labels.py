@@ -297,9 +297,9 @@ def series_picks(probs: np.ndarray, series: np.ndarray, labels: np.ndarray, seri
     if probs.shape != labels.shape or probs.shape != (len(series), len(LABELS)):
         raise ValueError(f"probs {probs.shape} and labels {labels.shape} must be (n, {len(LABELS)}) "
                          f"with n = {len(series)} series keys")
-    picks = []
+    picks, rows_of = [], pd.Series(np.arange(len(series))).groupby(series).indices
     for key, row in series_labels.reindex(columns=list(LABELS)).iterrows():
-        rows = np.flatnonzero(series == key)
+        rows = rows_of.get(key, np.empty(0, dtype=np.int64))
         for c in np.flatnonzero(row.to_numpy() == 1):
             unknown = rows[np.isnan(labels[rows, c])]
             if len(unknown) and not (labels[rows, c] == 1).any():
