@@ -1,6 +1,7 @@
 """A site's own labelled scans: fine-tuning a run's model on them (--scans --labels --weights
 RUN/checkpoints/best.pt) and scoring a model on them (--evaluate)."""
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 import kernel
 from factories import build_labelled_export, make_corrupt_rle, rewrite_dicom
 from kernel_runs import cli
+from utils.evaluation import worst_slices
 from utils.labels import LABELS, series_picks
 from utils.metrics import CLASS_WEIGHTS
 
@@ -139,7 +141,10 @@ def test_a_labelled_folder_fine_tunes_from_a_checkpoint_resumes_and_evaluates(ti
     row = series.loc[[s for s in series.index if s.endswith(second)][0]]
     assert row[list(whole.index)].tolist() == whole.tolist()
     page = (ev / "report" / "evaluate.html").read_text()
-    assert page.count("alt='heatmap'") >= 1
+    worst = worst_slices(slices.assign(patient="p"))
+    assert page.count("alt='heatmap'") >= len(worst) == 10
+    captions = re.findall(r"<figcaption>([a-z]+)</figcaption>", page)
+    assert set(worst["worst_class"]) <= set(captions)  # each map is of the class the slice got most wrong
 
 
 @pytest.mark.parametrize("any_labels, chosen", [([0, 1, 0, 1], True), ([NAN, 1, NAN, 1], False), (None, False)])
@@ -157,8 +162,6 @@ def test_the_runs_validation_gives_the_second_threshold_only_where_it_can(tmp_pa
 
 @pytest.mark.slow
 def test_two_processes_fine_tune_on_a_labelled_folder_with_the_same_picks_and_weights(tiny_run, tmp_path, rsna_sample):
-    import re
-
     from test_distributed import torchrun
     root = tmp_path / "site"
     truth = build_labelled_export(root, rsna_sample)
