@@ -85,6 +85,9 @@ def test_frames_of_a_multiframe_file_are_named_by_frame(tmp_path, rsna_sample):
     ("any,subdural\n1,0\n", r"line 1: no key column"),
     ("path\n{a}\n", r"line 1: no label column"),
     ("path,any\n", r"no label rows"),
+    ("path,any\n{a},1,5\n", r"line 2: 3 fields, but the header names 2"),
+    ("path,any,any\n{a},1,1\n", r"line 1: columns named twice: \['any'\]"),
+    ("path,any\n{a},\x001\n", r"line 2: any must be 0, 1 or empty \(unknown\), got '\\x001'"),
     ("path,any\nscout/IM0,1\n", r"line 2: scout/IM0 was not read as a CT slice: a localizer"),
 ])
 def test_label_file_errors_name_the_file_and_the_line(export, tmp_path, text, message):

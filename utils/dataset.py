@@ -28,6 +28,7 @@ series of the folder, once; the errors name the line. Patients are the files' Pa
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,35 +65,39 @@ class LabelledSlices:
 def read_folder_labels(csv_path) -> pd.DataFrame:
     """The label CSV of a folder as a table: ``line`` (the CSV's line number), ``kind``
     (slice or series), ``key`` column name and value, ``frame`` (Int64) and the LABELS
-    columns (float, NaN unknown). A LabelError naming the file and the line otherwise."""
+    columns (float, NaN unknown). A LabelError naming the file and the line otherwise.
+    Read with the csv module, not pandas, which would take a row with one field too many
+    as an index or drop the extra field: here it is an error naming its line."""
     path = Path(csv_path)
     try:
-        # blank lines are kept, to be skipped below, so that every row knows its line in the file
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, skip_blank_lines=False)
-    except (OSError, ValueError, UnicodeDecodeError) as err:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+            reader = csv.reader(f, skipinitialspace=True)
+            header = [c.strip() for c in next(reader, [])]
+            records = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise LabelError(f"{path}: cannot be read as a CSV ({str(err).splitlines()[0][:200]})") from None
-    raw.columns = [c.strip() for c in raw.columns]
-    unknown = [c for c in raw.columns if c not in (*KEY_COLUMNS, FRAME_COLUMN, *LABELS)]
-    keys = [c for c in KEY_COLUMNS if c in raw.columns]
-    classes = [c for c in LABELS if c in raw.columns]
+    unknown = [c for c in header if c not in (*KEY_COLUMNS, FRAME_COLUMN, *LABELS)]
+    keys = [c for c in KEY_COLUMNS if c in header]
+    classes = [c for c in LABELS if c in header]
+    twice = sorted({c for c in header if header.count(c) > 1})
     problems = [f"line 1: unknown columns {unknown}; the columns are a key ({', '.join(KEY_COLUMNS)}), "
                 f"optionally {FRAME_COLUMN}, and any of {', '.join(LABELS)}"] if unknown else []
     if not keys:
         problems.append(f"line 1: no key column: give {', '.join(KEY_COLUMNS)} (one per row)")
     if not classes:
         problems.append(f"line 1: no label column: give any of {', '.join(LABELS)}")
-    if raw.columns.duplicated().any():
-        problems.append(f"line 1: columns named twice: {sorted(set(raw.columns[raw.columns.duplicated()]))}")
+    if twice:
+        problems.append(f"line 1: columns named twice: {twice}")
     if problems:
         raise LabelError(f"{path}: {problems[0]}")
-    raw.index += 2  # the file's line numbers: the header is line 1
-    raw = raw[raw.map(str.strip).ne("").any(axis=1)]
-    if raw.empty:
+    if not records:
         raise LabelError(f"{path}: no label rows after the header")
     rows, problems = [], []
-    for line, row in zip(raw.index, raw.to_dict("records")):
+    for line, fields in records:
         try:
-            rows.append(_parse_row(row, keys, classes, line))
+            if len(fields) != len(header):
+                raise ValueError(f"{len(fields)} fields, but the header names {len(header)}")
+            rows.append(_parse_row(dict(zip(header, fields)), keys, classes, line))
         except ValueError as err:
             problems.append(f"line {line}: {err}")
     if problems:
