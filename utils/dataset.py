@@ -21,10 +21,11 @@ per series, and any subset of the six LABELS columns, each 0, 1 or empty:
   that index of a NIfTI volume, whose series_uid is its path, or of a one-file Enhanced CT series).
 A column that is absent, or a cell that is empty, is unknown: never 0. A series-level 0 is
 every slice's 0 (no slice of a series without a subdural shows one); a series-level 1 says
-only that some slice does, so its slices stay unknown for that class (the series-level loss,
-kernel.label_series_maxima with utils.labels.series_picks, is what learns from it). Every key must name exactly one slice or
-series of the folder, once; the errors name the line. Patients are the files' PatientID
-(else their study: utils.split.resolve_groups), written only as pseudonyms (patient_0001).
+only that some slice does, so its slices stay unknown for that class (the series-level
+loss, kernel.label_series_maxima with utils.labels.series_picks, learns from it). Every key
+must name exactly one slice or series of the folder, once; the errors name the line.
+Patients are the files' PatientID (else their study: utils.split.resolve_groups), written
+only as pseudonyms (patient_0001).
 """
 from __future__ import annotations
 
