@@ -152,10 +152,10 @@ def match_labels(scan: FolderScan, table: pd.DataFrame, source: Path) -> Labelle
         lines = pd.Series(rows["line"].to_numpy(), index=where).loc[lambda x: x.index.notna()]
         for target, group in lines.groupby(level=0):
             if len(group) > 1:
-                problems.append(f"lines {', '.join(map(str, group))}: the same {what} "
-                                f"({s['path'].iloc[int(target)] if what == 'slice' else target}) labelled twice")
+                problems.append((group.min(), f"lines {', '.join(map(str, group))}: the same {what} "
+                                 f"({s['path'].iloc[int(target)] if what == 'slice' else target}) labelled twice"))
     if problems:
-        raise LabelError("\n".join(f"{source}: {p}" for p in sorted(problems, key=_line_of)[:5])
+        raise LabelError("\n".join(f"{source}: {text}" for _, text in sorted(problems)[:5])
                          + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
     y = np.full((len(s), len(LABELS)), np.nan)
     y[at.astype(int)] = slice_rows[list(LABELS)].to_numpy()
@@ -169,12 +169,8 @@ def match_labels(scan: FolderScan, table: pd.DataFrame, source: Path) -> Labelle
     return LabelledSlices(labels[keep], headers[keep], series_labels, scan)
 
 
-def _line_of(problem: str) -> int:
-    return int(problem.split()[1].strip(":,"))
-
-
 def _slice_positions(s: pd.DataFrame, rows: pd.DataFrame, skipped: pd.DataFrame, problems: list) -> np.ndarray:
-    """The row of ``s`` each slice row names (float, NaN where none); a problem per miss."""
+    """The row of ``s`` each slice row names (float, NaN where none); a (line, problem) per miss."""
     by_ref = dict(zip(s["path"], range(len(s))))
     frames = s["frame"].astype("float").to_numpy()
     by_file = {(f, None if np.isnan(k) else int(k)): i for i, (f, k) in enumerate(zip(s["file"], frames))}
@@ -191,20 +187,20 @@ def _slice_positions(s: pd.DataFrame, rows: pd.DataFrame, skipped: pd.DataFrame,
             hits = by_series.get((value, float(frame)), [])
             hit = hits[0] if len(hits) == 1 else None
             if len(hits) > 1:
-                problems.append(f"line {line}: {FRAME_COLUMN} {frame} of series_uid {value} names {len(hits)} "
-                                f"slices (in different files); name the slice by path")
+                problems.append((line, f"line {line}: {FRAME_COLUMN} {frame} of series_uid {value} names "
+                                       f"{len(hits)} slices (in different files); name the slice by path"))
                 continue
         else:
             hit = by_sop.get((value, frame))
         if hit is not None:
             out[j] = hit
         elif key == "path" and value in reasons:
-            problems.append(f"line {line}: {value} was not read as a CT slice: {reasons[value]}")
+            problems.append((line, f"line {line}: {value} was not read as a CT slice: {reasons[value]}"))
         elif frame is None and n_in_file.get(value if key == "path" else "", 0) > 1:
-            problems.append(f"line {line}: {value} holds {n_in_file[value]} slices: give the {FRAME_COLUMN}")
+            problems.append((line, f"line {line}: {value} holds {n_in_file[value]} slices: give the {FRAME_COLUMN}"))
         else:
             where = f"{FRAME_COLUMN} {frame} of " if frame is not None else ""
-            problems.append(f"line {line}: no CT slice found under the folder is {where}{key} {value}")
+            problems.append((line, f"line {line}: no CT slice found under the folder is {where}{key} {value}"))
     return out
 
 
@@ -217,10 +213,10 @@ def _series_keys(s: pd.DataFrame, rows: pd.DataFrame, problems: list) -> np.ndar
         if len(found) == 1:
             out[j] = found[0]
         elif len(found) > 1:
-            problems.append(f"line {line}: series_uid {value} names {len(found)} series (in different "
-                            f"studies); label their slices by path instead")
+            problems.append((line, f"line {line}: series_uid {value} names {len(found)} series (in different "
+                                   f"studies); label their slices by path instead"))
         else:
-            problems.append(f"line {line}: no series of CT slices found under the folder has series_uid {value}")
+            problems.append((line, f"line {line}: no series of CT slices found under the folder has series_uid {value}"))
     return out
 
 
